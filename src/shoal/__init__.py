@@ -1,0 +1,10 @@
+"""shoal: grow new language models out of existing ones.
+
+Classic merges, evolutionary merge search (arXiv 2403.13187) and Transformer²
+self-adaptation (arXiv 2501.06252), on any Hugging Face causal LM.
+"""
+
+from shoal.errors import ShoalError
+
+__version__ = "0.1.0"
+__all__ = ["ShoalError", "__version__"]

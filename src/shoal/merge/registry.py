@@ -1,0 +1,175 @@
+"""The registry of merge methods.
+
+A merge method is a pure function of tensors and numbers that returns one tensor::
+
+    @merge_method("ties", needs_base=True, paper="https://arxiv.org/abs/2306.01708")
+    def ties(base, models, *, weight, density, lambda_=1.0, normalize=True, compat="paper"):
+        ...
+
+Calling convention (every method):
+
+- ``base``: the base model's tensor, or ``None`` for methods that do not need one.
+- ``models``: the other sources' tensors, in recipe order (the base is never in this list).
+- keyword-only parameters: their *names* decide what they are, through :data:`PARAMETERS`:
+  per-model parameters (``weight``, ``density``, ...) arrive as a sequence with one float per
+  entry of ``models``; global ones (``t``, ``lambda``, ``normalize``, ...) as one value.
+  ``lambda`` is spelled ``lambda_`` in Python.
+- ``generator``: a ``torch.Generator`` for methods that draw random numbers (DARE, DELLA).
+- ``compat``: ``"paper"`` (default) or ``"mergekit"`` for methods whose mergekit results differ
+  from the paper; only passed to methods whose signature has it.
+
+The method's signature is the source of truth for which parameters it has: evolution builds
+its search space from :attr:`MethodSpec.params`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from shoal.errors import RecipeError
+
+ParamKind = Literal["float", "bool"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What one merge parameter is: its recipe name, kind, default and evolvable range."""
+
+    name: str  # as written in recipes (``lambda``, not ``lambda_``)
+    kind: ParamKind
+    per_model: bool  # one value per source model, or one for the merge
+    default: float | bool
+    low: float | None = None  # range used by evolution; None for bools
+    high: float | None = None
+    doc: str = ""
+
+    @property
+    def evolvable(self) -> bool:
+        return self.kind == "float" and self.low is not None and self.high is not None
+
+
+# Every parameter any method may take. A method's signature picks from this table.
+PARAMETERS: dict[str, ParamSpec] = {
+    p.name: p
+    for p in (
+        ParamSpec("weight", "float", True, 1.0, 0.0, 1.0, "scale of this model's contribution"),
+        ParamSpec("density", "float", True, 1.0, 0.0, 1.0, "fraction of the task vector kept"),
+        ParamSpec("gamma", "float", True, 0.01, 0.0, 0.2, "fraction of largest entries removed (breadcrumbs)"),
+        ParamSpec("epsilon", "float", True, 0.1, 0.0, 0.5, "spread of keep probabilities around density (della)"),
+        ParamSpec("t", "float", False, 0.5, 0.0, 1.0, "interpolation factor: 0 gives the base, 1 the other model"),
+        ParamSpec("lambda", "float", False, 1.0, 0.0, 3.0, "global scale of the merged task vector"),
+        ParamSpec("scale", "float", False, 1.0, 0.0, 2.0, "scale applied to a passed-through tensor"),
+        ParamSpec("normalize", "bool", False, True, doc="divide by the sum of weights"),
+        ParamSpec("rescale", "bool", False, True, doc="rescale kept entries by 1/keep-probability"),
+        ParamSpec("filter_wise", "bool", False, False, doc="model stock: one ratio per row instead of per tensor"),
+    )
+}
+
+_PY_NAMES = {"lambda_": "lambda"}
+_RESERVED = {"generator", "compat"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method."""
+
+    name: str
+    fn: Callable[..., Any]
+    needs_base: bool
+    min_models: int  # minimum number of non-base models
+    max_models: int | None
+    paper: str
+    params: tuple[ParamSpec, ...]
+    uses_generator: bool
+    has_compat: bool
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise RecipeError(f"method {self.name!r} has no parameter {name!r}; it takes: "
+                          + (", ".join(p.name for p in self.params) or "no parameters"))
+
+    def __call__(self, base: Any, models: Any, **kwargs: Any) -> Any:
+        return self.fn(base, models, **kwargs)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    needs_base: bool,
+    paper: str,
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as merge method ``name``; duplicate names and unknown parameters fail at import."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        sig = inspect.signature(fn)
+        positional = [p for p in sig.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if [p.name for p in positional] != ["base", "models"]:
+            raise ValueError(f"merge method {name!r} must take (base, models, *, ...) positionally")
+        params = []
+        for p in sig.parameters.values():
+            if p.kind != p.KEYWORD_ONLY or p.name in _RESERVED:
+                continue
+            recipe_name = _PY_NAMES.get(p.name, p.name)
+            if recipe_name not in PARAMETERS:
+                raise ValueError(f"merge method {name!r}: parameter {p.name!r} is not in PARAMETERS")
+            spec = PARAMETERS[recipe_name]
+            if p.default is not inspect.Parameter.empty and not spec.per_model:
+                spec = ParamSpec(spec.name, spec.kind, spec.per_model, p.default, spec.low, spec.high, spec.doc)
+            params.append(spec)
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            needs_base=needs_base,
+            min_models=min_models,
+            max_models=max_models,
+            paper=paper,
+            params=tuple(params),
+            uses_generator="generator" in sig.parameters,
+            has_compat="compat" in sig.parameters,
+        )
+        return fn
+
+    return decorate
+
+
+def python_name(param: str) -> str:
+    """The keyword a method function uses for recipe parameter ``param``."""
+    return "lambda_" if param == "lambda" else param
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a method by name; an unknown name is a :class:`RecipeError` listing the known ones."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown merge method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered method, sorted by name."""
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def _load_builtin_methods() -> None:
+    import shoal.merge.methods  # noqa: F401  (importing registers the built-in methods)
