@@ -12,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
 from shoal.progress import ProgressFn
 
 console = Console(stderr=True)
+stdout = Console()
 
 
 @contextmanager

@@ -1,0 +1,78 @@
+"""``shoal merge RECIPE OUT``."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from shoal.cli._progress import progress_bars, stdout
+from shoal.cli._units import parse_size
+
+
+@click.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where the math runs.")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="Largest shard, in bytes or with a unit (500MB, 2GiB).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for random methods (DARE, DELLA) when the recipe sets none.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read .bin/.pt weights (torch.load with weights_only=True).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, sizes) and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, allow_pickle: bool,
+            dry_run: bool, overwrite: bool, quiet: bool) -> None:
+    """Merge the models of RECIPE (mergekit-style YAML) into a Hugging Face folder OUT."""
+    from shoal.merge import load_recipe, merge
+    from shoal.merge.execute import open_sources
+    from shoal.merge.plan import plan_merge
+
+    size = parse_size(shard_size)
+    parsed = load_recipe(recipe)
+    if dry_run:
+        with ExitStack() as stack:
+            readers = open_sources(parsed, allow_pickle=allow_pickle, stack=stack)
+            plan = plan_merge(parsed, readers, seed=seed)
+        _print_plan(plan)
+        return
+    with progress_bars(enabled=not quiet) as progress:
+        result = merge(parsed, out, shard_size=size, device=device, seed=seed,
+                       allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
+
+
+def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    table = Table(title=f"merge plan: {plan.method}, reference {plan.reference}")
+    for column in ("tensor", "method", "shape", "dtype", "sources", "parameters"):
+        table.add_column(column)
+    for op in plan.ops:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in op.params)
+        sources = ", ".join(ref.model for ref in op.sources)
+        table.add_row(op.name, op.method, "x".join(map(str, op.shape)),
+                      str(op.out_dtype).replace("torch.", ""), sources, params)
+    stdout.print(table, soft_wrap=True)
+    click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "
+               f"config changes: {dict(plan.config_updates) or 'none'}")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _human(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{count} B"

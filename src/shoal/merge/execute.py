@@ -1,0 +1,131 @@
+"""Run a merge plan: tensor by tensor, streamed into a staged output folder."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from shoal.checkpoint import (CheckpointReader, ShardedWriter, copy_support_files, open_checkpoint,
+                              staged_output, write_model_card)
+from shoal.errors import MergeError
+from shoal.merge.plan import COPY, MergePlan, SourceRef, TensorOp, plan_merge
+from shoal.merge.recipe import Recipe, load_recipe
+from shoal.merge.registry import get_method
+from shoal.progress import ProgressFn, no_progress
+
+RECIPE_FILENAME = "shoal_recipe.yaml"
+DEFAULT_SHARD_SIZE = 5 * 2**30
+
+Fetch = Callable[[SourceRef], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge wrote."""
+
+    out: Path
+    tensors: int
+    total_bytes: int
+    plan: MergePlan
+
+
+def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """The output tensor of one operation, in its output dtype (on ``device``)."""
+    if op.method == COPY:
+        result = fetch(op.models[0])
+    else:
+        method = get_method(op.method)
+        base = fetch(op.base) if op.base is not None else None
+        models = [fetch(ref) for ref in op.models]
+        kwargs = op.kwargs()
+        if method.uses_generator:
+            kwargs["generator"] = torch.Generator(device=device).manual_seed(op.seed)
+        if method.has_compat:
+            kwargs["compat"] = compat
+        result = method.fn(base, models, **kwargs)
+        if not torch.isfinite(result).all():
+            raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
+    return result.to(op.out_dtype)
+
+
+def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
+                 stack: ExitStack) -> dict[str, CheckpointReader]:
+    """Open every model the recipe names (closed when ``stack`` closes)."""
+    readers: dict[str, CheckpointReader] = {}
+    for name in recipe.source_models():
+        readers[name] = stack.enter_context(open_checkpoint(name, allow_pickle=allow_pickle))
+    return readers
+
+
+def make_fetch(readers: Mapping[str, CheckpointReader], device: str | torch.device) -> Fetch:
+    def fetch(ref: SourceRef) -> torch.Tensor:
+        return readers[ref.model].get(ref.tensor, device=device)
+
+    return fetch
+
+
+def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
+                 progress: ProgressFn = no_progress) -> int:
+    """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written."""
+    fetch = make_fetch(readers, device)
+    writer = ShardedWriter(out_dir, max_shard_bytes=shard_size)
+    total = len(plan.ops)
+    for done, op in enumerate(plan.ops, start=1):
+        tensor = compute_op(op, fetch, compat=plan.recipe.compat, device=device)
+        writer.add(op.name, tensor.to("cpu"))
+        progress("merge", done, total)
+    writer.close()
+    return plan.total_bytes
+
+
+def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
+          device: str = "cpu", seed: int = 0, allow_pickle: bool = False, overwrite: bool = False,
+          progress: ProgressFn = no_progress) -> MergeResult:
+    """Merge the recipe's sources into a Hugging Face model folder at ``out``.
+
+    The folder is built next to ``out`` and moved into place only when complete: an error or a
+    killed process leaves nothing at ``out``.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    _check_device(device)
+    out = Path(out)
+    with ExitStack() as stack:
+        readers = open_sources(recipe, allow_pickle=allow_pickle, stack=stack)
+        plan = plan_merge(recipe, readers, seed=seed)
+        with staged_output(out, overwrite=overwrite) as stage:
+            written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
+                                   progress=progress)
+            write_support(plan, readers, stage, seed=seed)
+    return MergeResult(out=out, tensors=len(plan.ops), total_bytes=written, plan=plan)
+
+
+def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stage: Path, *,
+                  seed: int) -> None:
+    """Config, tokenizer, generation config, the recipe and the model card."""
+    copy_support_files(readers[plan.reference], stage, config_updates=dict(plan.config_updates))
+    if plan.tokenizer_source != plan.reference:
+        copy_support_files(readers[plan.tokenizer_source], stage, config_updates=None,
+                           include_config=False)
+    recipe = plan.recipe
+    if recipe.seed is None and _uses_randomness(plan):
+        recipe = recipe.model_copy(update={"seed": seed})
+    recipe_yaml = recipe.to_yaml()
+    (stage / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
+    write_model_card(stage, sources=plan.models_used(), method=plan.method, recipe_yaml=recipe_yaml,
+                     base_model=recipe.base_model)
+
+
+def _uses_randomness(plan: MergePlan) -> bool:
+    return plan.method != COPY and get_method(plan.method).uses_generator
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: CUDA is not available on this machine")

@@ -1,0 +1,175 @@
+"""Merge recipes: mergekit's documented YAML format, validated, plus a few shoal keys.
+
+Accepted as in mergekit: ``models`` (each ``model`` with ``parameters``) or ``slices`` (each with
+``sources`` of ``model`` + ``layer_range`` and optional ``parameters``), ``merge_method``,
+``base_model``, ``parameters`` (scalars, gradient lists interpolated over layers, or lists of
+``filter``/``value`` entries), ``dtype``, ``out_dtype``, ``tokenizer_source``.
+
+shoal keys: ``seed`` (random methods), ``compat`` (``paper`` or ``mergekit``: which definition
+of methods whose mergekit results differ from their papers), per-model ``prefix_map`` (rename a
+model's tensors, e.g. to merge the language model inside a vision-language checkpoint).
+
+Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shoal.errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTypeName = Literal["float32", "float16", "bfloat16"]
+
+Scalar = Union[bool, float]
+
+
+class FilterValue(BaseModel):
+    """One entry of a filtered parameter: applies to tensors whose name contains ``filter``.
+
+    An entry without ``filter`` is the default for tensors no earlier entry matched.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamValue = Union[Scalar, list[float], list[FilterValue]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """A source model in a ``models`` recipe."""
+
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    prefix_map: dict[str, str] = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    """A source of one slice: layers ``layer_range[0]`` up to (excluding) ``layer_range[1]``."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    prefix_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range {list(value)} must satisfy 0 <= start < end")
+        return value
+
+
+class Slice(_Strict):
+    """One output slice: its sources are merged layer by layer (all have the same length)."""
+
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "Slice":
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"the sources of a slice must have layer ranges of equal length, got "
+                             f"{[list(s.layer_range) for s in self.sources]}")
+        return self
+
+
+class Recipe(_Strict):
+    """A validated merge recipe."""
+
+    merge_method: str
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    tokenizer_source: str | None = None
+    seed: int | None = None
+    compat: Literal["paper", "mergekit"] = "paper"
+    base_prefix_map: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Recipe":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("a recipe needs exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source 'union' (building a merged vocabulary) is not "
+                             "supported; use 'base' or one of the models")
+        return self
+
+    def source_models(self) -> list[str]:
+        """Every model the recipe names, base first when given, without duplicates, in order."""
+        names: list[str] = []
+        if self.base_model is not None:
+            names.append(self.base_model)
+        if self.models is not None:
+            names.extend(m.model for m in self.models)
+        else:
+            for s in self.slices or []:
+                names.extend(src.model for src in s.sources)
+        return list(dict.fromkeys(names))
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, without keys left at their defaults."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key {str(first['loc'][-1])!r}"
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {loc}: {message}{suffix}"
+
+
+def parse_recipe(data: Any, *, where: str = "recipe") -> Recipe:
+    """Validate a recipe given as plain data (what ``yaml.safe_load`` returns)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe. Tags that would build Python objects are refused."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        tag = getattr(err, "problem", "") or str(err)
+        raise RecipeError(f"{path}: refused YAML tag ({tag.strip()}); recipes are plain data") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+    return parse_recipe(data, where=str(path))
