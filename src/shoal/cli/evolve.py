@@ -1,0 +1,45 @@
+"""``shoal evolve CONFIG``: evolutionary search over merge recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("evolve")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/<config name>).")
+@click.option("--resume", is_flag=True, help="Continue the study in the run folder.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--trials", type=int, default=None, help="Override search.trials.")
+@click.option("--storage", default=None, help="Optuna storage URL (sqlite:///, postgresql://, journal:PATH).")
+@click.option("--no-model", is_flag=True, help="Do not write the final merged model.")
+@click.option("--quiet", "-q", is_flag=True)
+def command(config: Path, run_dir: Path | None, resume: bool, workers: int, executor: str,
+            trials: int | None, storage: str | None, no_model: bool, quiet: bool) -> None:
+    """Evolve a merge recipe on a fitness task; pick on validation; report test scores."""
+    from shoal.cli._progress import progress_bars, stdout
+    from shoal.evolve import load_evolve_config
+    from shoal.evolve.report import markdown_table
+    from shoal.evolve.run import evolve
+
+    parsed = load_evolve_config(config)
+    updates: dict = {}
+    if trials is not None:
+        updates["search"] = parsed.search.model_copy(update={"trials": trials})
+    if storage is not None:
+        updates["storage"] = storage
+    parsed = parsed.model_copy(update=updates) if updates else parsed
+    if workers < 1:
+        raise click.BadParameter("--workers must be at least 1")
+    run_dir = run_dir or Path("runs") / config.stem
+    with progress_bars(enabled=not quiet) as progress:
+        result = evolve(parsed, run_dir, resume=resume, workers=workers, executor=executor,
+                        write_model=not no_model, progress=progress)
+    stdout.print(markdown_table(result.scores))
+    click.echo(f"best fitness {result.best_fitness:.3f}"
+               + (f", validation {result.best_validation:.3f}" if result.best_validation is not None else "")
+               + f" after {result.trials} trials; report: {run_dir / 'report.html'}")

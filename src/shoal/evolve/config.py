@@ -1,0 +1,137 @@
+"""Configuration of an evolution run (YAML), validated.
+
+Example::
+
+    base_model: zoo:small/base
+    models: [zoo:small/lang_b, zoo:small/math_a]
+    method: dare_ties
+    space:
+      layer_group_size: 1           # per layer group of 1 layer; null: one value per model
+      modules: [attention, mlp]     # optional: separate genes per module kind
+      parameters: [weight, density] # default: every evolvable per-model parameter
+      ranges: {weight: [0.0, 1.5]}
+    fixed: {lambda: 1.0}
+    fitness: {task: math_b, split: fitness, limit: 500}
+    validation: {task: math_b, split: validation, limit: 500, top_k: 5}
+    report: {tasks: [math_b, math_a, lang_b], split: test}
+    search: {sampler: cmaes, trials: 200, seed: 0}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoal.errors import ConfigError
+from shoal.merge.recipe import _format_validation_error
+
+ModuleKind = Literal["attention", "mlp", "norm"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpaceConfig(_Strict):
+    """Which genes exist: per model, per layer group, per module kind."""
+
+    layer_group_size: int | None = None
+    modules: list[ModuleKind] = Field(default_factory=list)
+    parameters: list[str] | None = None
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _positive(self) -> "SpaceConfig":
+        if self.layer_group_size is not None and self.layer_group_size < 1:
+            raise ValueError("layer_group_size must be >= 1 (or null for one gene per model)")
+        for name, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"range of {name!r} must satisfy low < high, got [{low}, {high}]")
+        return self
+
+
+class EvalSpec(_Strict):
+    task: str
+    split: Literal["train", "fitness", "validation", "test"]
+    limit: int | None = None
+
+
+class ValidationSpec(EvalSpec):
+    split: Literal["train", "fitness", "validation", "test"] = "validation"
+    top_k: int = 5
+
+
+class ReportSpec(_Strict):
+    tasks: list[str] = Field(default_factory=list)
+    split: Literal["validation", "test"] = "test"
+    limit: int | None = None
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
+    trials: int = 100
+    seed: int = 0
+    population: int | None = None  # default: Optuna's 4 + floor(3 ln n)
+    sigma0: float | None = None  # in gene units; default: 1/6 of the gene range (the paper)
+    with_margin: bool = False
+
+
+class EvolveConfig(_Strict):
+    """A whole evolution run."""
+
+    base_model: str | None = None
+    models: list[str]
+    method: str = "dare_ties"
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    fixed: dict[str, float | bool] = Field(default_factory=dict)
+    hold_at_zero: list[str] = Field(default_factory=list)
+    fitness: EvalSpec
+    validation: ValidationSpec | None = None
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    storage: str | None = None
+    batch_size: int = 128
+    device: str = "cpu"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _discipline(self) -> "EvolveConfig":
+        if len(self.models) < 1:
+            raise ValueError("'models' needs at least one model")
+        if self.fitness.split == "test":
+            raise ValueError("fitness.split is 'test': search must never see the test split "
+                             "(use 'fitness')")
+        if self.validation is not None and self.validation.split == "test":
+            raise ValueError("validation.split is 'test': the final candidate must be picked on "
+                             "'validation', test scores are only reported")
+        if self.validation is not None and (self.validation.task, self.validation.split) == \
+                (self.fitness.task, self.fitness.split):
+            raise ValueError("validation uses the same task and split as fitness; pick the final "
+                             "candidate on held-out data (split 'validation')")
+        unknown = [m for m in self.hold_at_zero if m not in self.models]
+        if unknown:
+            raise ValueError(f"hold_at_zero names {unknown}, which are not in 'models'")
+        return self
+
+
+def parse_evolve_config(data: object, *, where: str = "config") -> EvolveConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: an evolve config is a mapping of keys")
+    try:
+        return EvolveConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def load_evolve_config(path: str | Path) -> EvolveConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    return parse_evolve_config(data, where=str(path))
