@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from shoal.cli._progress import progress_bars, stdout
+from shoal.cli._progress import progress_bars
 from shoal.cli._units import parse_size
 
 
@@ -46,17 +46,17 @@ def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, al
 
 
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
-    from rich.table import Table
-
-    table = Table(title=f"merge plan: {plan.method}, reference {plan.reference}")
-    for column in ("tensor", "method", "shape", "dtype", "sources", "parameters"):
-        table.add_column(column)
+    """One line per output tensor; plain text so it can be read, grepped and diffed."""
+    rows = [("tensor", "method", "shape", "dtype", "sources", "parameters")]
     for op in plan.ops:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in op.params)
         sources = ", ".join(ref.model for ref in op.sources)
-        table.add_row(op.name, op.method, "x".join(map(str, op.shape)),
-                      str(op.out_dtype).replace("torch.", ""), sources, params)
-    stdout.print(table, soft_wrap=True)
+        rows.append((op.name, op.method, "x".join(map(str, op.shape)),
+                     str(op.out_dtype).replace("torch.", ""), sources, params or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    click.echo(f"merge plan: {plan.method}, output follows {plan.reference}")
+    for row in rows:
+        click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "
                f"config changes: {dict(plan.config_updates) or 'none'}")
 

@@ -7,18 +7,16 @@ import click
 
 @click.command("methods")
 def command() -> None:
-    """List the registered merge methods and their parameters."""
-    from rich.table import Table
-
-    from shoal.cli._progress import stdout as console
+    """List the registered merge methods, their parameters (default, evolvable range) and papers."""
     from shoal.merge.registry import all_methods
 
-    table = Table(title="merge methods")
-    for column in ("method", "base", "per-model parameters", "global parameters", "paper"):
-        table.add_column(column)
     for spec in all_methods():
-        per_model = ", ".join(f"{p.name}={p.default}" for p in spec.params if p.per_model)
-        global_ = ", ".join(f"{p.name}={p.default}" for p in spec.params if not p.per_model)
-        table.add_row(spec.name, "yes" if spec.needs_base else "no", per_model or "-", global_ or "-",
-                      spec.paper)
-    console.print(table, soft_wrap=True)
+        base = "needs base_model" if spec.needs_base else "no base model"
+        click.echo(f"{spec.name}  ({base}; {spec.paper})")
+        if spec.summary:
+            click.echo(f"    {spec.summary}")
+        for p in spec.params:
+            scope = "per model" if p.per_model else "global"
+            span = f", range [{p.low:g}, {p.high:g}]" if p.evolvable else ""
+            default = "auto (see the method)" if p.default is None else p.default
+            click.echo(f"    {p.name:<12} {scope:<9} default {default}{span}  {p.doc}")

@@ -180,6 +180,17 @@ def _run_local_workers(config: EvolveConfig, storage: str, workers: int, study: 
         raise ConfigError(f"{len(failed)} of {workers} workers failed (exit codes {failed})")
 
 
+def load_run_study(run_dir: Path, storage: str | None = None) -> Any:
+    """The Optuna study of a run folder (its default SQLite file unless ``storage`` is given)."""
+    import optuna
+
+    from shoal.evolve.search import STUDY_NAME, make_storage
+
+    saved = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) if storage is None else None
+    url = storage or (saved or {}).get("storage") or default_storage(Path(run_dir))
+    return optuna.load_study(study_name=STUDY_NAME, storage=make_storage(url))
+
+
 def top_trials(study: Any, k: int) -> list[Any]:
     import optuna
 
@@ -247,7 +258,7 @@ def report_scores(evaluator: Evaluator, rows: Sequence[tuple[str, Recipe | str]]
 
 def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, workers: int = 1,
            executor: str = "local", write_model: bool = True, baseline: dict[str, float] | None = None,
-           extra_rows: Sequence[tuple[str, Recipe | str]] = (),
+           extra_rows: Sequence[tuple[str, Recipe | str]] = (), report: bool = True,
            progress: ProgressFn = no_progress) -> EvolveResult:
     """Search, select on validation, write the best recipe, the model and the report."""
     from shoal.evolve.report import write_report
@@ -265,6 +276,10 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
         if write_model:
             model_dir = run_dir / "model"
             merge(best, model_dir, seed=config.seed, overwrite=True)
+        if not report:
+            return EvolveResult(run_dir=run_dir, best_recipe=best, best_fitness=fitness,
+                                best_validation=validation, trials=finished_trials(study),
+                                model_dir=model_dir)
         rows: list[tuple[str, Recipe | str]] = [(Path(m).name, m) for m in
                                                ([config.base_model] if config.base_model else []) + config.models]
         rows.append((f"uniform {config.method}", uniform_recipe(config, **(baseline or {}))))

@@ -171,7 +171,9 @@ def _resolve_params(method: MethodSpec, position: TensorPosition,
             resolved.append((spec.name, tuple(values)))
         else:
             value = resolve_first([g.get(spec.name) for g in global_params], position)
-            value = spec.default if is_unset(value) else value
+            if is_unset(value):
+                resolved.append((spec.name, spec.default))  # None: the method picks
+                continue
             if spec.kind == "bool" and not isinstance(value, bool):
                 raise RecipeError(f"parameter {spec.name!r} must be true or false, got {value!r}")
             _check_range(spec.name, value, position.name)

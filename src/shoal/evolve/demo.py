@@ -1,0 +1,137 @@
+"""``shoal demo``: evolve a merge for the cross task on the miniature world, with its controls.
+
+1. Build (or reuse) the zoo world.
+2. Evolve a per-layer DARE-TIES merge of the language-B specialist and the math specialist on
+   the cross task's fitness split (math word problems written in language B).
+3. Controls, all picked on the validation split and reported on test: a uniform DARE-TIES grid
+   (densities x weights, no more evaluations than the search) and the single-source control
+   (the same search with every source but the best one held at weight 0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.evolve.config import EvolveConfig, parse_evolve_config
+from shoal.evolve.run import Evaluator, EvolveResult, Score, evolve, load_run_study, uniform_recipe
+from shoal.merge.recipe import Recipe
+from shoal.progress import ProgressFn, no_progress
+
+CROSS_TASK = "math_b"
+LANGUAGE_SPECIALIST = "lang_b"
+MATH_SPECIALIST = "math_a"
+
+GRID_DENSITIES = (0.3, 0.5, 0.7, 0.9)
+GRID_WEIGHTS = (0.5, 1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    out: Path
+    scores: tuple[Score, ...]
+    evolved: EvolveResult
+    control: EvolveResult
+    grid_best: dict[str, float]
+
+
+def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
+                hold_at_zero: tuple[str, ...] = ()) -> EvolveConfig:
+    base = str(world.model("base"))
+    models = [str(world.model(LANGUAGE_SPECIALIST)), str(world.model(MATH_SPECIALIST))]
+    report_tasks = [CROSS_TASK, _task_of(world, MATH_SPECIALIST), _task_of(world, LANGUAGE_SPECIALIST)]
+    return parse_evolve_config({
+        "base_model": base,
+        "models": models,
+        "method": "dare_ties",
+        "space": {"layer_group_size": 1, "parameters": ["weight", "density"],
+                  "ranges": {"weight": [0.0, 2.0]}},
+        "hold_at_zero": list(hold_at_zero),
+        "fitness": {"task": CROSS_TASK, "split": "fitness", "limit": limit},
+        "validation": {"task": CROSS_TASK, "split": "validation", "limit": limit, "top_k": 5},
+        "report": {"tasks": report_tasks, "split": "test"},
+        "search": {"sampler": "cmaes", "trials": trials, "seed": seed},
+        "seed": seed,
+    }, where="demo config")
+
+
+def _task_of(world: Any, specialist: str) -> str:
+    """The task a zoo specialist was trained for."""
+    return world.specialist_task.get(specialist, specialist)
+
+
+def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> tuple[dict[str, float], Recipe]:
+    """Best uniform (density, weight) on fitness, then the top 3 re-ranked on validation."""
+    evaluator = Evaluator(config)
+    try:
+        points = [(d, w) for d in GRID_DENSITIES for w in GRID_WEIGHTS]
+        fitness = []
+        for i, (density, weight) in enumerate(points, start=1):
+            recipe = uniform_recipe(config, density=density, weight=weight)
+            result = evaluator.score_recipe(recipe, config.fitness.task, config.fitness.split,
+                                            config.fitness.limit)
+            fitness.append((result.score, density, weight))
+            progress("uniform grid", i, len(points))
+        top = sorted(fitness, key=lambda row: -row[0])[:3]
+        assert config.validation is not None
+        ranked = []
+        for score, density, weight in top:
+            result = evaluator.score_recipe(uniform_recipe(config, density=density, weight=weight),
+                                            config.validation.task, config.validation.split,
+                                            config.validation.limit)
+            ranked.append((result.score, score, density, weight))
+        _, _, density, weight = max(ranked)
+        return {"density": density, "weight": weight}, uniform_recipe(config, density=density, weight=weight)
+    finally:
+        evaluator.close()
+
+
+def best_source(config: EvolveConfig) -> str:
+    """The source model with the best validation score on the cross task."""
+    from shoal.eval import get_task, load_model
+    from shoal.eval.evaluate import evaluate
+
+    assert config.validation is not None
+    best = None
+    for path in config.models:
+        model, tokenizer = load_model(path)
+        score = evaluate(model, tokenizer, get_task(config.validation.task), config.validation.split,
+                         limit=config.validation.limit, batch_size=config.batch_size).score
+        if best is None or score > best[0]:
+            best = (score, path)
+    assert best is not None
+    return best[1]
+
+
+def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int = 120,
+             limit: int | None = None, seed: int = 0, resume: bool = True,
+             progress: ProgressFn = no_progress) -> DemoResult:
+    from shoal.evolve.report import plot_fitness, trial_curve
+    from shoal.zoo import build_zoo
+
+    out = Path(out)
+    world = build_zoo(size, seed=seed, progress=progress)
+    config = demo_config(world, trials=trials, limit=limit, seed=seed)
+    grid_params, grid_recipe = grid_search(config, progress=progress)
+    keep = best_source(config)
+    control_config = demo_config(world, trials=trials, limit=limit, seed=seed,
+                                 hold_at_zero=tuple(m for m in config.models if m != keep))
+    control = evolve(control_config, out / "control", resume=resume, write_model=False,
+                     report=False, progress=progress)
+    control_row = (f"single-source control ({Path(keep).name} alone, per-layer search)", control.best_recipe)
+    grid_row = (f"best uniform grid point (density {grid_params['density']}, weight {grid_params['weight']})",
+                grid_recipe)
+    evolved = evolve(config, out / "evolved", resume=resume, baseline={"density": 0.5, "weight": 1.0},
+                     extra_rows=[grid_row, control_row], progress=progress)
+    plot_fitness({"evolved": trial_curve(load_run_study(out / "evolved")),
+                  "single-source control": trial_curve(load_run_study(out / "control"))},
+                 out / "fitness_runs.png", title=f"{CROSS_TASK} fitness per trial")
+    (out / "demo.json").write_text(json.dumps({
+        "scores": [asdict(s) for s in evolved.scores], "grid_best": grid_params,
+        "evolved_recipe": str(out / "evolved" / "best_recipe.yaml"),
+        "best_source": keep,
+    }, indent=2))
+    return DemoResult(out=out, scores=evolved.scores, evolved=evolved, control=control,
+                      grid_best=grid_params)
