@@ -67,3 +67,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The ``micro`` zoo world, built once per test session in a temporary folder."""
+    from shoal.zoo import build_zoo
+
+    return build_zoo("micro", out=tmp_path_factory.mktemp("zoo") / "micro", seed=0)

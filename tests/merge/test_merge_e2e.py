@@ -239,3 +239,22 @@ def test_methods_command_lists_every_method() -> None:
     for name in ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                  "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"]:
         assert name in result.output
+
+
+def test_gradients_run_from_embeddings_to_the_head(tmp_path: Path, llama_trio) -> None:  # type: ignore[no-untyped-def]
+    """A gradient's first anchor applies to the embeddings and layer 0, its last to the last layer,
+    the final norm and lm_head (whatever order the file lists tensors in)."""
+    _, a, b = llama_trio
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                   {"model": str(b), "parameters": {"weight": [0.0, 1.0]}}],
+        "parameters": {"normalize": True},
+    })
+    out = tmp_path / "grad"
+    assert run(["merge", recipe, out, "-q"]).exit_code == 0
+    got, wa, wb = weights(out), weights(a), weights(b)
+    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]:
+        torch.testing.assert_close(got[name], wa[name])
+    for name in ["model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]:
+        torch.testing.assert_close(got[name], 0.5 * wa[name] + 0.5 * wb[name])

@@ -148,12 +148,12 @@ def build_cells(tensor_names: Iterable[str], architecture: str | None, *,
         return (Cell("all", None, ("",)),)
     before, after = [], []
     layers: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    seen_layer = False
     for name, info in zip(names, infos):
         if info.layer is None:
-            (after if seen_layer else before).append(name)
+            # safetensors files list tensors alphabetically, so the role, not the order, says
+            # whether a tensor comes before the decoder stack (embeddings) or after it
+            (before if info.role == "embed" else after).append(name)
         else:
-            seen_layer = True
             module = _ROLE_TO_MODULE.get(info.role, "rest") if modules else "rest"
             if module not in modules:
                 module = "rest"

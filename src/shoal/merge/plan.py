@@ -255,12 +255,10 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
     total_layers = num_layers(config) if config else _count_layers(ref_view)
 
     ops: list[TensorOp] = []
-    seen_layer = False
     for out_name in ref_view.to_source:
         info = describe_tensor(out_name, ref_view.architecture)
-        seen_layer = seen_layer or info.layer is not None
         position = TensorPosition(out_name, info.layer, total_layers,
-                                  after_stack=info.layer is None and seen_layer)
+                                  after_stack=info.layer is None and info.role != "embed")
         covering = [e for e in entries if views[e.model].covers(out_name)]
         base_ref = None
         if method.needs_base:
@@ -401,7 +399,7 @@ def _plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
         if method.name == "passthrough":
             ops.append(_copy_op(out_name, ref_view, recipe, seed))
             continue
-        position = TensorPosition(out_name, None, 1, after_stack=inserted)
+        position = TensorPosition(out_name, None, 1, after_stack=info.role != "embed")
         base_src = next((s for s in first_slice.sources if s.model == recipe.base_model), None) \
             if method.needs_base else None
         others = [s for s in first_slice.sources if s is not base_src]
