@@ -1,0 +1,216 @@
+"""Lazy, one-tensor-at-a-time reading of a checkpoint.
+
+``open_checkpoint`` accepts a Hugging Face model folder (one ``model.safetensors`` or a
+sharded index), a single weight file, an index file, or a hub id. Shapes and dtypes come
+from the validated safetensors headers without reading tensor data; ``get`` reads one
+tensor through a memory map and converts it to the requested dtype and device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+
+from shoal.checkpoint.hub import download_checkpoint, hub_cache_root, looks_like_hub_id
+from shoal.checkpoint.locate import WeightFiles, locate_weights
+from shoal.checkpoint.pickle_weights import load_pickle_state_dict, refuse_pickle
+from shoal.checkpoint.safetensors_header import TensorEntry, read_header
+from shoal.errors import CheckpointError
+
+
+class CheckpointReader:
+    """Read access to the tensors of one checkpoint. Use :func:`open_checkpoint` to make one.
+
+    Attributes: ``source`` (what the user named), ``path`` (local folder, or the weight
+    file when one file was named), ``config`` (``config.json`` beside the weights, or None).
+    """
+
+    def __init__(self, source: str, path: Path, files: WeightFiles, config: dict | None) -> None:
+        self.source = source
+        self.path = path
+        self.config = config
+        self.files = files
+        self._shard_of: dict[str, Path] = {}
+        self._entries: dict[str, TensorEntry] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        if files.format == "safetensors":
+            self._index_safetensors()
+        else:
+            self._index_pickle()
+
+    # -- building the name -> shard table --------------------------------------------------
+
+    def _index_safetensors(self) -> None:
+        wanted = self.files.weight_map
+        for shard in self.files.shards:
+            header = read_header(shard)
+            for entry in header.tensors:
+                if wanted is not None and wanted.get(entry.name) != shard:
+                    continue  # listed under another shard, or not in the index at all
+                self._entries[entry.name] = entry
+                self._shard_of[entry.name] = shard
+        self._check_index_complete()
+
+    def _index_pickle(self) -> None:
+        wanted = self.files.weight_map
+        for shard in self.files.shards:
+            for name in self._load_pickle(shard):
+                if wanted is not None and wanted.get(name) != shard:
+                    continue
+                self._shard_of[name] = shard
+        self._check_index_complete()
+
+    def _check_index_complete(self) -> None:
+        if self.files.weight_map is None:
+            return
+        for name, shard in self.files.weight_map.items():
+            if name not in self._shard_of:
+                raise CheckpointError(
+                    f"{self.files.index}: entry {name!r} says the tensor is in {shard.name}, "
+                    f"but {shard} has no such tensor"
+                )
+
+    def _load_pickle(self, shard: Path) -> dict[str, torch.Tensor]:
+        if shard not in self._pickled:
+            self._pickled[shard] = load_pickle_state_dict(shard)
+        return self._pickled[shard]
+
+    # -- the public surface ----------------------------------------------------------------
+
+    def tensor_names(self) -> list[str]:
+        """All tensor names, in the order they are stored (shard by shard, by file offset)."""
+        return list(self._shard_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shard_of
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def _shard(self, name: str) -> Path:
+        try:
+            return self._shard_of[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+
+    def shard_path(self, name: str) -> Path:
+        """The file that holds ``name``."""
+        return self._shard(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard = self._shard(name)
+        if name in self._entries:
+            return self._entries[name].shape
+        return tuple(self._load_pickle(shard)[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        shard = self._shard(name)
+        if name in self._entries:
+            return self._entries[name].dtype
+        return self._load_pickle(shard)[name].dtype
+
+    def nbytes(self, name: str) -> int:
+        shard = self._shard(name)
+        if name in self._entries:
+            return self._entries[name].nbytes
+        tensor = self._load_pickle(shard)[name]
+        return tensor.numel() * tensor.element_size()
+
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        check_finite: bool = True,
+    ) -> torch.Tensor:
+        """Read tensor ``name``, converted to ``dtype`` (default: as stored) on ``device``.
+
+        With ``check_finite``, a NaN or Inf in a floating-point tensor is a
+        :class:`CheckpointError` naming the file and the tensor.
+        """
+        shard = self._shard(name)
+        if name in self._entries:
+            tensor = self._handle(shard).get_tensor(name)
+        else:
+            tensor = self._load_pickle(shard)[name]
+        # `.to` returns the same object when nothing changes; a pickled tensor must not be
+        # handed out by reference, or a caller's in-place edit would change the cache.
+        converted = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if converted is tensor and name not in self._entries:
+            converted = tensor.clone()
+        if check_finite and converted.is_floating_point() and not bool(torch.isfinite(converted).all()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                count = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(f"{shard}: tensor {name!r} contains {count} NaN or Inf values")
+            raise CheckpointError(
+                f"{shard}: tensor {name!r} overflows to Inf when converted from {tensor.dtype} to {converted.dtype}"
+            )
+        return converted
+
+    def _handle(self, shard: Path):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+            except Exception as exc:  # the header was validated; this is the file changing under us
+                raise CheckpointError(f"{shard}: cannot open safetensors file: {exc}") from exc
+        return self._handles[shard]
+
+    def close(self) -> None:
+        """Release file handles and any loaded pickle shards."""
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.source!r}, {len(self)} tensors, {self.files.format})"
+
+
+def _read_config(folder: Path) -> dict | None:
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read model config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: model config is not a JSON object")
+    return config
+
+
+def open_checkpoint(
+    source: str | Path, *, allow_pickle: bool = False, revision: str | None = None
+) -> CheckpointReader:
+    """Open a checkpoint for lazy reading.
+
+    ``source`` is a model folder, a ``.safetensors`` file, an ``*.index.json`` file, a
+    pickle file (only with ``allow_pickle``), or a Hugging Face hub id (downloaded into the
+    hub cache; ``revision`` picks a branch, tag or commit). Every safetensors header is
+    validated before use; every problem is a :class:`CheckpointError` naming the file.
+    """
+    name = str(source)
+    local = Path(name).expanduser()
+    root: Path | None = None
+    if not local.exists():
+        if isinstance(source, Path) or not looks_like_hub_id(name):
+            raise CheckpointError(f"{name}: no such file or folder (and not a Hugging Face hub id)")
+        local = download_checkpoint(name, revision=revision, allow_pickle=allow_pickle)
+        root = hub_cache_root(local)
+    files = locate_weights(local, root)
+    if files.format == "pickle" and not allow_pickle:
+        raise refuse_pickle(files.index or files.shards[0])
+    folder = local if local.is_dir() else local.parent
+    path = folder if files.index is not None else local
+    return CheckpointReader(name, path, files, _read_config(folder))
