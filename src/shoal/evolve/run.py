@@ -146,7 +146,7 @@ def search(config: EvolveConfig, run_dir: Path, *, resume: bool = False, workers
     _save_config(run_dir, config, resume)
     storage = config.storage or default_storage(run_dir)
     evaluator = Evaluator(config)
-    study = open_study(storage, evaluator.space, config.search, resume=resume or _has_study(run_dir))
+    study = open_study(storage, evaluator.space, config.search, resume=resume)
     if executor == "ray":
         from shoal.evolve.ray_executor import run_on_ray
 
@@ -156,10 +156,6 @@ def search(config: EvolveConfig, run_dir: Path, *, resume: bool = False, workers
     else:
         _run_local_workers(config, storage, workers, study, progress)
     return evaluator, study
-
-
-def _has_study(run_dir: Path) -> bool:
-    return (run_dir / "study.db").exists()
 
 
 def _run_local_workers(config: EvolveConfig, storage: str, workers: int, study: Any,

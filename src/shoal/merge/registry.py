@@ -60,7 +60,7 @@ PARAMETERS: dict[str, ParamSpec] = {
         ParamSpec("epsilon", "float", True, 0.1, 0.0, 0.5, "spread of keep probabilities around density (della)"),
         ParamSpec("t", "float", False, 0.5, 0.0, 1.0, "interpolation factor: 0 gives the base, 1 the other model"),
         ParamSpec("lambda", "float", False, 1.0, 0.0, 3.0, "global scale of the merged task vector"),
-        ParamSpec("scale", "float", False, 1.0, 0.0, 2.0, "scale applied to a passed-through tensor"),
+        ParamSpec("scale", "float", True, 1.0, 0.0, 2.0, "scale applied to a passed-through tensor"),
         ParamSpec("normalize", "bool", False, True, doc="divide by the sum of weights"),
         ParamSpec("rescale", "bool", False, True, doc="rescale kept entries by 1/keep-probability"),
         ParamSpec("filter_wise", "bool", False, False, doc="model stock: one ratio per row instead of per tensor"),

@@ -1,0 +1,125 @@
+"""Sparsifying a task vector: the first stage of TIES, DARE, DELLA and Breadcrumbs.
+
+Every function takes a task vector that the caller owns (it may be modified in place; use
+the returned tensor) and keeps a ``density`` fraction of it:
+
+- :func:`trim_by_magnitude` (TIES): exactly the largest-magnitude entries;
+- :func:`drop_random` (DARE): each entry independently with probability ``density``;
+- :func:`drop_by_magnitude_rank` (DELLA): with a probability that grows with the entry's
+  magnitude rank in its row;
+- :func:`trim_outliers` (Breadcrumbs): a band of magnitudes, without the largest ``gamma``.
+
+``compat="mergekit"`` switches counting (floor instead of nearest) and rescaling (keep the
+L1 norm of the task vector instead of dividing by the keep probability) to mergekit's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shoal.merge.methods._inputs import Compat, uniform_like
+from shoal.merge.methods.selection import count_for_fraction, top_k_mask
+
+_L1_EPS = 1e-7
+
+
+def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "paper") -> torch.Tensor:
+    """Keep the ``round(density * n)`` largest-magnitude entries of ``delta``, zero the rest."""
+    if density >= 1.0:
+        return delta
+    k = count_for_fraction(density, delta.numel(), floor=compat == "mergekit")
+    keep = top_k_mask(delta.abs(), k)
+    return delta.masked_fill_(~keep, 0.0)
+
+
+def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *,
+                  compat: Compat = "paper") -> torch.Tensor:
+    """Drop the largest ``gamma`` fraction and the smallest entries, keeping a ``density`` fraction.
+
+    When ``density + gamma`` exceeds 1 fewer large entries are dropped, so that ``density``
+    is still kept.
+    """
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    floor = compat == "mergekit"
+    n_keep = count_for_fraction(density, n, floor=floor)
+    n_top = min(count_for_fraction(gamma, n, floor=floor), n - n_keep)
+    magnitude = delta.abs()
+    keep = top_k_mask(magnitude, n_top + n_keep)
+    if n_top > 0:
+        keep &= ~top_k_mask(magnitude, n_top)
+    return delta.masked_fill_(~keep, 0.0)
+
+
+def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator, *,
+                rescale: bool = True, compat: Compat = "paper") -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale the survivors by ``1/density``.
+
+    The keep mask is ``uniform_like(delta) < density``: one float32 draw per entry from
+    ``generator``, in flat order (no draws when ``density`` is 0 or 1).
+    """
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    keep = uniform_like(delta, generator) < density
+    l1_before = delta.abs().sum() if rescale and compat == "mergekit" else None
+    delta.masked_fill_(~keep, 0.0)
+    if not rescale:
+        return delta
+    if l1_before is not None:
+        return rescale_to_l1(delta, l1_before)
+    return delta.div_(density)
+
+
+def magnitude_rank_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities, shaped ``(rows, last dim)``.
+
+    Entries are ranked by magnitude within each row (the last dimension; a vector is one
+    row), ascending, ties by index; rank r of n maps linearly onto
+    ``[density - epsilon, density + epsilon]`` and the result is clipped to [0, 1].
+    """
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
+    n = rows.shape[1]
+    if n == 1:
+        position = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
+    else:
+        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+        position = rank.to(torch.float32) / (n - 1)
+    return (density - epsilon + 2.0 * epsilon * position).clamp_(0.0, 1.0)
+
+
+def drop_by_magnitude_rank(delta: torch.Tensor, density: float, epsilon: float,
+                           generator: torch.Generator, *, rescale: bool = True,
+                           compat: Compat = "paper") -> torch.Tensor:
+    """DELLA's MAGPRUNE: keep entry i with a probability p_i rising with its magnitude rank, rescale by 1/p_i.
+
+    The keep mask is ``uniform_like(delta) < p`` (same draw order as :func:`drop_random`).
+    """
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    keep_probability = magnitude_rank_keep_probability(delta, density, epsilon)
+    rows = delta.reshape(keep_probability.shape)
+    keep = uniform_like(delta, generator).reshape(rows.shape) < keep_probability
+    l1_before = rows.abs().sum() if rescale and compat == "mergekit" else None
+    rows.masked_fill_(~keep, 0.0)
+    if rescale:
+        if l1_before is not None:
+            rows = rescale_to_l1(rows, l1_before)
+        else:
+            # a kept entry has p_i > 0; dropped entries are zero whatever they are divided by
+            rows.div_(keep_probability.masked_fill_(~keep, 1.0).to(rows.dtype))
+    return rows.reshape(delta.shape)
+
+
+def rescale_to_l1(sparse: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescaling: multiply ``sparse`` so its L1 norm equals the dense vector's."""
+    l1_after = sparse.abs().sum()
+    if float(l1_before) < _L1_EPS or float(l1_after) < _L1_EPS:
+        return sparse
+    return sparse.mul_(l1_before / l1_after)
