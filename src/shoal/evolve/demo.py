@@ -21,8 +21,8 @@ from shoal.merge.recipe import Recipe
 from shoal.progress import ProgressFn, no_progress
 
 CROSS_TASK = "math_b"
-LANGUAGE_SPECIALIST = "lang_b"
-MATH_SPECIALIST = "math_a"
+LANGUAGE_SPECIALIST = "lang"
+MATH_SPECIALIST = "math"
 
 GRID_DENSITIES = (0.3, 0.5, 0.7, 0.9)
 GRID_WEIGHTS = (0.5, 1.0, 1.5)

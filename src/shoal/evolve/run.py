@@ -120,7 +120,7 @@ def _worker(config_data: dict, storage: str, threads: int) -> None:
     config = parse_evolve_config(config_data)
     evaluator = Evaluator(config)
     try:
-        study = open_study(storage, evaluator.space, config.search, resume=True)
+        study = open_study(storage, evaluator.space, config.search, resume=True, recover=False)
         run_trials(study, evaluator.space, evaluator.fitness, config.search.trials)
     finally:
         evaluator.close()

@@ -42,22 +42,31 @@ def make_storage(url: str) -> Any:
 
 
 def make_sampler(spec: SearchSpec, space: SearchSpace) -> Any:
-    """CMA-ES with the paper's settings (start at the middle of every range, sigma 1/6 of it,
-    Optuna's default population 4 + floor(3 ln n)), or random / TPE for comparison."""
+    """CMA-ES with the paper's settings, or random / TPE for comparison.
+
+    The paper's settings are Optuna's defaults: start at the middle of every range (0.5 for
+    our genes), sigma 1/6 of the range, population 4 + floor(3 ln n). Only a sigma the user
+    asks for is passed on."""
     optuna = _optuna()
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed)
-    return optuna.samplers.CmaEsSampler(
-        x0=space.default_genome(), sigma0=spec.sigma0 if spec.sigma0 is not None else 1.0 / 6.0,
-        popsize=spec.population, seed=spec.seed, with_margin=spec.with_margin,
-        warn_independent_sampling=False)
+    kwargs: dict[str, Any] = {}
+    if spec.sigma0 is not None:
+        kwargs["sigma0"] = spec.sigma0
+    return optuna.samplers.CmaEsSampler(popsize=spec.population, seed=spec.seed,
+                                        with_margin=spec.with_margin, warn_independent_sampling=False,
+                                        **kwargs)
 
 
-def open_study(storage_url: str, space: SearchSpace, spec: SearchSpec, *, resume: bool) -> Any:
-    """Create the study, or load it to resume. Trials left running by a killed process are marked
-    failed so they are neither lost silently nor counted as done."""
+def open_study(storage_url: str, space: SearchSpace, spec: SearchSpec, *, resume: bool,
+               recover: bool = True) -> Any:
+    """Create the study, or load it to resume.
+
+    With ``recover`` (the coordinating process, before any worker starts), trials left running
+    by a killed process are marked failed, so they are neither lost silently nor counted as done.
+    Workers joining a live study pass ``recover=False``: the running trials are their peers'."""
     optuna = _optuna()
     storage = make_storage(storage_url)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
@@ -67,9 +76,11 @@ def open_study(storage_url: str, space: SearchSpace, spec: SearchSpec, *, resume
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                 sampler=make_sampler(spec, space), load_if_exists=True)
     study.set_user_attr("genes", [g.key for g in space.genes])
+    if not recover:
+        return study
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (process killed)")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     return study
 
 
