@@ -54,10 +54,17 @@ def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
                  stack: ExitStack) -> dict[str, CheckpointReader]:
-    """Open every model the recipe names (closed when ``stack`` closes)."""
+    """Open every model the recipe names (closed when ``stack`` closes).
+
+    ``zoo:SIZE/NAME`` names a model of the miniature world, built on first use."""
     readers: dict[str, CheckpointReader] = {}
     for name in recipe.source_models():
-        readers[name] = stack.enter_context(open_checkpoint(name, allow_pickle=allow_pickle))
+        location = name
+        if name.startswith("zoo:"):
+            from shoal.evolve.run import resolve_model_ref
+
+            location = resolve_model_ref(name)
+        readers[name] = stack.enter_context(open_checkpoint(location, allow_pickle=allow_pickle))
     return readers
 
 

@@ -1,0 +1,41 @@
+"""The example recipes and configs in examples/ are valid and plan on the micro world."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shoal.checkpoint import open_checkpoint
+from shoal.evolve.config import parse_evolve_config
+from shoal.merge.plan import plan_merge
+from shoal.merge.recipe import parse_recipe
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def on_micro(text: str, world) -> str:  # type: ignore[no-untyped-def]
+    """The example with its zoo:small models replaced by the micro world's folders."""
+    for name in world.models:
+        text = text.replace(f"zoo:small/{name}", str(world.model(name)))
+    return text
+
+
+@pytest.mark.parametrize("name", ["ties_zoo.yaml", "slerp_gradient.yaml", "frankenmerge.yaml"])
+def test_example_recipes_plan(name: str, micro_world) -> None:  # type: ignore[no-untyped-def]
+    text = on_micro((EXAMPLES / name).read_text(), micro_world)
+    if name == "frankenmerge.yaml":  # the micro world has 2 layers, the small one 4
+        text = text.replace("[0, 4]", "[0, 2]").replace("[2, 4]", "[1, 2]")
+    recipe = parse_recipe(yaml.safe_load(text), where=name)
+    with ExitStack() as stack:
+        readers = {m: stack.enter_context(open_checkpoint(m)) for m in recipe.source_models()}
+        plan = plan_merge(recipe, readers)
+    assert plan.ops
+
+
+def test_example_evolve_config_is_valid(micro_world) -> None:  # type: ignore[no-untyped-def]
+    text = on_micro((EXAMPLES / "evolve_cross.yaml").read_text(), micro_world)
+    config = parse_evolve_config(yaml.safe_load(text), where="evolve_cross.yaml")
+    assert config.fitness.split == "fitness" and config.search.sampler == "cmaes"
