@@ -54,9 +54,15 @@ class SpaceConfig(_Strict):
 
 
 class EvalSpec(_Strict):
-    task: str
+    """What a candidate is scored on: one task, or several (the score is their mean)."""
+
+    task: str | list[str]
     split: Literal["train", "fitness", "validation", "test"]
     limit: int | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return [self.task] if isinstance(self.task, str) else list(self.task)
 
 
 class ValidationSpec(EvalSpec):

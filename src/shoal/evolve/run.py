@@ -11,7 +11,7 @@ import json
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,14 +100,23 @@ class Evaluator:
     def close(self) -> None:
         self.builder.close()
 
-    def score_recipe(self, recipe: Recipe, task_name: str, split: str, limit: int | None) -> Any:
+    def score_recipe(self, recipe: Recipe, task: str | list[str], split: str, limit: int | None) -> Any:
+        """Merge ``recipe`` into the resident model and score it; several tasks give the mean."""
         from shoal.eval import get_task
-        from shoal.eval.evaluate import evaluate
+        from shoal.eval.evaluate import evaluate, result_from_scores
 
         self.builder.apply(self.model, recipe, seed=self.config.seed)
+        names = [task] if isinstance(task, str) else list(task)
+        results = []
         with torch.inference_mode():
-            return evaluate(self.model, self.tokenizer, get_task(task_name), split, limit=limit,
-                            batch_size=self.config.batch_size)
+            for name in names:
+                results.append(evaluate(self.model, self.tokenizer, get_task(name), split, limit=limit,
+                                        batch_size=self.config.batch_size))
+        if len(results) == 1:
+            return results[0]
+        mean = sum(r.score for r in results) / len(results)
+        return replace(result_from_scores("+".join(names), split, (), [mean]),
+                       n=sum(r.n for r in results))
 
     def fitness(self, genome: dict[str, float]) -> tuple[float, dict]:
         spec = self.config.fitness
@@ -232,7 +241,7 @@ def report_scores(evaluator: Evaluator, rows: Sequence[tuple[str, Recipe | str]]
     from shoal.eval.evaluate import evaluate
 
     spec = evaluator.config.report
-    tasks = spec.tasks or [evaluator.config.fitness.task]
+    tasks = spec.tasks or evaluator.config.fitness.tasks
     scores: list[Score] = []
     total = len(rows) * len(tasks)
     done = 0
