@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from shoal.cli._progress import progress_bars
-from shoal.cli._units import parse_size
 
 
 @click.command("merge")
@@ -31,7 +30,9 @@ def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, al
     from shoal.merge.execute import open_sources
     from shoal.merge.plan import plan_merge
 
-    size = parse_size(shard_size)
+    from shoal.checkpoint import parse_byte_size
+
+    size = parse_byte_size(shard_size)
     parsed = load_recipe(recipe)
     if dry_run:
         with ExitStack() as stack:
