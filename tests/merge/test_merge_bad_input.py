@@ -172,17 +172,21 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, pair, monkeypatch) -> 
     """A merge that dies half way (here: an exception after some tensors were written)
     leaves no output and no staging folder behind."""
     import shoal.merge.execute as execute
+    import shoal.merge.streamed as streamed
 
-    real = execute.compute_op
     calls = {"n": 0}
 
-    def dying(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def dying(real):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(execute, "compute_op", dying)
+    # the whole-tensor and the streamed (chunked) executor
+    monkeypatch.setattr(execute, "compute_op", dying(execute.compute_op))
+    monkeypatch.setattr(streamed, "run_streamed", dying(streamed.run_streamed))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(linear(*pair)))
     out = tmp_path / "out"

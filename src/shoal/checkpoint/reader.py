@@ -9,6 +9,8 @@ tensor through a memory map and converts it to the requested dtype and device.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -36,7 +38,9 @@ class CheckpointReader:
         self.files = files
         self._shard_of: dict[str, Path] = {}
         self._entries: dict[str, TensorEntry] = {}
+        self._data_start: dict[Path, int] = {}
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         if files.format == "safetensors":
             self._index_safetensors()
@@ -49,6 +53,7 @@ class CheckpointReader:
         wanted = self.files.weight_map
         for shard in self.files.shards:
             header = read_header(shard)
+            self._data_start[shard] = header.data_start
             for entry in header.tensors:
                 if wanted is not None and wanted.get(entry.name) != shard:
                     continue  # listed under another shard, or not in the index at all
@@ -152,6 +157,57 @@ class CheckpointReader:
             )
         return converted
 
+    def can_read_range(self, name: str) -> bool:
+        """Whether :meth:`read_range` works for ``name`` (safetensors storage, not pickle)."""
+        return name in self._entries
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``name`` in flat (row-major) order, as stored, on the CPU.
+
+        A positioned read (``pread``) straight into a new buffer: no memory map, so the pages
+        read do not stay in this process's resident memory, and it is safe to call from
+        several threads at once. No finiteness check (see :meth:`check_range`).
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            self._shard(name)  # an unknown name raises the usual error
+            raise CheckpointError(f"{self._shard_of[name]}: tensor {name!r} is not in a safetensors file")
+        itemsize = torch.empty((), dtype=entry.dtype).element_size()
+        count = entry.nbytes // itemsize
+        if not 0 <= start <= stop <= count:
+            raise ValueError(f"range [{start}, {stop}) outside tensor {name!r} of {count} entries")
+        shard = self._shard_of[name]
+        buffer = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        offset = self._data_start[shard] + entry.begin + start * itemsize
+        fd = self._fd(shard)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
+            done += got
+        return buffer.view(entry.dtype)
+
+    def check_range(self, name: str, values: torch.Tensor) -> None:
+        """Raise what :meth:`get` raises when a slice of tensor ``name`` holds a NaN or Inf."""
+        if not all_finite(values):
+            self.get(name)  # counts them over the whole tensor and raises
+            raise CheckpointError(f"{self._shard_of[name]}: tensor {name!r} contains NaN or Inf values")
+
+    def _fd(self, shard: Path) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            try:
+                fd = os.open(shard, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"{shard}: cannot open file: {exc.strerror or exc}") from exc
+            kept = self._fds.setdefault(shard, fd)  # another thread may have opened it meanwhile
+            if kept != fd:
+                os.close(fd)
+                fd = kept
+        return fd
+
     def _handle(self, shard: Path):
         if shard not in self._handles:
             try:
@@ -164,6 +220,9 @@ class CheckpointReader:
         """Release file handles and any loaded pickle shards."""
         self._handles.clear()
         self._pickled.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -175,6 +234,19 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({self.source!r}, {len(self)} tensors, {self.files.format})"
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (always true for integers).
+
+    A sum is finite only if every term is, so a finite sum (one fast reduction) settles it;
+    only a non-finite sum, which may also be an overflow of large finite values, is checked
+    entry by entry.
+    """
+    if not values.is_floating_point() or values.numel() == 0:
+        return True
+    total = float(values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
+    return math.isfinite(total) or bool(torch.isfinite(values).all())
 
 
 def _read_config(folder: Path) -> dict | None:

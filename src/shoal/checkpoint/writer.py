@@ -170,3 +170,128 @@ class ShardedWriter:
             self.abort()
         elif not self._closed:
             self.close()
+
+
+def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, split exactly as :class:`ShardedWriter` splits them when added in order."""
+    groups: list[list[str]] = []
+    pending: list[str] = []
+    pending_bytes = 0
+    for name, size in sizes:
+        if pending and pending_bytes + size > max_shard_bytes:
+            groups.append(pending)
+            pending, pending_bytes = [], 0
+        pending.append(name)
+        pending_bytes += size
+        if pending_bytes >= max_shard_bytes:
+            groups.append(pending)
+            pending, pending_bytes = [], 0
+    if pending:
+        groups.append(pending)
+    return groups
+
+
+class PlannedShardWriter:
+    """Write tensors whose names, dtypes and shapes are known in advance, in any order and in pieces.
+
+    Every shard file is created up front with its final header, so a tensor (or any flat
+    range of it) is written straight to its place with ``pwrite`` and nothing is buffered:
+    memory does not grow with the shard size. Shards are split as :class:`ShardedWriter`
+    splits them and get the same names and index on :meth:`close`. :meth:`write` may be
+    called from one thread while another computes.
+    """
+
+    def __init__(self, directory: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, filename_prefix: str = "model") -> None:
+        from shoal.checkpoint.safetensors_header import SAFETENSORS_DTYPES
+
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        tags = {dtype: (tag, size) for tag, (dtype, size) in SAFETENSORS_DTYPES.items()}
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = filename_prefix
+        self._where: dict[str, tuple[int, int, int, torch.dtype]] = {}  # name -> fd, offset, bytes, dtype
+        sizes = []
+        specs_seen: set[str] = set()
+        for name, dtype, shape in layout:
+            if name in specs_seen:
+                raise ValueError(f"tensor {name!r} appears twice in the layout")
+            count = 1
+            for dim in shape:
+                count *= dim
+            sizes.append((name, count * tags[dtype][1]))
+            specs_seen.add(name)
+        specs = {name: (dtype, shape) for name, dtype, shape in layout}
+        self._files: list[tuple[Path, list[str], int]] = []  # temporary file, names, fd
+        self._total_bytes = sum(size for _, size in sizes)
+        size_of = dict(sizes)
+        for number, names in enumerate(shard_groups(sizes, max_shard_bytes), start=1):
+            header: dict[str, object] = {"__metadata__": dict(SAFETENSORS_METADATA)}
+            position = 0
+            for name in names:
+                dtype, shape = specs[name]
+                header[name] = {"dtype": tags[dtype][0], "shape": list(shape),
+                                "data_offsets": [position, position + size_of[name]]}
+                position += size_of[name]
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            temporary = self.directory / f".{self.prefix}-shard-{number:05d}.safetensors.partial"
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.pwrite(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            data_start = 8 + len(encoded)
+            os.ftruncate(fd, data_start + position)
+            for name in names:
+                begin = header[name]["data_offsets"][0]  # type: ignore[index]
+                self._where[name] = (fd, data_start + begin, size_of[name], specs[name][0])
+            self._files.append((temporary, names, fd))
+        self._closed = False
+
+    def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
+        """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``."""
+        fd, offset, nbytes, dtype = self._where[name]
+        if values.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {dtype}, got {values.dtype}")
+        values = values.detach().contiguous()
+        size = values.element_size()
+        data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
+        begin = start * size
+        if begin + len(data) > nbytes:
+            raise ValueError(f"write past the end of tensor {name!r}")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + begin + done)
+
+    def close(self) -> dict[str, str]:
+        """Close the shards, give them their final names, write the index; return the weight map."""
+        if self._closed:
+            raise RuntimeError("PlannedShardWriter.close called twice")
+        self._closed = True
+        for _, _, fd in self._files:
+            os.close(fd)
+        if not self._files:
+            save_file({}, str(self.directory / f"{self.prefix}.safetensors"), metadata=dict(SAFETENSORS_METADATA))
+            return {}
+        count = len(self._files)
+        weight_map: dict[str, str] = {}
+        for number, (temporary, names, _) in enumerate(self._files, start=1):
+            final = (f"{self.prefix}.safetensors" if count == 1
+                     else f"{self.prefix}-{number:05d}-of-{count:05d}.safetensors")
+            os.replace(temporary, self.directory / final)
+            weight_map.update({name: final for name in names})
+        if count > 1:
+            index = {"metadata": {"total_size": self._total_bytes},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return weight_map
+
+    def abort(self) -> None:
+        """Close and delete the shard files."""
+        if not self._closed:
+            for _, _, fd in self._files:
+                os.close(fd)
+        self._closed = True
+        for temporary, _, _ in self._files:
+            temporary.unlink(missing_ok=True)
+        self._files = []

@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import re
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number: optional minus sign glued to it, digits with optional thousands separators
+# ("1,234"), optional decimals. A comma not followed by exactly three digits ends the number,
+# so "3, 4" reads as 3.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def extract_number(output: str) -> str | None:
     """The first number in ``output`` (``"-3"``, ``"12"``, ``"2.5"``), or None when there is none.
 
-    Leading zeros and a trailing ``.0`` are normalized away so that ``"007"`` and ``"7.0"`` both
-    read as ``"7"``.
+    Leading zeros, thousands separators and a trailing ``.0`` are normalized away, so that
+    ``"007"``, ``"7.0"`` and ``"7"`` read alike and ``"1,234"`` reads as ``"1234"``.
     """
     match = _NUMBER.search(output)
     if match is None:
         return None
-    text = match.group(0)
+    text = match.group(0).replace(",", "")
+    if "." not in text:
+        return str(int(text))  # exact for integers of any size
     value = float(text)
     if value.is_integer():
         return str(int(value))
     return repr(value)
+
+
+def is_number(text: str) -> bool:
+    """True when ``text`` is one number and nothing else (surrounding spaces allowed)."""
+    return _NUMBER.fullmatch(text.strip()) is not None
 
 
 def number_match(output: str, target: str) -> float:
@@ -47,3 +57,10 @@ def exact_match(output: str, target: str, *, stop: str | None = None) -> float:
     if stop is not None and stop in text:
         text = text.split(stop, 1)[0]
     return float(normalize_words(first_line(text)) == normalize_words(target))
+
+
+def answer_match(output: str, target: str) -> float:
+    """Number match when ``target`` is a number, exact match of the first line otherwise."""
+    if is_number(target):
+        return number_match(output, target)
+    return exact_match(output, target)

@@ -37,7 +37,11 @@ class Example:
 
 @runtime_checkable
 class Task(Protocol):
-    """What shoal needs to know about a task."""
+    """What shoal needs to know about a task.
+
+    A generate task may also have ``stop_strings: tuple[str, ...]``: generation of an answer
+    stops at the first of them, and the answer is cut before it (optional; none by default).
+    """
 
     name: str
     kind: Literal["generate", "choice"]

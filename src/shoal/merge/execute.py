@@ -77,8 +77,72 @@ def make_fetch(readers: Mapping[str, CheckpointReader], device: str | torch.devi
 
 def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
-                 progress: ProgressFn = no_progress) -> int:
-    """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written."""
+                 progress: ProgressFn = no_progress, streamed: bool = True,
+                 workers: int | None = None) -> int:
+    """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written.
+
+    ``streamed`` (the default) runs the fast executor: on the CPU, ops are computed in chunks
+    on ``workers`` threads (default: torch's thread count) straight into pre-laid-out shard
+    files (:mod:`shoal.merge.streamed`); ops it does not stream, and every op on a GPU, run
+    whole while the next op's sources are read and the previous result is written. The
+    result is bitwise the same as ``streamed=False``: one tensor at a time with
+    :func:`compute_op`, the reference implementation.
+    """
+    if not streamed:
+        return _execute_simple(plan, readers, out_dir, shard_size=shard_size, device=device,
+                               progress=progress)
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from shoal.checkpoint.writer import PlannedShardWriter
+    from shoal.merge.streamed import chunk_pool, run_streamed, streamable
+
+    compat = plan.recipe.compat
+    on_cpu = torch.device(device).type == "cpu"
+    stream = [on_cpu and streamable(op, readers, compat=compat) for op in plan.ops]
+    writer = PlannedShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in plan.ops],
+                                max_shard_bytes=shard_size)
+    threads = torch.get_num_threads()
+    try:
+        with chunk_pool(workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
+            def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
+                return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
+
+            prefetched: dict[int, Future] = {}
+            writing: Future | None = None
+            total = len(plan.ops)
+            for i, op in enumerate(plan.ops):
+                if stream[i]:
+                    def write(start: int, values: torch.Tensor, name: str = op.name) -> None:
+                        writer.write(name, values, start)
+
+                    if run_streamed(op, readers, write, pool, compat=compat):
+                        progress("merge", i + 1, total)
+                        continue
+                following = next((j for j in range(i + 1, total) if not stream[j]), None)
+                if following is not None and following not in prefetched:
+                    prefetched[following] = io.submit(read_all, plan.ops[following])
+                sources = prefetched.pop(i).result() if i in prefetched else read_all(op)
+                torch.set_num_threads(threads)  # a whole-tensor op uses torch's own threads
+                try:
+                    tensor = compute_op(op, sources.__getitem__, compat=compat, device=device)
+                finally:
+                    torch.set_num_threads(1)
+                if writing is not None:
+                    writing.result()
+                writing = io.submit(writer.write, op.name, tensor.to("cpu"))
+                del sources, tensor
+                progress("merge", i + 1, total)
+            if writing is not None:
+                writing.result()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return plan.total_bytes
+
+
+def _execute_simple(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
+                    shard_size: int, device: str | torch.device, progress: ProgressFn) -> int:
     fetch = make_fetch(readers, device)
     writer = ShardedWriter(out_dir, max_shard_bytes=shard_size)
     total = len(plan.ops)
@@ -92,11 +156,12 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
 
 def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
           device: str = "cpu", seed: int = 0, allow_pickle: bool = False, overwrite: bool = False,
-          progress: ProgressFn = no_progress) -> MergeResult:
+          progress: ProgressFn = no_progress, streamed: bool = True) -> MergeResult:
     """Merge the recipe's sources into a Hugging Face model folder at ``out``.
 
     The folder is built next to ``out`` and moved into place only when complete: an error or a
-    killed process leaves nothing at ``out``.
+    killed process leaves nothing at ``out``. ``streamed=False`` runs the simple reference
+    executor (same result, slower, memory up to a shard).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -107,7 +172,7 @@ def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEF
         plan = plan_merge(recipe, readers, seed=seed)
         with staged_output(out, overwrite=overwrite) as stage:
             written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
-                                   progress=progress)
+                                   progress=progress, streamed=streamed)
             write_support(plan, readers, stage, seed=seed)
     return MergeResult(out=out, tensors=len(plan.ops), total_bytes=written, plan=plan)
 

@@ -21,9 +21,14 @@ def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None =
     TIES elects on the unweighted deltas (``weights=None``); where the sum is exactly zero no
     sign wins (0). mergekit elects on weighted deltas and picks + there (``zero_is_positive``).
     """
-    total = torch.zeros_like(deltas[0])
-    for k, delta in enumerate(deltas):
-        total.add_(delta, alpha=1.0 if weights is None else weights[k])
+    if weights is None:  # 0 + d_0 + d_1 + ... is d_0 + d_1 + ... (a -0.0 sum only differs in sign(): -0.0 == 0)
+        total = deltas[0].clone()
+        for delta in deltas[1:]:
+            total.add_(delta)
+    else:
+        total = torch.zeros_like(deltas[0])
+        for delta, weight in zip(deltas, weights):
+            total.add_(delta, alpha=weight)
     if zero_is_positive:
         return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
     return torch.sign(total)
@@ -40,7 +45,7 @@ def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], ele
     denominator = torch.zeros_like(deltas[0]) if normalize else None
     for delta, weight in zip(deltas, weights):
         agree = torch.sign(delta) == elected  # a zero delta only "agrees" where nothing won: it adds 0
-        numerator.add_(delta.masked_fill_(~agree, 0.0), alpha=weight)
+        numerator.add_(delta.mul_(agree), alpha=weight)  # (a dropped -x becomes -0.0: adds nothing)
         if denominator is not None:
             denominator.add_(agree.to(denominator.dtype), alpha=weight)
     if denominator is None:

@@ -1,14 +1,24 @@
 """Exact top-k selection by magnitude: the one place that decides which entries are largest.
 
-Trimming (TIES) and the breadcrumbs band both call :func:`top_k_mask`; a faster selection
-can replace it here without touching the methods.
+Trimming (TIES) and the breadcrumbs band both call :func:`top_k_mask`. The k-th largest
+value is found without a full sort and without ``torch.kthvalue`` over the whole tensor
+(a single-threaded quickselect, the slowest step of a TIES merge): a small sample of the
+entries brackets the value, one multithreaded pass counts the entries above the bracket and
+keeps those inside it, and ``kthvalue`` runs on that small window only. The value found is
+the exact k-th largest whatever the sample; a bracket that misses (very unlikely) is widened
+to everything. :class:`KthLargest` does the same over a tensor seen in pieces.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+
+SAMPLE_SIZE = 1 << 15  # entries sampled to bracket the k-th largest value
+_DIRECT_BELOW = 1 << 18  # smaller tensors: kthvalue on all of it
+_MARGIN_SIGMAS = 6.0
 
 
 def count_for_fraction(fraction: float, n: int, *, floor: bool = False) -> int:
@@ -18,12 +28,102 @@ def count_for_fraction(fraction: float, n: int, *, floor: bool = False) -> int:
     return max(0, min(n, k))
 
 
+def sample_positions(n: int, count: int = SAMPLE_SIZE) -> torch.Tensor:
+    """``count`` evenly spread flat positions in ``[0, n)`` (all of them when ``n <= count``)."""
+    if n <= count:
+        return torch.arange(n)
+    return torch.arange(count, dtype=torch.int64) * n // count
+
+
+class KthLargest:
+    """The exact k-th largest of ``n`` values seen in pieces.
+
+    ``sample`` (some of the values) sets a bracket [lo, hi]. :meth:`scan` of a piece counts
+    its values above ``hi`` and keeps those inside the bracket (pieces may be scanned in
+    parallel); :meth:`value` of all the scans is the k-th largest value, or None when the
+    bracket missed it (scan again with ``sample=None``: the bracket is then unbounded).
+    """
+
+    def __init__(self, k: int, n: int, sample: torch.Tensor | None) -> None:
+        if not 0 < k <= n:
+            raise ValueError(f"k must lie in [1, {n}], got {k}")
+        self.k, self.n = k, n
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        if sample is not None and sample.numel() > 0:
+            ordered = sample.reshape(-1).sort().values
+            size = ordered.numel()
+            below = (n - k) / n  # fraction of the values below the k-th largest
+            margin = _MARGIN_SIGMAS * math.sqrt(max(below * (1 - below), 1.0 / size) / size) + 2.0 / size
+            i_lo, i_hi = math.floor((below - margin) * size), math.ceil((below + margin) * size)
+            self.lo = ordered[i_lo] if i_lo >= 0 else None
+            self.hi = ordered[i_hi] if i_hi < size else None
+
+    def scan(self, values: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(how many of ``values`` lie above the bracket, those inside it in flat order)."""
+        values = values.reshape(-1)
+        if self.hi is None:
+            return 0, (values[values >= self.lo] if self.lo is not None else values.clone())
+        above = int(torch.count_nonzero(values > self.hi))
+        inside = values <= self.hi
+        if self.lo is not None:
+            inside &= values >= self.lo
+        return above, values[inside]
+
+    def value(self, scans: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+        above = sum(count for count, _ in scans)
+        window = torch.cat([inside for _, inside in scans]) if len(scans) != 1 else scans[0][1]
+        wanted = self.k - above  # rank of the k-th largest inside the window, from the top
+        if wanted <= 0 or wanted > window.numel():
+            return None
+        return torch.kthvalue(window, window.numel() - wanted + 1).values
+
+
+def ties_per_piece(scans: Sequence[tuple[int, torch.Tensor]], threshold: torch.Tensor, k: int) -> list[int]:
+    """How many entries equal to ``threshold`` each piece keeps so that exactly ``k`` are kept.
+
+    ``threshold`` is the k-th largest (found by :meth:`KthLargest.value` from ``scans``);
+    entries above it are all kept and ties go to the lowest flat indices, piece by piece.
+    """
+    missing = k - sum(count + int(torch.count_nonzero(inside > threshold)) for count, inside in scans)
+    take = []
+    for _, inside in scans:
+        here = min(missing, int(torch.count_nonzero(inside == threshold)))
+        take.append(here)
+        missing -= here
+    return take
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-d tensor ``flat`` (``1 <= k <= numel``), as a 0-d tensor."""
+    n = flat.numel()
+    if n < _DIRECT_BELOW:
+        return torch.kthvalue(flat, n - k + 1).values
+    sample = flat[sample_positions(n).to(flat.device)]
+    search = KthLargest(k, n, sample)
+    found = search.value([search.scan(flat)])
+    if found is None:
+        return torch.kthvalue(flat, n - k + 1).values
+    return found
+
+
+def take_first_ties(mask: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor, count: int) -> int:
+    """Set ``mask`` at the first ``count`` entries of ``values`` equal to ``threshold`` (flat order).
+
+    Both are 1-d. Returns how many were set.
+    """
+    if count <= 0:
+        return 0
+    tied = torch.nonzero(values == threshold).squeeze(1)[:count]  # ascending flat indices
+    mask[tied] = True
+    return int(tied.numel())
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` entries of ``scores``: the largest ones.
 
     Entries equal to the k-th largest value are taken in flat index order (lowest first), so
-    the result is deterministic and masks for k1 < k2 are nested. Uses a k-th value selection
-    (``torch.kthvalue``), not a full sort.
+    the result is deterministic and masks for k1 < k2 are nested.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -31,10 +131,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    threshold = kth_largest(flat, k)
     mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = torch.nonzero(flat == threshold).squeeze(1)[:missing]  # ascending flat indices
-        mask[tied] = True
+    take_first_ties(mask, flat, threshold, k - int(mask.sum()))
     return mask.reshape(scores.shape)

@@ -23,13 +23,26 @@ from shoal.merge.methods.selection import count_for_fraction, top_k_mask
 _L1_EPS = 1e-7
 
 
+def trim_count(density: float, n: int, *, compat: Compat = "paper") -> int:
+    """How many of ``n`` entries :func:`trim_by_magnitude` keeps (for ``density < 1``)."""
+    return count_for_fraction(density, n, floor=compat == "mergekit")
+
+
 def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "paper") -> torch.Tensor:
     """Keep the ``round(density * n)`` largest-magnitude entries of ``delta``, zero the rest."""
     if density >= 1.0:
         return delta
-    k = count_for_fraction(density, delta.numel(), floor=compat == "mergekit")
-    keep = top_k_mask(delta.abs(), k)
-    return delta.masked_fill_(~keep, 0.0)
+    keep = top_k_mask(delta.abs(), trim_count(density, delta.numel(), compat=compat))
+    return apply_keep_mask(delta, keep)
+
+
+def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero ``delta`` (in place) where ``keep`` is false; the one way every sparsifier drops entries.
+
+    A multiplication by the mask, several times faster than ``masked_fill_`` on the CPU; a
+    dropped negative entry becomes -0.0, which every later sum treats as 0.
+    """
+    return delta.mul_(keep)
 
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *,
@@ -65,7 +78,7 @@ def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator,
         return delta.zero_()
     keep = uniform_like(delta, generator) < density
     l1_before = delta.abs().sum() if rescale and compat == "mergekit" else None
-    delta.masked_fill_(~keep, 0.0)
+    apply_keep_mask(delta, keep)
     if not rescale:
         return delta
     if l1_before is not None:

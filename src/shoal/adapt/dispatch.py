@@ -1,0 +1,254 @@
+"""Pass 1 of two-pass inference: which expert should answer each prompt.
+
+Strategies (Transformer², arXiv 2501.06252, section 3.2):
+
+- ``prompt``: the model itself reads a classification prompt listing the expert categories
+  and "other" (base weights); the category is read off by log-likelihood of the labels
+  (``first-token``: one forward pass, the labels' first tokens must differ; ``loglik``: the
+  whole label, one pass per label) or by generating the label (``generate``).
+- ``classifier``: the same, with an SVF expert trained (next-token loss, :func:`routing_task`)
+  to answer with the category label.
+- ``few-shot``: no per-prompt choice; z' = sum_k alpha_k z_k with alpha found by CEM on a few
+  labelled examples of the new task (:func:`few_shot_mixture`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from shoal.adapt import _lm
+from shoal.adapt.cem import CEMResult, cem
+from shoal.adapt.expert import Expert
+from shoal.adapt.reinforce import sequence_logprobs
+from shoal.adapt.svf import SVFAdapter, mix_experts
+from shoal.errors import ConfigError, TaskError
+from shoal.eval.generation import generate_greedy
+from shoal.eval.scoring import normalize_words
+from shoal.eval.task import SPLITS, Example, Task
+from shoal.progress import ProgressFn, no_progress
+
+OTHER = "other"
+DEFAULT_TEMPLATE = "Classify the request into one of: {labels}.\nRequest: {prompt}\nCategory:"
+LabelMode = Literal["first-token", "loglik", "generate"]
+
+
+def routing_prompt(prompt: str, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
+    """The pass-1 prompt: ``template`` with ``{prompt}`` and ``{labels}`` (comma-separated) filled in."""
+    return template.format(prompt=prompt, labels=", ".join(labels))
+
+
+def label_token_ids(tokenizer: object, labels: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``" " + label`` for each label; ConfigError when two labels encode the same
+    (e.g. both unknown to a word-level vocabulary) or a label encodes to nothing."""
+    ids = [_lm.encode(tokenizer, " " + label, special=False) for label in labels]
+    for label, row in zip(labels, ids):
+        if not row:
+            raise ConfigError(f"category label {label!r} encodes to no tokens")
+    seen: dict[tuple[int, ...], str] = {}
+    for label, row in zip(labels, ids):
+        if tuple(row) in seen:
+            raise ConfigError(f"category labels {seen[tuple(row)]!r} and {label!r} encode to the same "
+                              f"tokens {row}; choose labels the tokenizer tells apart")
+        seen[tuple(row)] = label
+    return ids
+
+
+@torch.no_grad()
+def label_scores(model: nn.Module, tokenizer: object, contexts: Sequence[str], labels: Sequence[str], *,
+                 mode: Literal["first-token", "loglik"] = "first-token", batch_size: int = 16) -> torch.Tensor:
+    """(N, L) log-likelihood of each label after each context.
+
+    ``first-token``: log p(first token of the label | context), all labels from one forward pass
+    per batch of contexts. ``loglik``: log p(whole label | context), one pass per label."""
+    ids = label_token_ids(tokenizer, labels)
+    device = _lm.model_device(model)
+    pad = _lm.pad_id(tokenizer)
+    if mode == "first-token":
+        firsts = [row[0] for row in ids]
+        if len(set(firsts)) < len(firsts):
+            raise ConfigError(f"labels {list(labels)} share a first token; use mode 'loglik' or 'generate'")
+        rows = []
+        for start in range(0, len(contexts), batch_size):
+            prompts = [_lm.encode(tokenizer, c, special=True) for c in contexts[start: start + batch_size]]
+            packed = _lm.pack(prompts, [[] for _ in prompts], pad, device)
+            logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+            last = packed.attention_mask.sum(-1) - 1  # right padding: the last real token
+            logp = torch.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)
+            rows.append(logp[:, firsts].cpu())
+        return torch.cat(rows)
+    if mode != "loglik":
+        raise ConfigError(f"unknown label scoring mode {mode!r}")
+    scores = torch.empty(len(contexts), len(labels))
+    for j, label_ids in enumerate(ids):
+        for start in range(0, len(contexts), batch_size):
+            prompts = [_lm.encode(tokenizer, c, special=True) for c in contexts[start: start + batch_size]]
+            packed = _lm.pack(prompts, [label_ids] * len(prompts), pad, device)
+            logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+            scores[start: start + len(prompts), j] = sequence_logprobs(
+                logits, packed.input_ids, packed.completion_mask).cpu()
+    return scores
+
+
+def _match_label(output: str, labels: Sequence[str]) -> int | None:
+    words = normalize_words(output).split()
+    if not words:
+        return None
+    for j, label in enumerate(labels):
+        wanted = normalize_words(label).split()
+        if words[: len(wanted)] == wanted:
+            return j
+    return None
+
+
+def classify(model: nn.Module, tokenizer: object, prompts: Sequence[str], labels: Sequence[str], *,
+             mode: LabelMode = "first-token", template: str = DEFAULT_TEMPLATE,
+             batch_size: int = 16) -> list[str]:
+    """The category of each prompt, one of ``labels`` or :data:`OTHER`."""
+    categories = list(labels) + ([OTHER] if OTHER not in labels else [])
+    contexts = [routing_prompt(p, categories, template) for p in prompts]
+    if mode == "generate":
+        budget = max(len(row) for row in label_token_ids(tokenizer, categories))
+        outputs = generate_greedy(model, tokenizer, contexts, max_new_tokens=budget, batch_size=batch_size)
+        picked = [_match_label(out, categories) for out in outputs]
+        return [categories[j] if j is not None else OTHER for j in picked]
+    scores = label_scores(model, tokenizer, contexts, categories, mode=mode, batch_size=batch_size)
+    return [categories[j] for j in scores.argmax(-1).tolist()]
+
+
+def dispatch_prompt(adapter: SVFAdapter, tokenizer: object, prompts: Sequence[str], experts: Sequence[Expert], *,
+                    mode: LabelMode = "first-token", template: str = DEFAULT_TEMPLATE,
+                    batch_size: int = 16) -> list[int | None]:
+    """Index of the expert for each prompt (None: base weights), chosen by the base model."""
+    with adapter.applied(None):
+        cats = classify(adapter.model, tokenizer, prompts, [e.name for e in experts], mode=mode,
+                        template=template, batch_size=batch_size)
+    return _to_indices(cats, experts)
+
+
+def dispatch_classifier(adapter: SVFAdapter, tokenizer: object, prompts: Sequence[str],
+                        experts: Sequence[Expert], classifier: Expert, *, mode: LabelMode = "first-token",
+                        template: str = DEFAULT_TEMPLATE, batch_size: int = 16) -> list[int | None]:
+    """Index of the expert for each prompt (None: base weights), chosen by the classifier expert."""
+    with adapter.applied(classifier.z):
+        cats = classify(adapter.model, tokenizer, prompts, [e.name for e in experts], mode=mode,
+                        template=template, batch_size=batch_size)
+    return _to_indices(cats, experts)
+
+
+def _to_indices(categories: Sequence[str], experts: Sequence[Expert]) -> list[int | None]:
+    index = {e.name: k for k, e in enumerate(experts)}
+    return [index.get(c) for c in categories]
+
+
+@dataclass(frozen=True)
+class RoutingTask:
+    """Implements :class:`~shoal.eval.task.Task`: a task's prompt -> its category label.
+
+    Built from the expert tasks (and optionally tasks that should map to "other"); each split
+    interleaves the same number of examples from every source task. Train a classifier expert
+    on it with ``train_svf(..., objective="sft")``.
+    """
+
+    sources: tuple[tuple[str, Task], ...]  # (label, task)
+    template: str = DEFAULT_TEMPLATE
+    per_task: int | None = None
+    name: str = "routing"
+    kind: Literal["generate", "choice"] = "generate"
+    categories: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        labels = [label for label, _ in self.sources]
+        object.__setattr__(self, "categories", tuple(dict.fromkeys(labels + [OTHER])))
+
+    @property
+    def max_new_tokens(self) -> int:
+        # labels are words; a subword tokenizer may need a few tokens per word
+        return 4 * max(len(label.split()) for label in self.categories)
+
+    def examples(self, split: str) -> Sequence[Example]:
+        if split not in SPLITS:
+            raise TaskError(f"task {self.name!r} has no split {split!r}")
+        per_source = [list(task.examples(split)) for _, task in self.sources]
+        count = min(len(rows) for rows in per_source)
+        if self.per_task is not None:
+            count = min(count, self.per_task)
+        out = []
+        for i in range(count):
+            for (label, _), rows in zip(self.sources, per_source):
+                out.append(Example(routing_prompt(rows[i].prompt, self.categories, self.template), label,
+                                   completion=" " + label))
+        return out
+
+    def score(self, output: str, example: Example) -> float:
+        j = _match_label(output, self.categories)
+        return float(j is not None and self.categories[j] == example.target)
+
+
+def routing_task(experts_tasks: Sequence[tuple[str, Task]], *, other_tasks: Sequence[Task] = (),
+                 template: str = DEFAULT_TEMPLATE, per_task: int | None = None) -> RoutingTask:
+    """The classification task for a classifier expert: (label, task) pairs, plus tasks whose
+    prompts should be classified as "other"."""
+    sources = tuple(experts_tasks) + tuple((OTHER, t) for t in other_tasks)
+    return RoutingTask(sources, template, per_task)
+
+
+@dataclass(frozen=True)
+class FewShotMixture:
+    alpha: torch.Tensor  # (K,) or (K, M)
+    z: dict[str, torch.Tensor]
+    shots_score: float  # mean task score on the shots with z
+    base_score: float  # mean task score on the shots with the base weights
+    search: CEMResult
+
+
+def few_shot_mixture(adapter: SVFAdapter, tokenizer: object, experts: Sequence[Expert], task: Task,
+                     shots: Sequence[Example], *, per_matrix: bool = False, iterations: int = 20,
+                     population: int = 32, elite_frac: float = 0.2, init_std: float = 0.5,
+                     fitness: Literal["score", "score+loglik"] = "score+loglik", seed: int = 0,
+                     batch_size: int = 16, progress: ProgressFn = no_progress) -> FewShotMixture:
+    """alpha maximizing the task score on ``shots`` of z' = sum_k alpha_k z_k, found by CEM.
+
+    The search starts at alpha = 1/K for every expert (the average expert). ``fitness``
+    ``score+loglik`` adds 1e-3 times the mean per-token log-likelihood of the reference
+    completions, which only breaks ties between equal scores (ten shots give few distinct
+    scores). ``per_matrix`` searches one alpha per expert and matrix (K * M values)."""
+    if not experts:
+        raise ConfigError("few-shot adaptation needs at least one expert")
+    if not shots:
+        raise ConfigError(f"few-shot adaptation needs labelled examples of task {task.name}")
+    names = sorted(experts[0].z)
+    for e in experts[1:]:
+        if sorted(e.z) != names:
+            raise ConfigError(f"experts {experts[0].name} and {e.name} adapt different matrices")
+    zs = [{n: v.to(adapter.device) for n, v in e.z.items()} for e in experts]
+    shape = (len(experts), len(names)) if per_matrix else (len(experts),)
+    pad = _lm.pad_id(tokenizer)
+    prompts = [_lm.encode(tokenizer, ex.prompt, special=True) for ex in shots]
+    refs = [_lm.encode(tokenizer, ex.reference, special=False) for ex in shots]
+    packed = _lm.pack(prompts, refs, pad, adapter.device)
+    n_tokens = float(packed.completion_mask[:, 1:].sum().clamp(min=1))
+
+    def evaluate(z: dict[str, torch.Tensor] | None) -> tuple[float, float]:
+        with adapter.applied(z):
+            scores = _lm.score_examples(adapter.model, tokenizer, task, shots, batch_size=batch_size)
+            loglik = 0.0
+            if fitness == "score+loglik":
+                with torch.no_grad():
+                    logits = adapter.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+                loglik = float(sequence_logprobs(logits, packed.input_ids, packed.completion_mask).sum()) / n_tokens
+        return sum(scores) / len(scores), loglik
+
+    def objective(alpha: torch.Tensor) -> float:
+        score, loglik = evaluate(mix_experts(zs, alpha.float().reshape(shape).to(adapter.device)))
+        return score + 1e-3 * loglik
+
+    dim = int(torch.tensor(shape).prod())
+    result = cem(objective, dim, population=population, elite_frac=elite_frac, iterations=iterations,
+                 init_mean=1.0 / len(experts), init_std=init_std, seed=seed, progress=progress)
+    alpha = result.best.reshape(shape)
+    z = {n: v.cpu() for n, v in mix_experts(zs, alpha.to(adapter.device)).items()}
+    return FewShotMixture(alpha, z, evaluate(z)[0], evaluate(None)[0], result)

@@ -1,0 +1,161 @@
+"""The Transformer² study on a zoo world: the numbers behind the adapt report.
+
+1. One SVF expert per skill task (next-token objective by default) and a LoRA baseline with
+   the same matrices, data, steps and objective: test scores vs the base, trainable parameters.
+2. A classifier expert trained to name the skill of a prompt.
+3. Two-pass inference on every skill task and on the held-out task with each strategy:
+   ``base``, ``prompt`` (first-token log-likelihood, one forward pass), ``prompt-generate``
+   (generating the label), ``classifier``, and on the held-out task ``few-shot`` (CEM alpha);
+   with pass-1 / pass-2 times.
+4. Optionally z transfer: the experts applied to another base of the same shapes (a world built
+   with another seed).
+
+Selection uses only ``train``/``validation`` (and ``fitness`` for the few-shot examples);
+``test`` is only reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from shoal.adapt import _lm
+from shoal.adapt.dispatch import routing_task
+from shoal.adapt.expert import load_expert
+from shoal.adapt.svd_cache import load_or_compute_svd
+from shoal.adapt.svf import SVFAdapter
+from shoal.adapt.train import train_svf
+from shoal.adapt.two_pass import adapt_evaluate
+from shoal.progress import ProgressFn, no_progress
+
+# category labels must be words of the zoo's vocabulary, or they would all encode to <unk>
+DEFAULT_LABELS = {"math_a": "many", "lang_b": "then", "reverse": "reverse", "sort": "sort"}
+DEFAULT_TEMPLATE = "{prompt} question : {labels} ? answer :"
+
+
+class StudySettings(BaseModel):
+    """What the study trains and evaluates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    labels: dict[str, str] = DEFAULT_LABELS  # skill task -> category label
+    held_out: str = "math_b"
+    template: str = DEFAULT_TEMPLATE
+    objective: str = "sft"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    classifier_lr: float = 1e-2
+    kl: float = 0.0
+    lora_rank: int = 4
+    lora_lr: float = 1e-3
+    eval_every: int = 50
+    validation_limit: int = 200
+    limit: int | None = 500  # test examples per task
+    shots: int = 10
+    cem_iterations: int = 20
+    cem_population: int = 32
+    seed: int = 0
+    eval_batch_size: int = 64
+
+
+def _test_score(model: Any, tokenizer: Any, task: Any, limit: int | None, batch_size: int) -> float:
+    examples = list(task.examples("test"))[:limit]
+    scores = _lm.score_examples(model, tokenizer, task, examples, batch_size=batch_size)
+    return sum(scores) / len(scores)
+
+
+def _row(result: Any) -> dict[str, Any]:
+    return {"score": result.score, "n": result.n, "categories": result.categories, "pass1_s": result.pass1_seconds,
+            "pass2_s": result.pass2_seconds, "overhead": result.overhead, "alpha": result.alpha}
+
+
+def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), *, transfer_world: Any = None,
+              progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Run the study on ``world`` (a :class:`shoal.zoo.ZooWorld`); experts and results go to ``out``."""
+    from shoal.adapt.lora_baseline import train_lora
+    from shoal.eval import load_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(world.model("base"))
+    svd_dir = out / "svd"
+    factors = load_or_compute_svd(model, cache_dir=svd_dir)
+    adapter = SVFAdapter(model, factors)
+    s = settings
+    train_args = dict(objective=s.objective, steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
+                      validation_limit=s.validation_limit, seed=s.seed)
+    results: dict[str, Any] = {"settings": s.model_dump(), "world": str(world.root), "experts": {}}
+    paths: dict[str, Path] = {}
+    for i, (task_name, label) in enumerate(s.labels.items()):
+        task = world.task(task_name)
+        svf = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
+                        label=label, factors=factors, resume=False, **train_args)  # type: ignore[arg-type]
+        paths[task_name] = svf.path
+        lora = train_lora(model, tokenizer, task, out=out / f"lora-{task_name}", rank=s.lora_rank, lr=s.lora_lr,
+                          kl=s.kl, **train_args)  # type: ignore[arg-type]
+        from peft import PeftModel
+
+        lora_model = PeftModel.from_pretrained(copy.deepcopy(model), str(lora.path)).eval()
+        with adapter.applied(load_expert(svf.path, factors).z):
+            svf_test = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
+        results["experts"][task_name] = {
+            "label": label, "base": _test_score(model, tokenizer, task, s.limit, s.eval_batch_size),
+            "svf": svf_test, "lora": _test_score(lora_model, tokenizer, task, s.limit, s.eval_batch_size),
+            "svf_parameters": svf.num_parameters, "lora_parameters": lora.num_parameters,
+            "base_validation": svf.base_score, "svf_validation": svf.best_score, "svf_best_step": svf.best_step,
+            "lora_validation": lora.best_score, "lora_best_step": lora.best_step,
+            "svf_seconds_per_step": svf.seconds_per_step, "lora_seconds_per_step": lora.seconds_per_step}
+        del lora_model
+        progress("experts", i + 1, len(s.labels))
+    routing = routing_task([(label, world.task(t)) for t, label in s.labels.items()], template=s.template)
+    began = time.perf_counter()
+    clf = train_svf(model, tokenizer, routing, out=out / "classifier.safetensors", lr=s.classifier_lr,
+                    label="router", factors=factors, resume=False, **{**train_args, "objective": "sft"})
+    results["classifier"] = {"validation": clf.best_score, "base_validation": clf.base_score,
+                             "best_step": clf.best_step, "seconds": time.perf_counter() - began}
+    experts = [paths[t] for t in s.labels]
+    strategies: list[tuple[str, str, dict[str, Any]]] = [
+        ("base", "base", {}), ("prompt", "prompt", {"mode": "first-token"}),
+        ("prompt-generate", "prompt", {"mode": "generate"}),
+        ("classifier", "classifier", {"classifier": clf.path})]
+    results["two_pass"] = {}
+    tasks = list(s.labels) + [s.held_out]
+    for i, task_name in enumerate(tasks):
+        task = world.task(task_name)
+        rows = {}
+        extra = [("few-shot", "few-shot", {"n_shots": s.shots})] if task_name == s.held_out else []
+        for name, strategy, kwargs in strategies + extra:
+            result = adapt_evaluate(model, tokenizer, task, "test", experts,
+                                    strategy=strategy,  # type: ignore[arg-type]
+                                    limit=s.limit, template=s.template, cem_iterations=s.cem_iterations,
+                                    cem_population=s.cem_population, seed=s.seed, batch_size=s.eval_batch_size,
+                                    cache_dir=svd_dir, **kwargs)
+            rows[name] = _row(result)
+        results["two_pass"][task_name] = rows
+        progress("two-pass", i + 1, len(tasks))
+    if transfer_world is not None:
+        results["transfer"] = _transfer(transfer_world, paths, s, svd_dir)
+    return results
+
+
+def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, svd_dir: Path) -> dict[str, Any]:
+    """Each expert applied, unchanged, to another base of the same shapes (``transfer=True``)."""
+    from shoal.eval import load_model
+
+    model, tokenizer = load_model(world.model("base"))
+    factors = load_or_compute_svd(model, cache_dir=svd_dir)
+    adapter = SVFAdapter(model, factors)
+    rows = {}
+    for task_name, path in paths.items():
+        task = world.task(task_name)
+        expert = load_expert(path, factors, transfer=True)
+        with adapter.applied(expert.z):
+            moved = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
+        rows[task_name] = {"base": _test_score(model, tokenizer, task, s.limit, s.eval_batch_size),
+                           "svf_transferred": moved}
+    return {"world": str(world.root), "tasks": rows}

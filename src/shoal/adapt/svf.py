@@ -1,0 +1,121 @@
+"""Singular Value Fine-tuning: W' = U diag(S * z) Vh, applied in place or differentiably.
+
+:class:`SVFAdapter` keeps a copy of the original matrices so that :meth:`SVFAdapter.restore`
+gives them back bitwise (recomposing with z = 1 would only be close, not equal), and applies
+an expert in place with one matrix product per matrix, cheap enough to switch per batch.
+:func:`recompose` is the differentiable form used for training z.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from shoal.adapt.fingerprint import model_fingerprint
+from shoal.adapt.svd_cache import SVDFactors
+from shoal.errors import ConfigError
+
+ZVectors = Mapping[str, torch.Tensor]
+
+
+def recompose(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """U diag(S * z) Vh in float32, differentiable in ``z``. U (m, k), S (k,), Vh (k, n), z (k,)."""
+    return (U * (S * z.to(S.dtype))) @ Vh  # (m, n)
+
+
+def check_z(factors: SVDFactors, z: ZVectors, *, source: str = "expert") -> None:
+    """ConfigError naming the matrix when ``z`` has an unknown matrix or a wrong length."""
+    for name, vector in z.items():
+        if name not in factors.S:
+            raise ConfigError(f"{source}: matrix {name} is not one of the adapted matrices")
+        if tuple(vector.shape) != tuple(factors.S[name].shape):
+            raise ConfigError(f"{source}: z for {name} has shape {tuple(vector.shape)}, "
+                              f"expected {tuple(factors.S[name].shape)}")
+
+
+class SVFAdapter:
+    """Applies SVF experts to a model in place and restores its original weights.
+
+    Build it on the base weights (the factors' fingerprint is checked). It holds a copy of
+    each adapted matrix (extra memory: the size of those matrices) and the factors on the
+    model's device.
+    """
+
+    def __init__(self, model: nn.Module, factors: SVDFactors) -> None:
+        found = model_fingerprint(model, factors.names)
+        if found != factors.fingerprint:
+            raise ConfigError(f"model matrices have fingerprint {found}, the SVD factors were "
+                              f"computed for {factors.fingerprint}")
+        params = dict(model.named_parameters())
+        self.model = model
+        self.factors = factors
+        self.params = {n: params[n] for n in factors.names}
+        self.originals = {n: p.detach().clone() for n, p in self.params.items()}
+        device = next(iter(self.params.values())).device
+        self.U = {n: factors.U[n].to(device) for n in factors.names}
+        self.S = {n: factors.S[n].to(device) for n in factors.names}
+        self.Vh = {n: factors.Vh[n].to(device) for n in factors.names}
+        self.current: ZVectors | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @torch.no_grad()
+    def apply(self, z: ZVectors | None) -> None:
+        """Set each matrix in ``z`` to U diag(S*z) Vh (cast to the weight dtype); every other
+        adapted matrix gets its original back. ``None`` restores everything."""
+        if z is None:
+            self.restore()
+            return
+        check_z(self.factors, z)
+        for name, param in self.params.items():
+            if name in z:
+                weight = recompose(self.U[name], self.S[name], self.Vh[name], z[name].to(self.device))
+                param.copy_(weight.to(param.dtype))
+            else:
+                param.copy_(self.originals[name])
+        self.current = z
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the original matrices back, bitwise."""
+        for name, param in self.params.items():
+            param.copy_(self.originals[name])
+        self.current = None
+
+    @contextmanager
+    def applied(self, z: ZVectors | None) -> Iterator[None]:
+        """Context in which ``z`` is applied; the original weights come back on exit."""
+        self.apply(z)
+        try:
+            yield
+        finally:
+            self.restore()
+
+    def adapted_weights(self, z: ZVectors) -> dict[str, torch.Tensor]:
+        """Differentiable U diag(S*z) Vh for every matrix in ``z``, in the weight dtype."""
+        return {name: recompose(self.U[name], self.S[name], self.Vh[name], vector).to(self.params[name].dtype)
+                for name, vector in z.items()}
+
+    def forward(self, z: ZVectors, **inputs: Any) -> Any:
+        """``model(**inputs)`` with the matrices in ``z`` replaced by their recomposition,
+        differentiable in ``z`` (the model's own parameters are left untouched)."""
+        return torch.func.functional_call(self.model, self.adapted_weights(z), args=(), kwargs=inputs,
+                                          strict=False)
+
+
+def mix_experts(experts: list[ZVectors], alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+    """z' = sum_k alpha_k z_k. ``alpha`` is (K,) (one weight per expert) or (K, M) (one weight per
+    expert and matrix, matrices in the sorted order of the first expert's names)."""
+    names = sorted(experts[0])
+    if alpha.ndim == 1:
+        alpha = alpha[:, None].expand(len(experts), len(names))
+    if alpha.shape != (len(experts), len(names)):
+        raise ConfigError(f"alpha has shape {tuple(alpha.shape)}, expected ({len(experts)},) or "
+                          f"({len(experts)}, {len(names)})")
+    return {name: sum(alpha[k, j] * experts[k][name].float() for k in range(len(experts)))
+            for j, name in enumerate(names)}

@@ -1,0 +1,130 @@
+"""``shoal adapt MODEL --experts E1 E2 ... --strategy S``: two-pass self-adaptive inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_VARIADIC = ("--experts", "--prompt")
+
+
+class _VariadicCommand(click.Command):
+    """Lets ``--experts A B C`` and ``--prompt P1 P2`` take several values: each value up to
+    the next option becomes a repetition of the option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        current: str | None = None
+        for arg in args:
+            if arg in _VARIADIC:
+                current = arg
+                continue
+            if arg.startswith("-") and arg != "-":
+                current = None
+            elif current is not None:
+                rewritten += [current, arg]
+                continue
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@click.command("adapt", cls=_VariadicCommand)
+@click.argument("model", metavar="MODEL")
+@click.option("--experts", "experts", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SVF expert files")
+@click.option("--strategy", type=click.Choice(["prompt", "classifier", "few-shot", "base"]), default="prompt",
+              show_default=True, help="how pass 1 picks the expert")
+@click.option("--classifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="classifier expert (strategy classifier)")
+@click.option("--task", "task_name", default=None, help="evaluate on this task (zoo name, jsonl:<path>, ...)")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="first N examples only")
+@click.option("--prompt", "prompts", multiple=True, help="generate answers to these prompts instead")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="generation budget for --prompt")
+@click.option("--mode", type=click.Choice(["first-token", "loglik", "generate"]), default="first-token",
+              show_default=True, help="how pass 1 reads the category: first-token log-likelihood (one "
+              "forward pass), whole-label log-likelihood, or generating the label")
+@click.option("--template", default=None, help="pass-1 prompt with {prompt} and {labels}")
+@click.option("--shots", type=click.IntRange(min=1), default=10, show_default=True,
+              help="labelled examples of the task for few-shot")
+@click.option("--shots-split", default="fitness", show_default=True)
+@click.option("--per-matrix", is_flag=True, help="few-shot: one alpha per expert and matrix")
+@click.option("--cem-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--cem-population", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--transfer", is_flag=True, help="accept experts trained on another base of the same shapes")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="CEM seed")
+@click.option("--task-seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
+@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Path | None, task_name: str | None,
+            split: str, limit: int | None, prompts: tuple[str, ...], max_new_tokens: int, mode: str,
+            template: str | None, shots: int, shots_split: str, per_matrix: bool, cem_iterations: int,
+            cem_population: int, transfer: bool, batch_size: int, seed: int, task_seed: int,
+            svd_cache: Path | None, device: str, dtype: str, as_json: bool, quiet: bool) -> None:
+    """Answer with MODEL adapted by SVF EXPERTS, chosen per prompt (pass 1) before answering (pass 2).
+
+    With --task, scores a split of the task; with --prompt, prints the answers. few-shot needs
+    --task (its labelled --shots come from --shots-split)."""
+    import torch
+
+    from shoal.adapt import adapt_evaluate, adapt_generate
+    from shoal.adapt.dispatch import DEFAULT_TEMPLATE
+    from shoal.cli._progress import progress_bars
+    from shoal.errors import ConfigError
+    from shoal.eval import get_task, load_model
+
+    if not prompts and task_name is None:
+        raise ConfigError("give --task T (evaluate) or --prompt TEXT ... (generate)")
+    if prompts and task_name is not None and strategy != "few-shot":
+        raise ConfigError("--prompt and --task go together only with --strategy few-shot (the task gives the shots)")
+    if strategy == "classifier" and classifier is None:
+        raise ConfigError("--strategy classifier needs --classifier EXPERT")
+    task = get_task(task_name, seed=task_seed) if task_name is not None else None
+    if strategy == "few-shot" and task is None:
+        raise ConfigError("--strategy few-shot needs --task T for its labelled shots")
+    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
+    common: dict[str, Any] = dict(strategy=strategy, classifier=classifier, mode=mode,
+                                  template=template or DEFAULT_TEMPLATE, per_matrix=per_matrix,
+                                  cem_iterations=cem_iterations, cem_population=cem_population, seed=seed,
+                                  transfer=transfer, batch_size=batch_size, cache_dir=svd_cache)
+    with progress_bars(enabled=not quiet and not as_json) as progress:
+        if prompts:
+            shot_examples = list(task.examples(shots_split))[:shots] if task is not None else None
+            result = adapt_generate(loaded, tokenizer, list(prompts), list(experts), max_new_tokens=max_new_tokens,
+                                    task=task, shots=shot_examples, progress=progress, **common)
+        else:
+            assert task is not None
+            evaluation = adapt_evaluate(loaded, tokenizer, task, split, list(experts), limit=limit, n_shots=shots,
+                                        shots_split=shots_split, progress=progress, **common)
+    if prompts:
+        alpha = result.mixture.alpha.tolist() if result.mixture is not None else None
+        if as_json:
+            click.echo(json.dumps({"outputs": list(result.outputs), "categories": list(result.categories),
+                                   "pass1_seconds": result.pass1_seconds, "pass2_seconds": result.pass2_seconds,
+                                   "alpha": alpha}))
+            return
+        for category, output in zip(result.categories, result.outputs):
+            click.echo(f"[{category}] {output}")
+        click.echo(f"pass 1 {result.pass1_seconds:.3f} s, pass 2 {result.pass2_seconds:.3f} s"
+                   + (f", alpha {alpha}" if alpha is not None else ""), err=True)
+        return
+    summary = {"task": evaluation.task, "split": evaluation.split, "strategy": evaluation.strategy,
+               "score": evaluation.score, "n": evaluation.n, "categories": evaluation.categories,
+               "pass1_seconds": evaluation.pass1_seconds, "pass2_seconds": evaluation.pass2_seconds,
+               "alpha": evaluation.alpha}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"{evaluation.task} [{evaluation.split}] {evaluation.strategy}: {evaluation.score:.3f} "
+               f"(n={evaluation.n}); experts chosen {evaluation.categories}; pass 1 {evaluation.pass1_seconds:.2f} s, "
+               f"pass 2 {evaluation.pass2_seconds:.2f} s ({100 * evaluation.overhead:.0f}% overhead)"
+               + (f"; alpha {evaluation.alpha}" if evaluation.alpha is not None else ""))

@@ -1,0 +1,133 @@
+"""``shoal svf train MODEL --task T``: train a Transformer² SVF expert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@click.group("svf")
+def command() -> None:
+    """Singular Value Fine-tuning experts (Transformer², arXiv 2501.06252)."""
+
+
+@command.command("train")
+@click.argument("model", metavar="MODEL")
+@click.option("--task", "task_name", required=True, help="zoo task name, jsonl:<path> or lmeval:<task>")
+@click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="reinforce", show_default=True,
+              help="REINFORCE with +-1 rewards, or next-token loss on the reference completions")
+@click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="weight of the KL(adapted || base) penalty (REINFORCE)")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="gradient norm clipping")
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="score the validation split every N steps; the best expert is kept")
+@click.option("--validation-limit", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--matrices", "patterns", multiple=True,
+              help="regex of the weight names to adapt (repeatable); default: the MLP matrices")
+@click.option("--label", default=None, help="category name used by `shoal adapt` (default: the task name)")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="expert file (default: <task>-<objective>.safetensors)")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="continue from <out>.train-state.pt when it exists")
+@click.option("--greedy", is_flag=True, help="REINFORCE on greedy instead of sampled completions")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
+@click.option("--task-seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
+@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr: float, batch_size: int,
+          clip: float, eval_every: int, validation_limit: int, patterns: tuple[str, ...], label: str | None,
+          out: Path | None, resume: bool, greedy: bool, seed: int, task_seed: int, svd_cache: Path | None,
+          device: str, dtype: str, as_json: bool, quiet: bool) -> None:
+    """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
+    import torch
+
+    from shoal.adapt import train_svf
+    from shoal.cli._progress import progress_bars
+    from shoal.eval import get_task, load_model
+
+    task = get_task(task_name, seed=task_seed)
+    out = out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors")
+    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
+    with progress_bars(enabled=not quiet and not as_json) as progress:
+        result = train_svf(loaded, tokenizer, task, out=out, objective=objective,  # type: ignore[arg-type]
+                           kl=kl, lr=lr, steps=steps, batch_size=batch_size, clip=clip, eval_every=eval_every,
+                           validation_limit=validation_limit, resume=resume, seed=seed, sample=not greedy,
+                           label=label, patterns=list(patterns) or None, cache_dir=svd_cache, progress=progress)
+    summary = {"expert": str(result.path), "task": task.name, "objective": objective, "steps": result.steps,
+               "best_step": result.best_step, "validation": result.best_score, "base_validation": result.base_score,
+               "parameters": result.num_parameters, "seconds_per_step": round(result.seconds_per_step, 4)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{result.path}: validation {result.best_score:.3f} (base {result.base_score:.3f}) at step "
+                   f"{result.best_step}/{result.steps}, {result.num_parameters:,} parameters, "
+                   f"{result.seconds_per_step:.3f} s/step")
+
+
+@command.command("study")
+@click.option("--world", "size", default="small", show_default=True, help="zoo world size (micro, small)")
+@click.option("--world-seed", type=int, default=0, show_default=True)
+@click.option("--world-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder of a built world (default: the zoo cache)")
+@click.option("--transfer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="a second world of the same size (another seed): apply the experts to its base")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="sft", show_default=True)
+@click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--classifier-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--lora-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per task")
+@click.option("--cem-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
+          kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float, lora_rank: int, lora_lr: float,
+          eval_every: int, limit: int, cem_iterations: int, quiet: bool) -> None:
+    """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
+    writes results.json, report.md, report.html and scores.png to --out."""
+    from shoal.adapt.report import write_report
+    from shoal.adapt.study import StudySettings, run_study
+    from shoal.cli._progress import progress_bars
+    from shoal.errors import ConfigError
+    from shoal.zoo import load_zoo
+
+    world = load_zoo(size, world_seed, root=world_root)
+    if world is None:
+        raise ConfigError(f"no built {size} world (seed {world_seed}) at {world_root or 'the zoo cache'}; "
+                          f"build it with `shoal zoo build`")
+    other = None
+    if transfer_root is not None:
+        other = load_zoo(size, _manifest_seed(transfer_root), root=transfer_root)
+        if other is None:
+            raise ConfigError(f"no built {size} world at {transfer_root}")
+    settings = StudySettings(objective=objective, kl=kl, steps=steps, batch_size=batch_size, lr=lr,
+                             classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, eval_every=eval_every,
+                             limit=limit, cem_iterations=cem_iterations)
+    with progress_bars(enabled=not quiet) as progress:
+        results = run_study(world, out, settings, transfer_world=other, progress=progress)
+    written = write_report(results, out)
+    click.echo(written["markdown"].read_text())
+    click.echo(f"report: {written['html']}", err=True)
+
+
+def _manifest_seed(root: Path) -> int:
+    try:
+        return int(json.loads((root / "manifest.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError):
+        return 0

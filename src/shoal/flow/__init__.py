@@ -1,0 +1,33 @@
+"""Layer-path (data-flow space) models: a path of hops over the layers of several models.
+
+- :mod:`shoal.flow.path`: hops ``(model, layer, scale)`` and their validation;
+- :mod:`shoal.flow.genome`: the DFS genome of arXiv 2403.13187 (indicator array, scaling) <-> path;
+- :mod:`shoal.flow.modeling`: the transformers runtime (``model_type: shoal_layer_path``);
+- :mod:`shoal.flow.build`: assemble and save a path model from source folders;
+- :mod:`shoal.flow.export`: an all-ones path as a plain checkpoint of the source architecture;
+- :mod:`shoal.flow.slices`: passthrough ``slices`` recipes as paths.
+
+Submodules load on first use: importing this package pulls in neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Hop": "path", "LayerPath": "path", "check_path": "path", "identity_path": "path", "make_path": "path",
+    "DfsLayout": "genome", "DfsSpace": "genome",
+    "LayerPathConfig": "configuration",
+    "LayerPathForCausalLM": "modeling", "LayerPathModel": "modeling",
+    "build_path_model": "build", "save_path_model": "build", "write_path_model": "build",
+    "export_path": "export", "export_path_model": "export",
+    "path_from_slices": "slices",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"shoal.flow.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'shoal.flow' has no attribute {name!r}")

@@ -1,0 +1,347 @@
+"""The fast CPU executor: every tensor in fixed-size chunks, on a pool of threads, straight to disk.
+
+A chunk is a flat range of entries of one output tensor. A worker reads that range of each
+source with ``pread`` (no memory map, no whole-tensor copy), computes it with the method's
+own elementwise code, and ``pwrite``s the result into its place in a pre-laid-out shard
+file. Workers run side by side (torch's own intra-op threads are set to 1 meanwhile, so
+one busy core never stalls the others at a barrier), which overlaps reading, computing and
+writing; memory is a few chunks per worker, whatever the model or tensor size.
+
+Methods that look at a whole tensor first take an extra pass over the chunks:
+
+- TIES: the k-th largest magnitude of each task vector (:class:`~.selection.KthLargest`),
+  then the entries equal to it are taken in flat order, as :func:`~.selection.top_k_mask` does;
+- DARE: the random draws of every model but the last are made first, in the exact order of
+  the one-tensor code (model by model, entry by entry), and kept as masks;
+- SLERP: the dot product and norms, summed over the same fixed blocks as :func:`~.slerp.slerp`.
+
+Every result is bitwise identical to :func:`~shoal.merge.execute.compute_op` on the whole
+tensor (``tests/merge/test_merge_fast_path.py``). Other methods and configurations run
+whole-tensor (:func:`~shoal.merge.execute.compute_op`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from shoal.checkpoint import CheckpointReader
+from shoal.checkpoint.reader import all_finite
+from shoal.errors import MergeError
+from shoal.merge.methods._inputs import per_model, uniform_like, working_dtype
+from shoal.merge.methods.consensus import task_vector
+from shoal.merge.methods.generalized import generalized_task_arithmetic
+from shoal.merge.methods.selection import (SAMPLE_SIZE, KthLargest, sample_positions, take_first_ties,
+                                          ties_per_piece)
+from shoal.merge.methods.slerp import STATS_BLOCK, block_stats, slerp_coefficients, sum_block_stats
+from shoal.merge.methods.sparsify import apply_keep_mask, trim_count
+from shoal.merge.plan import COPY, SourceRef, TensorOp
+from shoal.merge.registry import get_method
+
+CHUNK = 1 << 20  # entries per chunk (a multiple of STATS_BLOCK)
+ELEMENTWISE = {COPY, "linear", "task_arithmetic", "passthrough"}
+_SAMPLE_RUN = 512  # the TIES sample is read as runs of this many neighbouring entries
+_SAMPLE_ABOVE = 1 << 18  # smaller tensors are scanned without a bracket (the window is all of it)
+
+Job = Callable[[int, int], Any]  # (start, stop) -> anything
+
+
+@contextmanager
+def chunk_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``workers`` threads (default: torch's thread count) with torch's intra-op threads at 1."""
+    previous = torch.get_num_threads()
+    workers = workers or previous
+    _keep_freed_memory()
+    torch.set_num_threads(1)
+    try:
+        # OpenMP's thread count is per thread: each worker sets its own
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shoal-merge",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to serve chunk-sized buffers from its heap and keep freed memory for reuse.
+
+    By default every allocation over 128 KiB-32 MiB is a fresh ``mmap`` and is returned on
+    free, so each temporary of every chunk costs a page fault per 4 KiB, which is most of
+    the time of a merge. Process-wide, idempotent, and skipped where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+    mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _ranges(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)] or [(0, 0)]
+
+
+def _run(pool: ThreadPoolExecutor, job: Job, ranges: list[tuple[int, int]]) -> list[Any]:
+    """``job`` on every range, in parallel; results in range order."""
+    if len(ranges) == 1:
+        return [job(*ranges[0])]
+    return list(pool.map(lambda r: job(*r), ranges))
+
+
+def _params(op: TensorOp) -> dict[str, Any]:
+    """The op's keyword arguments with the method's defaults filled in."""
+    fn = get_method(op.method).fn
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **op.kwargs()}
+
+
+def streamable(op: TensorOp, readers: Mapping[str, CheckpointReader], *, compat: str = "paper") -> bool:
+    """Whether :func:`run_streamed` computes ``op`` (else run it whole with ``compute_op``)."""
+    if not all(readers[ref.model].can_read_range(ref.tensor) for ref in op.sources):
+        return False
+    if not all(readers[ref.model].dtype(ref.tensor).is_floating_point for ref in op.sources):
+        return False
+    if op.method in ELEMENTWISE or op.method in ("ties", "slerp"):
+        return True
+    if op.method in ("dare_ties", "dare_linear"):  # mergekit's L1 rescaling needs whole-tensor sums
+        return compat != "mergekit" or not _params(op).get("rescale", True)
+    return False
+
+
+class _Sources:
+    """Reads flat ranges of an op's sources, checked for NaN/Inf like ``CheckpointReader.get``."""
+
+    def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader]) -> None:
+        self.op = op
+        self.readers = readers
+
+    def read(self, ref: SourceRef, start: int, stop: int, *, check: bool = True) -> torch.Tensor:
+        reader = self.readers[ref.model]
+        values = reader.read_range(ref.tensor, start, stop)
+        if check:
+            reader.check_range(ref.tensor, values)
+        return values
+
+    def base(self, start: int, stop: int, *, check: bool = True) -> torch.Tensor | None:
+        return self.read(self.op.base, start, stop, check=check) if self.op.base is not None else None
+
+    def models(self, start: int, stop: int, *, check: bool = True) -> list[torch.Tensor]:
+        return [self.read(ref, start, stop, check=check) for ref in self.op.models]
+
+
+def _finish(op: TensorOp, result: torch.Tensor) -> torch.Tensor:
+    """What ``compute_op`` does with a method's result: the NaN/Inf check, then the output dtype."""
+    if op.method != COPY and not all_finite(result):
+        raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
+    return result.to(op.out_dtype)
+
+
+Write = Callable[[int, torch.Tensor], None]
+
+
+def run_streamed(op: TensorOp, readers: Mapping[str, CheckpointReader], write: Write,
+                 pool: ThreadPoolExecutor, *, compat: str = "paper", chunk: int | None = None) -> bool:
+    """Compute ``op`` chunk by chunk, calling ``write(start, values)`` for each piece of the result.
+
+    Returns False (having written nothing) when the op must run whole after all (a TIES
+    threshold that the sample failed to bracket).
+    """
+    chunk = chunk or CHUNK
+    if chunk <= 0 or chunk % STATS_BLOCK:
+        raise ValueError(f"chunk must be a positive multiple of {STATS_BLOCK}, got {chunk}")
+    sources = _Sources(op, readers)
+    ranges = _ranges(_numel(op.shape), chunk)
+    if op.method in ELEMENTWISE:
+        _elementwise(op, sources, write, pool, ranges)
+    elif op.method == "slerp":
+        _slerp(op, sources, write, pool, ranges)
+    elif op.method == "ties":
+        return _ties(op, sources, write, pool, ranges, compat=compat)
+    elif op.method in ("dare_ties", "dare_linear"):
+        _dare(op, sources, write, pool, ranges, compat=compat)
+    else:
+        raise ValueError(f"method {op.method!r} is not streamed")
+    return True
+
+
+def _elementwise(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
+                 ranges: list[tuple[int, int]]) -> None:
+    method = None if op.method == COPY else get_method(op.method)
+    kwargs = op.kwargs()
+
+    def job(start: int, stop: int) -> None:
+        if method is None:
+            result = sources.read(op.models[0], start, stop)
+        else:
+            result = method.fn(sources.base(start, stop), sources.models(start, stop), **kwargs)
+        write(start, _finish(op, result))
+
+    _run(pool, job, ranges)
+
+
+def _slerp(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
+           ranges: list[tuple[int, int]]) -> None:
+    base_ref, model_ref = op.base, op.models[0]
+    assert base_ref is not None
+    base_dtype = sources.readers[base_ref.model].dtype(base_ref.tensor)
+    dtype = working_dtype(base_dtype)
+    t = float(_params(op)["t"])
+
+    def pair(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sources.read(base_ref, start, stop).to(dtype), sources.read(model_ref, start, stop).to(dtype)
+
+    stats = [s for part in _run(pool, lambda s, e: block_stats(*pair(s, e)), ranges) for s in part]
+    coef_a, coef_b = slerp_coefficients(sum_block_stats(stats), t)
+
+    def job(start: int, stop: int) -> None:
+        a, b = pair(start, stop)
+        write(start, _finish(op, (coef_a * a + coef_b * b).to(base_dtype)))
+
+    _run(pool, job, ranges)
+
+
+def _task_vectors(sources: _Sources, start: int, stop: int) -> list[torch.Tensor]:
+    """The task vectors ``m_k - base`` of one range, computed as the methods compute them.
+
+    For the threshold passes only: the values are not checked for NaN/Inf here (the pass
+    that writes checks them; a NaN only makes the bracket miss, and the whole-tensor
+    fallback then reports it).
+    """
+    base = sources.base(start, stop, check=False)
+    assert base is not None
+    work_base = base.to(working_dtype(base.dtype))
+    return [task_vector(model, work_base) for model in sources.models(start, stop, check=False)]
+
+
+def _ties(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
+          ranges: list[tuple[int, int]], *, compat: str) -> bool:
+    params = _params(op)
+    count = len(op.models)
+    weights = per_model("ties", "weight", params["weight"], count)
+    densities = per_model("ties", "density", params["density"], count, low=0.0, high=1.0)
+    n = _numel(op.shape)
+    keep_counts = {k: trim_count(densities[k], n, compat=compat) for k in range(count) if densities[k] < 1.0}
+    searched = [k for k, kept in keep_counts.items() if 0 < kept < n]
+    thresholds: dict[int, torch.Tensor] = {}
+    ties_taken: dict[int, list[int]] = {}
+    if searched:
+        sample = _sample_magnitudes(sources, n) if n >= _SAMPLE_ABOVE else [None] * count
+        searches = {k: KthLargest(keep_counts[k], n, sample[k]) for k in searched}
+
+        def scan(start: int, stop: int) -> dict[int, tuple[int, torch.Tensor]]:
+            deltas = _task_vectors(sources, start, stop)
+            return {k: searches[k].scan(deltas[k].abs()) for k in searched}
+
+        scans = _run(pool, scan, ranges)
+        for k in searched:
+            per_range = [found[k] for found in scans]
+            threshold = searches[k].value(per_range)
+            if threshold is None:
+                return False
+            thresholds[k] = threshold
+            ties_taken[k] = ties_per_piece(per_range, threshold, keep_counts[k])
+        del scans
+    index_of = {start: i for i, (start, _) in enumerate(ranges)}
+
+    def job(start: int, stop: int) -> None:
+        index = index_of[start]
+
+        def sparsify(delta: torch.Tensor, k: int) -> torch.Tensor:
+            if k not in keep_counts:
+                return delta
+            if k not in thresholds:  # keep all or none
+                return apply_keep_mask(delta, torch.full(delta.shape, keep_counts[k] >= n, dtype=torch.bool))
+            magnitude = delta.abs()
+            keep = magnitude > thresholds[k]
+            take_first_ties(keep, magnitude, thresholds[k], ties_taken[k][index])
+            return apply_keep_mask(delta, keep)
+
+        result = generalized_task_arithmetic(
+            sources.base(start, stop), sources.models(start, stop), method="ties", weights=weights,
+            sparsify=sparsify, sign_consensus=True, normalize=params["normalize"],
+            lambda_=params["lambda_"], compat=compat)
+        write(start, _finish(op, result))
+
+    _run(pool, job, ranges)
+    return True
+
+
+def _sample_magnitudes(sources: _Sources, n: int) -> list[torch.Tensor]:
+    """|task vector| of each model at evenly spread runs of entries (to bracket the thresholds)."""
+    runs = sample_positions(max(1, n // _SAMPLE_RUN), SAMPLE_SIZE // _SAMPLE_RUN).tolist()
+    values: list[list[torch.Tensor]] = [[] for _ in sources.op.models]
+    for run in runs:
+        start = min(run * _SAMPLE_RUN, max(0, n - _SAMPLE_RUN))
+        for k, delta in enumerate(_task_vectors(sources, start, min(n, start + _SAMPLE_RUN))):
+            values[k].append(delta.abs())
+    return [torch.cat(parts) for parts in values]
+
+
+def _dare(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
+          ranges: list[tuple[int, int]], *, compat: str) -> None:
+    """DARE with the random draws of the one-tensor code: one generator, model by model, in flat order."""
+    params = _params(op)
+    count = len(op.models)
+    weights = per_model(op.method, "weight", params["weight"], count)
+    densities = per_model(op.method, "density", params["density"], count, low=0.0, high=1.0)
+    normalize = params["normalize"]
+    if normalize is None:
+        normalize = compat != "mergekit"
+    rescale = params["rescale"]
+    generator = torch.Generator().manual_seed(op.seed)
+    drawn = [k for k in range(count) if 0.0 < densities[k] < 1.0]
+
+    def draw(k: int, start: int, stop: int) -> torch.Tensor:
+        return uniform_like(torch.empty(stop - start), generator) < densities[k]
+
+    # every drawn model but the last is drawn in full first (its masks, one byte an entry) ...
+    masks = {k: [draw(k, start, stop) for start, stop in ranges] for k in drawn[:-1]}
+    index_of = {start: i for i, (start, _) in enumerate(ranges)}
+
+    def job(start: int, stop: int, last_mask: torch.Tensor | None) -> None:
+        index = index_of[start]
+
+        def sparsify(delta: torch.Tensor, k: int) -> torch.Tensor:
+            if densities[k] >= 1.0:
+                return delta
+            if densities[k] <= 0.0:
+                return delta.zero_()
+            apply_keep_mask(delta, masks[k][index] if k in masks else last_mask)
+            return delta.div_(densities[k]) if rescale else delta
+
+        result = generalized_task_arithmetic(
+            sources.base(start, stop), sources.models(start, stop), method=op.method, weights=weights,
+            sparsify=sparsify, sign_consensus=op.method == "dare_ties", normalize=normalize,
+            lambda_=params["lambda_"], compat=compat)
+        write(start, _finish(op, result))
+
+    # ... and the last one chunk by chunk, in order, as the workers go
+    last = drawn[-1] if drawn else None
+    _run_in_order(pool, job, ranges, lambda start, stop: draw(last, start, stop) if last is not None else None)
+
+
+def _run_in_order(pool: ThreadPoolExecutor, job: Callable[[int, int, Any], None],
+                  ranges: list[tuple[int, int]], prepare: Callable[[int, int], Any]) -> None:
+    """``job(start, stop, prepare(start, stop))`` on every range; ``prepare`` runs here, in range order."""
+    limit = 2 * (pool._max_workers or 1)
+    pending: list[Any] = []
+    for start, stop in ranges:
+        pending.append(pool.submit(job, start, stop, prepare(start, stop)))
+        if len(pending) >= limit:
+            pending.pop(0).result()
+    for future in pending:
+        future.result()

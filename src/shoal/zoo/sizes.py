@@ -1,0 +1,58 @@
+"""World sizes: the model shape and how long each model trains.
+
+``micro`` is for tests: the same pipeline, trained for seconds, not good at anything.
+``small`` is the demonstration world: built in about ten minutes on 2 CPU cores, with the
+score matrix described in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shoal.errors import ConfigError
+from shoal.zoo.train import TrainingSettings
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama configuration, small enough for a CPU."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int = 128
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """Everything that differs between world sizes."""
+
+    name: str
+    shape: ModelShape
+    base: TrainingSettings
+    specialist: TrainingSettings
+
+
+SIZES: dict[str, WorldSize] = {
+    "micro": WorldSize(
+        "micro",
+        ModelShape(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4),
+        base=TrainingSettings(steps=60, batch_size=16, seq_len=64, lr=3e-3, warmup=10),
+        specialist=TrainingSettings(steps=15, batch_size=16, seq_len=64, lr=1e-3, warmup=5),
+    ),
+    "small": WorldSize(
+        "small",
+        ModelShape(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
+        base=TrainingSettings(steps=800, batch_size=32, seq_len=64, lr=1.5e-3, warmup=50),
+        specialist=TrainingSettings(steps=160, batch_size=32, seq_len=64, lr=5e-4, warmup=16),
+    ),
+}
+
+
+def get_size(name: str) -> WorldSize:
+    """The world size called ``name``. Unknown name: ConfigError listing the known ones."""
+    size = SIZES.get(name)
+    if size is None:
+        raise ConfigError(f"unknown zoo size {name!r}; known: {', '.join(SIZES)}")
+    return size

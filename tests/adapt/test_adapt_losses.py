@@ -1,0 +1,69 @@
+"""The REINFORCE loss, KL term and next-token loss against a tiny example computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shoal.adapt import kl_divergence, reinforce_loss, sequence_logprobs, sft_loss
+from shoal.adapt.reinforce import rewards_from_scores
+
+# two rows, three positions, vocabulary of two; the completion is the last token of row 0 and
+# the last two tokens of row 1
+LOGITS = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]],
+                       [[1.0, 1.0], [0.0, 3.0], [5.0, 0.0]]])
+REF = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+                    [[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+IDS = torch.tensor([[1, 0, 1], [0, 1, 1]])
+MASK = torch.tensor([[False, False, True], [False, True, True]])
+
+
+def log_softmax(row: list[float], i: int) -> float:
+    return row[i] - math.log(sum(math.exp(v) for v in row))
+
+
+def test_sequence_logprobs_by_hand():
+    # row 0: token 2 (=1) predicted at position 1 from logits [2, 0]
+    row0 = log_softmax([2.0, 0.0], 1)
+    # row 1: token 1 (=1) from [1, 1], token 2 (=1) from [0, 3]
+    row1 = log_softmax([1.0, 1.0], 1) + log_softmax([0.0, 3.0], 1)
+    got = sequence_logprobs(LOGITS, IDS, MASK)
+    torch.testing.assert_close(got, torch.tensor([row0, row1]))
+
+
+def test_reinforce_loss_by_hand():
+    row0 = log_softmax([2.0, 0.0], 1)
+    row1 = log_softmax([1.0, 1.0], 1) + log_softmax([0.0, 3.0], 1)
+    rewards = rewards_from_scores(torch.tensor([1.0, 0.0]))
+    assert rewards.tolist() == [1.0, -1.0]
+    loss = reinforce_loss(sequence_logprobs(LOGITS, IDS, MASK), rewards)
+    assert math.isclose(float(loss), -(row0 * 1 + row1 * -1) / 2, rel_tol=1e-6)
+
+
+def test_reinforce_gradient_raises_rewarded_and_lowers_punished_sequences():
+    logits = LOGITS.clone().requires_grad_()
+    reinforce_loss(sequence_logprobs(logits, IDS, MASK), torch.tensor([1.0, -1.0])).backward()
+    # descending the loss raises the logit of row 0's chosen token and lowers row 1's
+    assert logits.grad[0, 1, 1] < 0 and logits.grad[1, 1, 1] > 0
+
+
+def kl(p_logits: list[float], q_logits: list[float]) -> float:
+    zp = sum(math.exp(v) for v in p_logits)
+    zq = sum(math.exp(v) for v in q_logits)
+    p = [math.exp(v) / zp for v in p_logits]
+    q = [math.exp(v) / zq for v in q_logits]
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_kl_divergence_by_hand():
+    terms = [kl([2.0, 0.0], [0.0, 0.0]),  # row 0, position 1
+             kl([1.0, 1.0], [0.0, 0.0]), kl([0.0, 3.0], [1.0, 0.0])]  # row 1, positions 0 and 1
+    got = kl_divergence(LOGITS, REF, MASK)
+    assert math.isclose(float(got), sum(terms) / 3, rel_tol=1e-6)
+    assert float(kl_divergence(LOGITS, LOGITS, MASK)) == 0.0
+
+
+def test_sft_loss_by_hand():
+    nll = -(log_softmax([2.0, 0.0], 1) + log_softmax([1.0, 1.0], 1) + log_softmax([0.0, 3.0], 1))
+    assert math.isclose(float(sft_loss(LOGITS, IDS, MASK)), nll / 3, rel_tol=1e-6)

@@ -1,0 +1,28 @@
+"""The study runner and its report, at the smallest settings on the micro world."""
+
+from __future__ import annotations
+
+import json
+
+from shoal.adapt.report import write_report
+from shoal.adapt.study import StudySettings, run_study
+
+
+def test_study_runs_and_writes_its_report(micro_world, tmp_path):
+    settings = StudySettings(labels={"sort": "sort", "reverse": "reverse"}, steps=2, batch_size=4, eval_every=2,
+                             validation_limit=4, limit=4, shots=2, cem_iterations=1, cem_population=2)
+    results = run_study(micro_world, tmp_path, settings, transfer_world=micro_world)
+    sort = results["experts"]["sort"]
+    assert sort["svf_parameters"] == 192 and sort["lora_parameters"] == 2304
+    assert all(0.0 <= sort[k] <= 1.0 for k in ("base", "svf", "lora"))
+    assert set(results["two_pass"]) == {"sort", "reverse", "math_b"}
+    held = results["two_pass"]["math_b"]
+    assert set(held) == {"base", "prompt", "prompt-generate", "classifier", "few-shot"}
+    assert len(held["few-shot"]["alpha"]) == 2 and sum(held["classifier"]["categories"].values()) == 4
+    # the same base: a "transferred" expert scores what the expert scores at home
+    assert results["transfer"]["tasks"]["sort"]["svf_transferred"] == sort["svf"]
+    written = write_report(results, tmp_path / "report")
+    assert json.loads(written["json"].read_text()) == json.loads(json.dumps(results))
+    table = written["markdown"].read_text()
+    assert f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['lora']:.3f} | 192 | 2,304 |" in table
+    assert "Few-shot alpha on math_b: sort" in table and "<pre>" in written["html"].read_text()

@@ -1,0 +1,116 @@
+"""SVF training: SFT lowers the loss, REINFORCE is wired as the formula says, runs resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from adapt_toys import load
+
+from shoal.adapt import SVFAdapter, load_expert, load_or_compute_svd, train_svf
+from shoal.adapt.train import state_path, svf_step_loss
+from shoal.errors import ConfigError
+
+
+def reference_nll(model, tokenizer, examples) -> float:
+    """Mean next-token loss of the reference completions, one example at a time."""
+    total, count = 0.0, 0
+    for ex in examples:
+        prompt = tokenizer(ex.prompt)["input_ids"]
+        completion = tokenizer(ex.reference, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        targets = ids[0, len(prompt):]
+        total += float(F.cross_entropy(logits[len(prompt) - 1: -1], targets, reduction="sum"))
+        count += len(completion)
+    return total / count
+
+
+def test_sft_training_lowers_the_loss_and_keeps_the_best(llama, word_tokenizer, toy_tasks, svd_dir, tmp_path):
+    task = toy_tasks["ay"]
+    val = task.examples("validation")
+    before = reference_nll(llama, word_tokenizer, val)
+    result = train_svf(llama, word_tokenizer, task, out=tmp_path / "ay.safetensors", objective="sft", lr=0.3,
+                       steps=20, batch_size=16, eval_every=10, cache_dir=svd_dir)
+    factors = load_or_compute_svd(llama, cache_dir=svd_dir)  # weights are the base again after training
+    expert = load_expert(result.path, factors)
+    adapter = SVFAdapter(llama, factors)
+    with adapter.applied(expert.z):
+        after = reference_nll(llama, word_tokenizer, val)
+    assert after < before - 0.1
+    assert [r.step for r in result.history] == [10, 20]
+    assert result.best_score == max([result.base_score] + [r.validation for r in result.history])
+    assert result.best_score > result.base_score
+    assert expert.meta.objective == "sft" and expert.meta.steps == 20 and expert.meta.task == "ay"
+    assert expert.meta.scores["validation"] == result.best_score
+    assert result.num_parameters == 192 and result.seconds_per_step > 0
+
+
+def test_resumed_run_continues_where_it_stopped(tiny_model_dir, word_tokenizer, toy_tasks, svd_dir, tmp_path):
+    path = tiny_model_dir("adapt-llama", "llama", seed=1)
+    task = toy_tasks["first"]
+    kwargs = dict(objective="sft", lr=0.1, batch_size=8, eval_every=2, cache_dir=svd_dir)
+    train_svf(load(path), word_tokenizer, task, out=tmp_path / "straight.safetensors", steps=6, **kwargs)
+    train_svf(load(path), word_tokenizer, task, out=tmp_path / "resumed.safetensors", steps=4, **kwargs)
+    resumed = train_svf(load(path), word_tokenizer, task, out=tmp_path / "resumed.safetensors", steps=6, **kwargs)
+    assert [r.step for r in resumed.history] == [2, 4, 6]
+    straight = torch.load(state_path(tmp_path / "straight.safetensors"), weights_only=True)
+    again = torch.load(state_path(tmp_path / "resumed.safetensors"), weights_only=True)
+    assert again["step"] == 6
+    for name, z in straight["z"].items():
+        torch.testing.assert_close(again["z"][name], z, atol=1e-6, rtol=0)
+        assert not torch.equal(z, torch.ones_like(z))
+    fresh = train_svf(load(path), word_tokenizer, task, out=tmp_path / "resumed.safetensors", steps=2,
+                      resume=False, **kwargs)
+    assert [r.step for r in fresh.history] == [2]
+    with pytest.raises(ConfigError, match="train-state"):
+        train_svf(load(path), word_tokenizer, task, out=tmp_path / "resumed.safetensors", steps=4,
+                  **{**kwargs, "objective": "reinforce"})
+
+
+def test_reinforce_step_loss_matches_the_formula(llama, word_tokenizer, toy_tasks, svd_dir):
+    task = toy_tasks["first"]
+    batch = list(task.examples("train")[:4])
+    factors = load_or_compute_svd(llama, cache_dir=svd_dir)
+    adapter = SVFAdapter(llama, factors)
+    gen = torch.Generator().manual_seed(2)
+    z = {n: (1 + 0.5 * torch.randn(factors.rank(n), generator=gen)).requires_grad_() for n in factors.names}
+    kl_weight = 0.3
+    loss = svf_step_loss(adapter, word_tokenizer, task, batch, z, objective="reinforce", kl=kl_weight, sample=False,
+                         generator=torch.Generator())
+    # reference: greedy completion from transformers' generate with the expert applied, one prompt at a time
+    terms, kls, n_tokens = [], 0.0, 0
+    for ex in batch:
+        prompt = torch.tensor([word_tokenizer(ex.prompt)["input_ids"]])
+        with adapter.applied({n: v.detach() for n, v in z.items()}), torch.no_grad():
+            full = llama.generate(prompt, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=0)
+            logits = llama(input_ids=full).logits[0]
+        with torch.no_grad():
+            ref = llama(input_ids=full).logits[0]
+        completion = full[0, prompt.shape[1]:].tolist()
+        if 2 in completion:
+            completion = completion[: completion.index(2) + 1]
+        reward = 1.0 if task.score(word_tokenizer.decode(completion, skip_special_tokens=True), ex) else -1.0
+        positions = range(prompt.shape[1] - 1, prompt.shape[1] - 1 + len(completion))
+        logp = sum(float(torch.log_softmax(logits[p], -1)[t]) for p, t in zip(positions, completion))
+        terms.append(logp * reward)
+        for p in positions:
+            lp, lq = torch.log_softmax(logits[p], -1), torch.log_softmax(ref[p], -1)
+            kls += float((lp.exp() * (lp - lq)).sum())
+            n_tokens += 1
+    expected = -sum(terms) / len(terms) + kl_weight * kls / n_tokens
+    assert abs(float(loss.detach()) - expected) < 1e-4
+    loss.backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in z.values())
+    assert all(torch.equal(adapter.params[n], adapter.originals[n]) for n in factors.names)
+
+
+def test_reinforce_training_runs_and_records_its_settings(llama, word_tokenizer, toy_tasks, svd_dir, tmp_path):
+    result = train_svf(llama, word_tokenizer, toy_tasks["ay"], out=tmp_path / "rl.safetensors", objective="reinforce",
+                       kl=0.1, lr=0.05, steps=3, batch_size=8, eval_every=3, cache_dir=svd_dir)
+    state = torch.load(state_path(result.path), weights_only=True)
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in state["z"].values())
+    meta = load_expert(result.path).meta
+    assert (meta.objective, meta.kl, meta.lr, meta.steps) == ("reinforce", 0.1, 0.05, 3)
+    assert all(p.requires_grad for p in llama.parameters())  # flags restored

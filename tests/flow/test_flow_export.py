@@ -1,0 +1,96 @@
+"""All-ones paths exported to the source architecture, and passthrough slices as paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import shoal  # noqa: F401  (registers the architecture)
+from shoal.errors import MergeError, RecipeError
+from shoal.flow.build import build_path_model, save_path_model
+from shoal.flow.export import export_path, export_path_model
+from shoal.flow.path import make_path
+from shoal.flow.slices import path_from_slices
+from shoal.merge.recipe import parse_recipe
+
+PATH = [(0, 0), (0, 1), (1, 1), (1, 2), (0, 1), (1, 0), (0, 2)]
+
+
+def tensors(folder):
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+def load_plain(folder):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_all_ones_export_equals_the_runtime(word_sources, word_tokenizer, tmp_path):
+    a, b = word_sources
+    path = make_path(PATH)
+    runtime = build_path_model([a, b], path)
+    out = export_path([a, b], path, tmp_path / "stacked")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == len(PATH)
+    plain = load_plain(out)
+    enc = word_tokenizer(["what is two plus two ?", "red cat"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(plain(**enc).logits, runtime(**enc).logits)
+    # layer i of the export is the hop's source layer, bit for bit
+    source_b = tensors(b)
+    stacked = tensors(out)
+    assert torch.equal(stacked["model.layers.3.mlp.down_proj.weight"], source_b["model.layers.2.mlp.down_proj.weight"])
+    # the saved layer-path folder exports to the same checkpoint
+    again = export_path_model(save_path_model(runtime, tmp_path / "saved"), tmp_path / "stacked_again")
+    assert set(tensors(again)) == set(stacked)
+    assert all(torch.equal(tensors(again)[k], stacked[k]) for k in stacked)
+    assert word_tokenizer("cat")["input_ids"] == __import__("transformers").AutoTokenizer.from_pretrained(again)(
+        "cat")["input_ids"]
+
+
+def test_export_refuses_scaled_paths(word_sources, tmp_path):
+    a, b = word_sources
+    with pytest.raises(MergeError, match=r"path\[1\] has scale 0.5"):
+        export_path([a, b], make_path([(0, 0), (1, 1, 0.5), (0, 2)]), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_passthrough_slices_build_the_same_model_as_the_path(word_sources, word_tokenizer, tmp_path):
+    from shoal.merge.execute import merge
+
+    a, b = word_sources
+    recipe = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(b), "layer_range": [1, 3]}]},
+        {"sources": [{"model": str(a), "layer_range": [1, 3]}]},
+    ]})
+    sources, path = path_from_slices(recipe)
+    assert sources == [str(a), str(b)]
+    assert path == make_path([(0, 0), (0, 1), (1, 1), (1, 2), (0, 1), (0, 2)])
+    merged = merge(recipe, tmp_path / "merged").out
+    exported = export_path(sources, path, tmp_path / "exported")
+    want, have = tensors(merged), tensors(exported)
+    assert set(want) == set(have) and all(torch.equal(want[k], have[k]) for k in want)
+    enc = word_tokenizer(["what is two plus two ?", "red cat"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(build_path_model(sources, path)(**enc).logits, load_plain(merged)(**enc).logits)
+
+
+def test_slices_that_are_not_a_path(word_sources):
+    a, b = word_sources
+    scaled = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2], "parameters": {"scale": 0.5}}]}]})
+    with pytest.raises(RecipeError, match=r"slices\[0\].sources\[0\].parameters"):
+        path_from_slices(scaled)
+    merged = parse_recipe({"merge_method": "linear", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [0, 2]}]}]})
+    with pytest.raises(RecipeError, match="passthrough"):
+        path_from_slices(merged)
