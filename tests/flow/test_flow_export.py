@@ -13,8 +13,8 @@ from shoal.errors import MergeError, RecipeError
 from shoal.flow.build import build_path_model, save_path_model
 from shoal.flow.export import export_path, export_path_model
 from shoal.flow.path import make_path
-from shoal.flow.slices import path_from_slices
-from shoal.merge.recipe import parse_recipe
+from shoal.flow.slices import path_from_slices, slices_from_path
+from shoal.merge.recipe import load_recipe, parse_recipe
 
 PATH = [(0, 0), (0, 1), (1, 1), (1, 2), (0, 1), (1, 0), (0, 2)]
 
@@ -52,8 +52,12 @@ def test_all_ones_export_equals_the_runtime(word_sources, word_tokenizer, tmp_pa
     again = export_path_model(save_path_model(runtime, tmp_path / "saved"), tmp_path / "stacked_again")
     assert set(tensors(again)) == set(stacked)
     assert all(torch.equal(tensors(again)[k], stacked[k]) for k in stacked)
-    assert word_tokenizer("cat")["input_ids"] == __import__("transformers").AutoTokenizer.from_pretrained(again)(
-        "cat")["input_ids"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(again)("cat")["input_ids"] == word_tokenizer("cat")["input_ids"]
+    # the folder carries the equivalent passthrough recipe, which describes the same path
+    recipe = load_recipe(out / "shoal_recipe.yaml")
+    assert path_from_slices(recipe) == ([str(a), str(b)], path)
 
 
 def test_export_refuses_scaled_paths(word_sources, tmp_path):
@@ -94,3 +98,17 @@ def test_slices_that_are_not_a_path(word_sources):
         {"sources": [{"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [0, 2]}]}]})
     with pytest.raises(RecipeError, match="passthrough"):
         path_from_slices(merged)
+
+
+def test_slices_from_a_path_that_starts_in_another_model(word_sources, tmp_path):
+    from shoal.merge.execute import merge
+
+    a, b = word_sources
+    path = make_path([(1, 0), (1, 1), (0, 2), (0, 0), (0, 1)])
+    recipe = slices_from_path([str(a), str(b)], path)
+    assert recipe.base_model == str(a)  # embeddings and head stay the first model's
+    assert [s.sources[0].layer_range for s in recipe.slices] == [(0, 2), (2, 3), (0, 2)]
+    assert path_from_slices(recipe) == ([str(a), str(b)], path)
+    want = tensors(merge(recipe, tmp_path / "merged").out)
+    have = tensors(export_path([a, b], path, tmp_path / "exported"))
+    assert set(want) == set(have) and all(torch.equal(want[k], have[k]) for k in want)

@@ -9,7 +9,7 @@ import pytest
 
 from shoal.errors import ConfigError
 from shoal.flow.genome import DfsLayout, DfsSpace, gene_to_scale, scale_to_gene
-from shoal.flow.path import Hop, LayerPath, identity_path, make_path
+from shoal.flow.path import Hop, identity_path, make_path
 
 COUNTS = (4, 3)  # model 0 has 4 layers, model 1 has 3: M = 7
 

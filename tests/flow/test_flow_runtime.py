@@ -116,7 +116,7 @@ def test_repeated_layers_get_their_own_cache_slots(word_sources, word_tokenizer)
         assert text.startswith(want)
 
 
-def test_set_path_switches_paths_over_all_stored_layers(word_sources, word_tokenizer):
+def test_set_path_switches_paths_over_all_stored_layers(word_sources, word_tokenizer, tmp_path):
     a, b = word_sources
     first = make_path([(0, 0), (1, 1), (0, 2)])
     second = make_path([(0, 0), (1, 2, 0.5), (1, 1), (0, 1), (0, 2)])
@@ -132,6 +132,16 @@ def test_set_path_switches_paths_over_all_stored_layers(word_sources, word_token
     small = build_path_model([a, b], first)
     with pytest.raises(ConfigError, match="not stored"):
         small.set_path(second)
+    # saving keeps only the layers the current path uses: (0,0), (1,2), (1,1), (0,1), (0,2)
+    from transformers import AutoModelForCausalLM
+
+    from shoal.flow.build import save_path_model
+
+    loaded = AutoModelForCausalLM.from_pretrained(save_path_model(model, tmp_path / "saved"))
+    assert loaded.config.layers == [[0, 0], [1, 2], [1, 1], [0, 1], [0, 2]]
+    assert len(model.model.blocks) == 6  # the model itself is untouched
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
 def test_bad_paths_and_sources_are_user_errors(word_sources, tiny_model_dir):
@@ -142,3 +152,26 @@ def test_bad_paths_and_sources_are_user_errors(word_sources, tiny_model_dir):
         build_path_model([a, b], make_path([(2, 0)]))
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         build_path_model([a, tiny_model_dir("g", "gpt2")], make_path([(0, 0)]))
+
+
+def test_dfs_candidates_on_one_resident_model(word_sources, word_tokenizer):
+    """How a DFS search uses the runtime: every layer resident once, one path per genome."""
+    import random
+
+    from shoal.flow.build import source_layer_counts
+    from shoal.flow.genome import DfsLayout, DfsSpace
+
+    a, b = word_sources
+    space = DfsSpace(DfsLayout(source_layer_counts([a, b]), repeats=2, max_hops=8))
+    resident = build_path_model([a, b], space.decode(space.default_genome()), keep="all")
+    ids, mask = padded_batch(word_tokenizer, PROMPTS)
+    with torch.no_grad():
+        source = load_plain(a)(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(resident(input_ids=ids, attention_mask=mask).logits, source)
+        rng = random.Random(0)
+        for _ in range(2):
+            path = space.decode({k: rng.random() for k in space.keys})
+            resident.set_path(path)
+            fresh = build_path_model([a, b], path)
+            assert torch.equal(resident(input_ids=ids, attention_mask=mask).logits,
+                               fresh(input_ids=ids, attention_mask=mask).logits)

@@ -20,9 +20,10 @@ _EXPORTS = {
     "DfsLayout": "genome", "DfsSpace": "genome",
     "LayerPathConfig": "configuration",
     "LayerPathForCausalLM": "modeling", "LayerPathModel": "modeling",
-    "build_path_model": "build", "save_path_model": "build", "write_path_model": "build",
+    "build_path_model": "build", "prune_path_model": "build", "save_path_model": "build",
+    "source_layer_counts": "build", "write_path_model": "build",
     "export_path": "export", "export_path_model": "export",
-    "path_from_slices": "slices",
+    "path_from_slices": "slices", "slices_from_path": "slices",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -61,6 +61,14 @@ def check_sources(readers: Sequence[CheckpointReader], names: Sequence[str]) -> 
     return [num_layers(r.config or {}, source=n) for r, n in zip(readers, names)]
 
 
+def source_layer_counts(sources: Sequence[str | Path]) -> tuple[int, ...]:
+    """The decoder layer count of each source (what :class:`~shoal.flow.genome.DfsLayout` needs);
+    raises unless the sources can share a path."""
+    names = [str(s) for s in sources]
+    with ExitStack() as stack:
+        return tuple(check_sources(open_sources(sources, stack), names))
+
+
 def _head_size(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -102,7 +110,7 @@ def build_path_model(sources: Sequence[str | Path], path: LayerPath, *, keep: Li
     ``keep="all"`` stores every layer of every source, so that :meth:`set_path` can switch
     to any other path without reading weights again (what a search over paths wants).
     """
-    from shoal.flow.modeling import LayerPathForCausalLM, family_classes
+    from shoal.flow.modeling import LayerPathForCausalLM
 
     names = [str(s) for s in sources]
     with ExitStack() as stack:
@@ -124,16 +132,50 @@ def build_path_model(sources: Sequence[str | Path], path: LayerPath, *, keep: Li
                 state[f"model.blocks.{k}.{rest}"] = _tensor(readers[m], f"model.layers.{layer}.{rest}",
                                                             dtype, device)
             progress("build", k + 1, len(table))
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
+        generation_config = _generation_config(readers[0], model.generation_config)
+    _fill(model, state, device)
+    model.generation_config = generation_config
+    return model.eval()
+
+
+def _fill(model: Any, state: dict[str, torch.Tensor], device: str | torch.device) -> None:
+    """Give a model built on the meta device its tensors (by reference) and a fresh rotary embedding."""
+    from shoal.flow.modeling import family_classes
+
+    tied = model.config.tie_word_embeddings
+    model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    classes = family_classes(model.model.source_configs[0].model_type)
-    model.model.rotary_emb = classes.rotary(config=model.model.source_configs[0]).to(device)
+    base = model.model.source_configs[0]
+    model.model.rotary_emb = family_classes(base.model_type).rotary(config=base).to(device)
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:  # pragma: no cover - a module with state the build does not know about
         raise CheckpointError(f"layer-path build left tensors unset: {on_meta[:3]}")
-    model.generation_config = _generation_config(readers[0], model.generation_config)
-    return model.eval()
+
+
+def prune_path_model(model: Any) -> Any:
+    """``model`` with only the layers its current path uses (tensors shared, not copied);
+    ``model`` itself when it stores nothing else."""
+    from shoal.flow.configuration import LayerPathConfig
+
+    used = [list(k) for k in model.path.distinct_layers()]
+    if used == [list(k) for k in model.config.layers]:
+        return model
+    config = LayerPathConfig.from_dict(model.config.to_dict())
+    config.layers = used
+    with torch.device("meta"):
+        pruned = type(model)(config)
+    old = model.model
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("model.blocks.")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for k, (m, layer) in enumerate(used):
+        block = old.blocks[old.table[(m, layer)]]
+        state.update({f"model.blocks.{k}.{rest}": t for rest, t in block.state_dict().items()})
+    device = next(model.parameters()).device
+    _fill(pruned, state, device)
+    pruned.generation_config = model.generation_config
+    return pruned.eval() if not model.training else pruned
 
 
 def _generation_config(reader: CheckpointReader, default: Any) -> Any:
@@ -147,7 +189,7 @@ def _generation_config(reader: CheckpointReader, default: Any) -> Any:
 
 def save_path_model(model: Any, out: str | Path, *, tokenizer_source: str | Path | None = None,
                     overwrite: bool = False) -> Path:
-    """Write ``model`` as a Hugging Face folder: config, weights (each stored layer once),
+    """Write ``model`` as a Hugging Face folder: config, weights (each layer its path uses, once),
     the first source's tokenizer and generation config, and ``layer_path.json`` (the hops).
 
     ``tokenizer_source`` defaults to the first source named in the config.
@@ -157,6 +199,7 @@ def save_path_model(model: Any, out: str | Path, *, tokenizer_source: str | Path
     folder = Path(source)
     if not folder.is_dir():
         folder = folder.parent
+    model = prune_path_model(model)
     with staged_output(out, overwrite=overwrite) as stage:
         model.save_pretrained(stage)
         for name in SUPPORT_FILES:

@@ -21,6 +21,7 @@ from shoal.checkpoint.support_files import update_config
 from shoal.errors import ConfigError, MergeError
 from shoal.flow.build import check_sources, open_sources
 from shoal.flow.path import LayerPath, check_path, make_path
+from shoal.flow.slices import slices_from_path
 from shoal.progress import ProgressFn, no_progress
 
 # Config keys that shape a decoder layer: every source a path uses must agree with the first.
@@ -55,9 +56,9 @@ def _write(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], support: Path
                 writer.add(name, tensor)
         copy_support_files(support, stage)
         (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        summary = json.dumps({"sources": list(names), "path": path.to_list()}, indent=1)
-        write_model_card(stage, sources=list(names), method="layer stacking (exported layer path)",
-                         recipe_yaml=summary, base_model=None)
+        recipe = slices_from_path(names, path)
+        write_model_card(stage, sources=list(names), method="passthrough", recipe_yaml=recipe.to_yaml(),
+                         base_model=recipe.base_model)
     return out
 
 

@@ -15,9 +15,11 @@ what ``shoal merge`` writes.
 
 from __future__ import annotations
 
-from shoal.errors import RecipeError
+from typing import Sequence
+
+from shoal.errors import MergeError, RecipeError
 from shoal.flow.path import Hop, LayerPath
-from shoal.merge.recipe import Recipe
+from shoal.merge.recipe import Recipe, parse_recipe
 
 
 def path_from_slices(recipe: Recipe) -> tuple[list[str], LayerPath]:
@@ -52,3 +54,21 @@ def path_from_slices(recipe: Recipe) -> tuple[list[str], LayerPath]:
         start, end = source.layer_range
         hops.extend(Hop(index[source.model], layer) for layer in range(start, end))
     return sources, LayerPath(tuple(hops))
+
+
+def slices_from_path(sources: Sequence[str], path: LayerPath) -> Recipe:
+    """The passthrough ``slices`` recipe of an all-ones path (runs of consecutive layers of one
+    model become one slice); ``shoal merge`` of it writes what :func:`export_path` writes."""
+    if not path.all_ones:
+        raise MergeError("only a path whose scales are all 1 is a passthrough recipe")
+    runs: list[list[int]] = []  # [model, start, end)
+    for hop in path:
+        if runs and runs[-1][0] == hop.model and runs[-1][2] == hop.layer:
+            runs[-1][2] += 1
+        else:
+            runs.append([hop.model, hop.layer, hop.layer + 1])
+    slices = [{"sources": [{"model": str(sources[m]), "layer_range": [start, end]}]} for m, start, end in runs]
+    data: dict = {"merge_method": "passthrough", "slices": slices}
+    if runs[0][0] != 0:
+        data["base_model"] = str(sources[0])  # the first source gives embeddings and head
+    return parse_recipe(data, where="layer path")
