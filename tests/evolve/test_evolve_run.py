@@ -86,7 +86,7 @@ def test_test_split_is_refused(tmp_path: Path, micro_world) -> None:  # type: ig
 def test_failed_candidates_are_recorded_and_the_run_goes_on(tmp_path: Path, micro_world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import optuna
 
-    from shoal.evolve import run as run_module
+    from shoal.evolve import evaluators as run_module
 
     real = run_module.Evaluator.fitness
     calls = {"n": 0}

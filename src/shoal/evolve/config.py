@@ -85,9 +85,21 @@ class SearchSpec(_Strict):
     with_margin: bool = False
 
 
+class DfsSpec(_Strict):
+    """Data-flow space (arXiv 2403.13187, section 3.2): the indicator array over T = M * r slots
+    and the scaling (the full M x M matrix W, or one scale per slot)."""
+
+    repeats: int = 3
+    max_hops: int | None = None
+    scaling: Literal["matrix", "per_slot"] = "per_slot"
+    scale_range: tuple[float, float] = (0.0, 2.0)
+
+
 class EvolveConfig(_Strict):
     """A whole evolution run."""
 
+    kind: Literal["ps", "dfs"] = "ps"
+    dfs: DfsSpec = Field(default_factory=DfsSpec)
     base_model: str | None = None
     models: list[str]
     method: str = "dare_ties"
@@ -117,6 +129,12 @@ class EvolveConfig(_Strict):
                 (self.fitness.task, self.fitness.split):
             raise ValueError("validation uses the same task and split as fitness; pick the final "
                              "candidate on held-out data (split 'validation')")
+        if self.kind == "dfs":
+            if self.base_model is not None:
+                raise ValueError("a dfs run has no base_model: the first of 'models' gives the "
+                                 "embeddings, tokenizer and the fixed first and last layers")
+            if len(self.models) < 2 and self.dfs.repeats < 2:
+                raise ValueError("a dfs run needs two models, or one model with repeats >= 2")
         unknown = [m for m in self.hold_at_zero if m not in self.models]
         if unknown:
             raise ValueError(f"hold_at_zero names {unknown}, which are not in 'models'")

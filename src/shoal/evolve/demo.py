@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
-from shoal.evolve.run import Evaluator, EvolveResult, Score, evolve, load_run_study, uniform_recipe
-from shoal.merge.recipe import Recipe
+from shoal.evolve.evaluators import Evaluator
+from shoal.evolve.run import EvolveResult, Score, evolve, load_run_study
+from shoal.evolve.evaluators import BEST_RECIPE
+from shoal.merge.recipe import Recipe, load_recipe
 from shoal.progress import ProgressFn, no_progress
 
 CROSS_TASK = "math_b"
@@ -69,7 +71,7 @@ def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> 
         points = [(d, w) for d in GRID_DENSITIES for w in GRID_WEIGHTS]
         fitness = []
         for i, (density, weight) in enumerate(points, start=1):
-            recipe = uniform_recipe(config, density=density, weight=weight)
+            recipe = evaluator.uniform_recipe(density=density, weight=weight)
             result = evaluator.score_recipe(recipe, config.fitness.task, config.fitness.split,
                                             config.fitness.limit)
             fitness.append((result.score, density, weight))
@@ -78,12 +80,12 @@ def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> 
         assert config.validation is not None
         ranked = []
         for score, density, weight in top:
-            result = evaluator.score_recipe(uniform_recipe(config, density=density, weight=weight),
+            result = evaluator.score_recipe(evaluator.uniform_recipe(density=density, weight=weight),
                                             config.validation.task, config.validation.split,
                                             config.validation.limit)
             ranked.append((result.score, score, density, weight))
         _, _, density, weight = max(ranked)
-        return {"density": density, "weight": weight}, uniform_recipe(config, density=density, weight=weight)
+        return {"density": density, "weight": weight}, evaluator.uniform_recipe(density=density, weight=weight)
     finally:
         evaluator.close()
 
@@ -120,7 +122,8 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
                                  hold_at_zero=tuple(m for m in config.models if m != keep))
     control = evolve(control_config, out / "control", resume=resume, write_model=False,
                      report=False, progress=progress)
-    control_row = (f"single-source control ({Path(keep).name} alone, per-layer search)", control.best_recipe)
+    control_row = (f"single-source control ({Path(keep).name} alone, per-layer search)",
+                   load_recipe(out / "control" / BEST_RECIPE))
     grid_row = (f"best uniform grid point (density {grid_params['density']}, weight {grid_params['weight']})",
                 grid_recipe)
     evolved = evolve(config, out / "evolved", resume=resume, baseline={"density": 0.5, "weight": 1.0},

@@ -1,7 +1,8 @@
 """The run report: PNG plots and one HTML page.
 
 - ``fitness.png``: fitness of every trial and the best so far;
-- ``genome.png``: the best genome as a heatmap (models x layer groups, one panel per parameter);
+- ``genome.png``: the best genome — a heatmap (models x layer groups, one panel per parameter)
+  for parameter space, a drawing of the path (model, layer and scale of each hop) for DFS;
 - ``report.html``: both plots, the score table with example counts and standard errors, and
   the best recipe.
 """
@@ -109,31 +110,56 @@ def markdown_table(scores: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, study: Any, space: SearchSpace, genome: Mapping[str, float],
+def plot_path(path: Any, names: Sequence[str], out: Path) -> None:
+    """The best layer path: one box per hop, coloured by source model, labelled with the layer
+    and the scale applied to its input."""
+    plt = _pyplot()
+    hops = list(path)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(hops) + 1.5), 2.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, hop in enumerate(hops):
+        color = colors[hop.model % len(colors)]
+        ax.add_patch(plt.Rectangle((i, 0), 0.9, 1, color=color, alpha=0.85))
+        ax.text(i + 0.45, 0.62, f"L{hop.layer}", ha="center", va="center", fontsize=8, color="white")
+        ax.text(i + 0.45, 0.3, f"×{hop.scale:.2f}", ha="center", va="center", fontsize=7, color="white")
+    for model, name in enumerate(names):
+        ax.plot([], [], "s", color=colors[model % len(colors)], label=name)
+    ax.set_xlim(-0.1, len(hops))
+    ax.set_ylim(0, 1.1)
+    ax.set_yticks([])
+    ax.set_xlabel("hop (input scale shown under each layer)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=max(1, len(names)), fontsize=8)
+    ax.set_title(f"best layer path: {len(hops)} hops")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, study: Any, evaluator: Any, genome: Mapping[str, float],
                  scores: Sequence[Any], *, extra_curves: Mapping[str, Any] | None = None) -> Path:
     curves = {"this run": trial_curve(study)}
     curves.update(extra_curves or {})
     plot_fitness(curves, run_dir / "fitness.png")
-    plot_genome(space, genome, run_dir / "genome.png")
+    evaluator.plot_best(genome, run_dir / "genome.png")
     tasks, rows = score_table(scores)
     head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
     body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
                    + "</tr>" for m, cells in rows)
-    recipe = space.decode(genome).to_yaml()
+    recipe = evaluator.describe(genome)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>shoal evolve report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}}</style></head><body>
-<h1>Evolutionary merge: {html.escape(space.method.name)}</h1>
-<p>{len(space.genes)} genes, {len(trial_curve(study)[0])} completed trials.
+<h1>Evolutionary merge: {html.escape(evaluator.title)}</h1>
+<p>{len(trial_curve(study)[0])} completed trials.
 Test scores are reported only; the search optimized the fitness split and the final candidate
 was picked on the validation split.</p>
 <h2>Scores ({html.escape(scores[0].split if scores else 'test')} split)</h2>
 <table><tr><th>model</th>{head}</tr>{body}</table>
 <h2>Fitness</h2><img src="fitness.png" alt="fitness per trial">
-<h2>Best genome</h2><img src="genome.png" alt="best genome heatmap">
-<h2>Best recipe</h2><pre>{html.escape(recipe)}</pre>
+<h2>Best candidate</h2><img src="genome.png" alt="best genome">
+<h2>Best recipe / path</h2><pre>{html.escape(recipe)}</pre>
 </body></html>
 """
     path = run_dir / "report.html"

@@ -19,15 +19,12 @@ import torch
 import yaml
 
 from shoal.errors import ConfigError
-from shoal.evolve.candidate import CandidateBuilder
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
+from shoal.evolve.evaluators import BEST_PATH, BEST_RECIPE, make_evaluator, rows_for
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
-from shoal.evolve.space import SearchSpace, build_space
-from shoal.merge.recipe import ModelEntry, Recipe
 from shoal.progress import ProgressFn, no_progress
 
 CONFIG_FILE = "config.yaml"
-BEST_RECIPE = "best_recipe.yaml"
 SCORES_FILE = "scores.json"
 
 
@@ -45,8 +42,11 @@ class Score:
 
 @dataclass(frozen=True)
 class EvolveResult:
+    """What a finished run found."""
+
     run_dir: Path
-    best_recipe: Recipe
+    genome: dict[str, float]
+    description: str  # the best recipe (YAML) or path (text)
     best_fitness: float
     best_validation: float | None
     trials: int
@@ -55,7 +55,14 @@ class EvolveResult:
 
 
 def resolve_model_ref(ref: str) -> str:
-    """``zoo:SIZE/NAME`` (a model of the miniature world, built when missing) -> its folder."""
+    """A model reference -> a checkpoint to open.
+
+    ``zoo:SIZE/NAME`` is a model of the miniature world (built when missing); a finished
+    ``shoal evolve`` run folder stands for its merged model (PS+DFS feeds a PS result to DFS).
+    """
+    run_model = Path(ref) / "model"
+    if Path(ref).is_dir() and (Path(ref) / CONFIG_FILE).is_file() and run_model.is_dir():
+        return str(run_model)
     if not ref.startswith("zoo:"):
         return ref
     spec = ref[len("zoo:"):]
@@ -68,9 +75,11 @@ def resolve_model_ref(ref: str) -> str:
     return str(world.model(name))
 
 
-def resolve_config(config: EvolveConfig) -> EvolveConfig:
-    """The config with ``zoo:`` model references replaced by folders."""
-    mapping = {m: resolve_model_ref(m) for m in [*config.models] + ([config.base_model] if config.base_model else [])}
+def resolve_config(config: EvolveConfig, run_dir: Path | None = None) -> EvolveConfig:
+    """The config with model references replaced by folders: ``zoo:`` models, finished run folders,
+    and merge recipes (``*.yaml``), which are merged into ``run_dir/sources/`` first."""
+    mapping = {m: _resolve_source(m, run_dir) for m in
+               [*config.models] + ([config.base_model] if config.base_model else [])}
     return config.model_copy(update={
         "models": [mapping[m] for m in config.models],
         "base_model": mapping[config.base_model] if config.base_model else None,
@@ -78,59 +87,27 @@ def resolve_config(config: EvolveConfig) -> EvolveConfig:
     })
 
 
-class Evaluator:
-    """A resident model that candidates are written into, and the tasks they are scored on."""
+def _resolve_source(ref: str, run_dir: Path | None) -> str:
+    if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
+        if run_dir is None:
+            raise ConfigError(f"{ref}: a recipe as a source needs a run folder to merge it into")
+        from shoal.merge.execute import merge
 
-    def __init__(self, config: EvolveConfig):
-        from transformers import AutoTokenizer
-
-        from shoal.eval.loading import prepare_tokenizer
-
-        self.config = config
-        models = ([config.base_model] if config.base_model else []) + list(config.models)
-        self.builder = CandidateBuilder(models, device=config.device)
-        self.reference = config.base_model or config.models[0]
-        reader = self.builder.readers[self.reference]
-        arch = ((reader.config or {}).get("architectures") or [None])[0]
-        self.space: SearchSpace = build_space(config, reader.tensor_names(), arch)
-        self.model = self.builder.load_model(self.reference)
-        folder = reader.path if Path(reader.path).is_dir() else Path(reader.path).parent
-        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
-
-    def close(self) -> None:
-        self.builder.close()
-
-    def score_recipe(self, recipe: Recipe, task: str | list[str], split: str, limit: int | None) -> Any:
-        """Merge ``recipe`` into the resident model and score it; several tasks give the mean."""
-        from shoal.eval import get_task
-        from shoal.eval.evaluate import evaluate, result_from_scores
-
-        self.builder.apply(self.model, recipe, seed=self.config.seed)
-        names = [task] if isinstance(task, str) else list(task)
-        results = []
-        with torch.inference_mode():
-            for name in names:
-                results.append(evaluate(self.model, self.tokenizer, get_task(name), split, limit=limit,
-                                        batch_size=self.config.batch_size))
-        if len(results) == 1:
-            return results[0]
-        mean = sum(r.score for r in results) / len(results)
-        return replace(result_from_scores("+".join(names), split, (), [mean]),
-                       n=sum(r.n for r in results))
-
-    def fitness(self, genome: dict[str, float]) -> tuple[float, dict]:
-        spec = self.config.fitness
-        result = self.score_recipe(self.space.decode(genome), spec.task, spec.split, spec.limit)
-        return result.score, {"n": result.n}
+        out = run_dir / "sources" / Path(ref).stem
+        if not (out / "config.json").exists():
+            merge(ref, out, overwrite=True)
+        return str(out)
+    return resolve_model_ref(ref)
 
 
 def _worker(config_data: dict, storage: str, threads: int) -> None:
     torch.set_num_threads(threads)
     config = parse_evolve_config(config_data)
-    evaluator = Evaluator(config)
+    evaluator = make_evaluator(config)
     try:
-        study = open_study(storage, evaluator.space, config.search, resume=True, recover=False)
-        run_trials(study, evaluator.space, evaluator.fitness, config.search.trials)
+        study = open_study(storage, evaluator.gene_keys, config.search, resume=True, recover=False,
+                           x0=evaluator.x0)
+        run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials)
     finally:
         evaluator.close()
 
@@ -149,19 +126,19 @@ def _save_config(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
 
 
 def search(config: EvolveConfig, run_dir: Path, *, resume: bool = False, workers: int = 1,
-           executor: str = "local", progress: ProgressFn = no_progress) -> tuple[Evaluator, Any]:
+           executor: str = "local", progress: ProgressFn = no_progress) -> tuple[Any, Any]:
     """Run (or resume) the search; returns the evaluator and the Optuna study."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_config(run_dir, config, resume)
     storage = config.storage or default_storage(run_dir)
-    evaluator = Evaluator(config)
-    study = open_study(storage, evaluator.space, config.search, resume=resume)
+    evaluator = make_evaluator(config)
+    study = open_study(storage, evaluator.gene_keys, config.search, resume=resume, x0=evaluator.x0)
     if executor == "ray":
         from shoal.evolve.ray_executor import run_on_ray
 
         run_on_ray(config, storage, workers, progress=progress)
     elif workers <= 1:
-        run_trials(study, evaluator.space, evaluator.fitness, config.search.trials, progress=progress)
+        run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials, progress=progress)
     else:
         _run_local_workers(config, storage, workers, study, progress)
     return evaluator, study
@@ -203,7 +180,7 @@ def top_trials(study: Any, k: int) -> list[Any]:
     return sorted(done, key=lambda t: (-t.value, t.number))[:k]
 
 
-def select_final(evaluator: Evaluator, study: Any, *, progress: ProgressFn = no_progress
+def select_final(evaluator: Any, study: Any, *, progress: ProgressFn = no_progress
                  ) -> tuple[dict[str, float], float, float | None]:
     """The final genome: the best of the top-k fitness trials on the validation split."""
     config = evaluator.config
@@ -217,87 +194,55 @@ def select_final(evaluator: Evaluator, study: Any, *, progress: ProgressFn = no_
     spec = config.validation
     scored = []
     for i, trial in enumerate(candidates, start=1):
-        result = evaluator.score_recipe(evaluator.space.decode(trial.params), spec.task, spec.split,
-                                        spec.limit)
+        result = evaluator.score_genome(trial.params, spec.task, spec.split, spec.limit)
         scored.append((result.score, trial.value, -trial.number, trial))
         progress("validate", i, len(candidates))
     val, fit, _, best = max(scored, key=lambda row: row[:3])
     return dict(best.params), fit, val
 
 
-def uniform_recipe(config: EvolveConfig, **values: float) -> Recipe:
-    """The method with every model at the same parameter values (a baseline)."""
-    params = {k: v for k, v in values.items()}
-    entries = [ModelEntry(model=m, parameters=dict(params)) for m in config.models
-               if not (config.base_model and m == config.base_model)]
-    return Recipe(merge_method=config.method, base_model=config.base_model, models=entries,
-                  parameters=dict(config.fixed), seed=config.seed)  # type: ignore[arg-type]
-
-
-def report_scores(evaluator: Evaluator, rows: Sequence[tuple[str, Recipe | str]], *,
+def report_scores(evaluator: Any, rows: Sequence[tuple[str, Any]], *,
                   progress: ProgressFn = no_progress) -> list[Score]:
-    """Test scores of each row (a recipe merged in memory, or a model folder) on the report tasks."""
-    from shoal.eval import get_task, load_model
-    from shoal.eval.evaluate import evaluate
-
+    """Test scores of each row (a recipe, a genome, or a model folder) on the report tasks."""
     spec = evaluator.config.report
     tasks = spec.tasks or evaluator.config.fitness.tasks
     scores: list[Score] = []
     total = len(rows) * len(tasks)
-    done = 0
     for label, row in rows:
-        if isinstance(row, Recipe):
-            model, tokenizer = evaluator.model, evaluator.tokenizer
-            evaluator.builder.apply(model, row, seed=evaluator.config.seed)
-        else:
-            model, tokenizer = load_model(row, device=evaluator.config.device)
         for task_name in tasks:
-            with torch.inference_mode():
-                result = evaluate(model, tokenizer, get_task(task_name), spec.split, limit=spec.limit,
-                                  batch_size=evaluator.config.batch_size)
+            result = evaluator.score_row(row, task_name, spec.split, spec.limit)
             scores.append(Score(label, task_name, spec.split, result.score, result.n, result.stderr))
-            done += 1
-            progress("report", done, total)
+            progress("report", len(scores), total)
     return scores
 
 
 def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, workers: int = 1,
            executor: str = "local", write_model: bool = True, baseline: dict[str, float] | None = None,
-           extra_rows: Sequence[tuple[str, Recipe | str]] = (), report: bool = True,
+           extra_rows: Sequence[tuple[str, Any]] = (), report: bool = True,
            progress: ProgressFn = no_progress) -> EvolveResult:
     """Search, select on validation, write the best recipe, the model and the report."""
     from shoal.evolve.report import write_report
-    from shoal.merge.execute import merge
 
     run_dir = Path(run_dir)
-    config = resolve_config(config)
+    config = resolve_config(config, run_dir)
     evaluator, study = search(config, run_dir, resume=resume, workers=workers, executor=executor,
                               progress=progress)
     try:
         genome, fitness, validation = select_final(evaluator, study, progress=progress)
-        best = evaluator.space.decode(genome)
-        (run_dir / BEST_RECIPE).write_text(best.to_yaml())
-        model_dir = None
-        if write_model:
-            model_dir = run_dir / "model"
-            merge(best, model_dir, seed=config.seed, overwrite=True)
+        model_dir = evaluator.save_best(genome, run_dir, write_model=write_model)
         if not report:
-            return EvolveResult(run_dir=run_dir, best_recipe=best, best_fitness=fitness,
-                                best_validation=validation, trials=finished_trials(study),
-                                model_dir=model_dir)
-        rows: list[tuple[str, Recipe | str]] = [(Path(m).name, m) for m in
-                                               ([config.base_model] if config.base_model else []) + config.models]
-        rows.append((f"uniform {config.method}", uniform_recipe(config, **(baseline or {}))))
-        rows.extend(extra_rows)
-        rows.append(("evolved", best))
+            return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
+                                best_fitness=fitness, best_validation=validation,
+                                trials=finished_trials(study), model_dir=model_dir)
+        rows = rows_for(evaluator, genome, baseline, extra_rows)
         scores = report_scores(evaluator, rows, progress=progress)
         (run_dir / SCORES_FILE).write_text(json.dumps({
             "best_fitness": fitness, "best_validation": validation,
             "trials": finished_trials(study), "scores": [asdict(s) for s in scores],
         }, indent=2))
-        write_report(run_dir, study, evaluator.space, genome, scores)
-        return EvolveResult(run_dir=run_dir, best_recipe=best, best_fitness=fitness,
-                            best_validation=validation, trials=finished_trials(study),
-                            model_dir=model_dir, scores=tuple(scores))
+        write_report(run_dir, study, evaluator, genome, scores)
+        return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
+                            best_fitness=fitness, best_validation=validation,
+                            trials=finished_trials(study), model_dir=model_dir, scores=tuple(scores))
     finally:
         evaluator.close()

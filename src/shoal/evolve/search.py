@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import SearchSpec
-from shoal.evolve.space import SearchSpace
 from shoal.progress import ProgressFn, no_progress
 
 STUDY_NAME = "shoal-evolve"
@@ -41,7 +40,7 @@ def make_storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
-def make_sampler(spec: SearchSpec, space: SearchSpace) -> Any:
+def make_sampler(spec: SearchSpec, x0: dict[str, float] | None = None) -> Any:
     """CMA-ES with the paper's settings, or random / TPE for comparison.
 
     The paper's settings are Optuna's defaults: start at the middle of every range (0.5 for
@@ -55,13 +54,19 @@ def make_sampler(spec: SearchSpec, space: SearchSpace) -> Any:
     kwargs: dict[str, Any] = {}
     if spec.sigma0 is not None:
         kwargs["sigma0"] = spec.sigma0
-    return optuna.samplers.CmaEsSampler(popsize=spec.population, seed=spec.seed,
-                                        with_margin=spec.with_margin, warn_independent_sampling=False,
-                                        **kwargs)
+    if x0 is not None:
+        kwargs["x0"] = dict(x0)
+    import warnings
+
+    with warnings.catch_warnings():  # x0 / sigma0 are deprecated in Optuna 4.9 but still honoured
+        warnings.simplefilter("ignore", FutureWarning)
+        return optuna.samplers.CmaEsSampler(popsize=spec.population, seed=spec.seed,
+                                            with_margin=spec.with_margin,
+                                            warn_independent_sampling=False, **kwargs)
 
 
-def open_study(storage_url: str, space: SearchSpace, spec: SearchSpec, *, resume: bool,
-               recover: bool = True) -> Any:
+def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
+               recover: bool = True, x0: dict[str, float] | None = None) -> Any:
     """Create the study, or load it to resume.
 
     With ``recover`` (the coordinating process, before any worker starts), trials left running
@@ -74,8 +79,8 @@ def open_study(storage_url: str, space: SearchSpace, spec: SearchSpec, *, resume
         raise ConfigError(f"a study already exists in {storage_url}; pass --resume to continue it or "
                           "use a new run folder")
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                sampler=make_sampler(spec, space), load_if_exists=True)
-    study.set_user_attr("genes", [g.key for g in space.genes])
+                                sampler=make_sampler(spec, x0), load_if_exists=True)
+    study.set_user_attr("genes", list(gene_keys))
     if not recover:
         return study
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -90,7 +95,7 @@ def finished_trials(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def run_trials(study: Any, space: SearchSpace, score: Callable[[dict[str, float]], tuple[float, dict]],
+def run_trials(study: Any, gene_keys: list[str], score: Callable[[dict[str, float]], tuple[float, dict]],
                trials: int, *, progress: ProgressFn = no_progress) -> None:
     """Run until the study holds ``trials`` completed trials (across every worker and resume).
 
@@ -102,7 +107,7 @@ def run_trials(study: Any, space: SearchSpace, score: Callable[[dict[str, float]
     done_states = (optuna.trial.TrialState.COMPLETE,)
 
     def objective(trial: Any) -> float:
-        genome = {g.key: trial.suggest_float(g.key, 0.0, 1.0) for g in space.genes}
+        genome = {key: trial.suggest_float(key, 0.0, 1.0) for key in gene_keys}
         try:
             value, attrs = score(genome)
         except Exception as err:  # a failed candidate, recorded and skipped
