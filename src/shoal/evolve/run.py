@@ -113,15 +113,22 @@ def _worker(config_data: dict, storage: str, threads: int) -> None:
 
 
 def _save_config(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
+    """Write the run's config; a resumed run must ask for the same search (only the trial budget
+    may grow or shrink)."""
     path = run_dir / CONFIG_FILE
     data = config.model_dump(mode="json")
     if path.exists():
         saved = yaml.safe_load(path.read_text())
-        if saved != data:
+
+        def without_budget(d: dict) -> dict:
+            return {**d, "search": {k: v for k, v in d.get("search", {}).items() if k != "trials"}}
+
+        if without_budget(saved) != without_budget(data):
             if not resume:
                 raise ConfigError(f"{run_dir} already holds a different run; use a new folder")
-            raise ConfigError(f"{path} differs from the config given; resume with the same config")
-        return
+            changed = sorted(k for k in data if saved.get(k) != data[k])
+            raise ConfigError(f"{path} differs from the config given (in {', '.join(changed)}); "
+                              "resume with the same config (only search.trials may change)")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
