@@ -1,11 +1,14 @@
 """Evaluation speed: shoal's batched greedy generation against one-at-a-time ``generate``.
 
-    python benchmarks/eval_speed.py [--task math_a] [--limit 500] [--repeats 3] [--device cpu]
+    python benchmarks/eval_speed.py [--task math_a] [--model math] [--root WORLD_DIR]
+        [--limit 500] [--repeats 3] [--batch-sizes 64,256] [--threads 1] [--device cpu]
 
-Uses the cached ``small`` zoo world's model when it has been built (``shoal zoo build``),
-else a random Llama of the same shape over the zoo's tokenizer (a random model never emits
-eos, so every row runs to the full token budget: the worst case for early stopping).
-Prints the median time of each way, the speed-up, and whether the outputs are identical.
+Uses model ``--model`` of the ``small`` zoo world (the cached one from ``shoal zoo build``, or
+the one at ``--root``) when it exists, else a random Llama of the same shape over the zoo's
+tokenizer (a random model never emits eos, so every row runs to the full token budget: the
+worst case for early stopping). Also times transformers' ``generate`` on left-padded batches.
+Prints the median and fastest time of each way, the speed-up over one-at-a-time generation,
+and how many outputs are identical to it. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -166,3 +166,28 @@ def test_unknown_lmeval_inputs(offline):
     bad.write_text("dataset_path: json\n", encoding="utf-8")
     with pytest.raises(TaskError, match="no 'task' name"):
         get_task(f"lmeval:{bad}")
+
+
+def test_groups_are_refused_with_their_members(offline):
+    data = _jsonl(offline / "d.jsonl", [{"question": "one", "answer": "two"}])
+    for name in ("shoal_member_a", "shoal_member_b"):
+        (offline / f"{name}.yaml").write_text(f"""
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {offline / "cache"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: exact_match
+""", encoding="utf-8")
+    group = offline / "group.yaml"
+    group.write_text("group: shoal_toy_group\ntask:\n  - shoal_member_a\n  - shoal_member_b\n",
+                     encoding="utf-8")
+    with pytest.raises(TaskError, match="group of 2 tasks") as info:
+        get_task(f"lmeval:{group}")
+    assert "shoal_member_a" in str(info.value) and "shoal_member_b" in str(info.value)

@@ -35,12 +35,14 @@ def command(model: str, task_name: str, split: str, limit: int | None, batch_siz
     Prints the score with its standard error and the number of examples.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
     from shoal.cli._progress import progress_bars
     from shoal.eval import evaluate, get_task, load_model, select_examples
 
     task = get_task(task_name, seed=seed)
     examples = select_examples(task, split, limit)  # fail on a bad split before loading
+    hf_logging.disable_progress_bar()  # our own bars only
     loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
     started = time.perf_counter()
     with progress_bars(enabled=not quiet and not as_json) as progress:

@@ -11,9 +11,10 @@ processors.
 
 Padding changes the order of floating-point sums inside attention, so a padded row's logits
 can differ from the unpadded ones in the last bits. That only matters when the two best
-tokens are within rounding of each other: such a near tie (in float32 or float64) sends the
-row back to be generated on its own, unpadded, so that the outputs are those of
-one-at-a-time generation.
+tokens are within rounding of each other: a row that meets such a near tie (in float32 or
+float64) is generated again on its own, unpadded, so that the outputs are those of
+one-at-a-time generation. (When more than an eighth of a batch ties, the model's logits are
+flat, its answers arbitrary, and the batched ones are kept.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
         generated, tied = _generate_batch(model, tokenizer, [token_ids[i] for i in rows],
                                           max_new_tokens=max_new_tokens, stops=stops,
                                           check_ties=recheck_ties and len(rows) > 1)
-        for index in tied:
+        # A model with flat logits (a collapsed merge) ties everywhere; its answers are
+        # arbitrary anyway, and regenerating them one by one would be slow.
+        recheck = tied if len(tied) <= max(2, len(rows) // 8) else []
+        for index in recheck:
             generated[index] = _generate_batch(model, tokenizer, [token_ids[rows[index]]],
                                                max_new_tokens=max_new_tokens, stops=stops,
                                                check_ties=False)[0][0]
@@ -139,7 +143,7 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
                     stops: tuple[str, ...], check_ties: bool
                     ) -> tuple[list[list[int]], list[int]]:
     """Generated token ids of each row (eos excluded; rows may stop early), and the rows that
-    stopped at a near tie (only looked for with ``check_ties``)."""
+    met a near tie on the way (only looked for with ``check_ties``)."""
     generated: list[list[int]] = [[] for _ in rows]
     tied: list[int] = []
     if max_new_tokens <= 0:
@@ -168,10 +172,8 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
             index = active[batch_row]
             if index is None:
                 continue
-            if near_tie is not None and near_tie[batch_row]:
+            if near_tie is not None and near_tie[batch_row] and index not in tied:
                 tied.append(index)
-                active[batch_row] = None
-                continue
             if token in eos_ids:
                 active[batch_row] = None
                 continue

@@ -93,7 +93,9 @@ def _yaml_task_name(path: Path) -> str:
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except (OSError, yaml.YAMLError) as err:
         raise TaskError(f"{path}: cannot read the task YAML ({err})") from err
-    name = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise TaskError(f"{path}: the YAML has no 'task' name")
+    name = config.get("group") if isinstance(config.get("task"), list) else config.get("task")
     if not isinstance(name, str):
         raise TaskError(f"{path}: the YAML has no 'task' name")
     return name
