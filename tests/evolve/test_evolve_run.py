@@ -116,7 +116,7 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_wor
             "-q", "--no-model"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     before: list = []
     while time.time() < deadline:
         time.sleep(0.5)
@@ -128,6 +128,9 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_wor
             if len(before) >= 3:
                 break
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    else:
+        proc.kill()
+        pytest.fail("the run did not complete 3 trials within 480 s")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = complete(load_run_study(run_dir))
