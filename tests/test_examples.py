@@ -35,7 +35,8 @@ def test_example_recipes_plan(name: str, micro_world) -> None:  # type: ignore[n
     assert plan.ops
 
 
-def test_example_evolve_config_is_valid(micro_world) -> None:  # type: ignore[no-untyped-def]
-    text = on_micro((EXAMPLES / "evolve_cross.yaml").read_text(), micro_world)
-    config = parse_evolve_config(yaml.safe_load(text), where="evolve_cross.yaml")
+@pytest.mark.parametrize("name", ["evolve_cross.yaml", "evolve_dfs.yaml", "evolve_psdfs.yaml"])
+def test_example_evolve_configs_are_valid(name: str, micro_world) -> None:  # type: ignore[no-untyped-def]
+    text = on_micro((EXAMPLES / name).read_text(), micro_world)
+    config = parse_evolve_config(yaml.safe_load(text), where=name)
     assert config.fitness.split == "fitness" and config.search.sampler == "cmaes"
