@@ -17,7 +17,13 @@ stdout = Console()
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[ProgressFn]:
-    """Yield a progress callback that draws one bar per stage on stderr."""
+    """Yield a progress callback that draws one bar per stage on stderr.
+
+    transformers' own bars (loading and writing weights, once per candidate in a search) are
+    switched off: shoal's bars say what is happening."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if not enabled:
         yield lambda stage, done, total: None
         return
