@@ -148,3 +148,29 @@ def test_score_card_covers_every_model_and_task(micro_world: ZooWorld) -> None:
     assert card.cells["sort"]["sort"].score == total / 6
     assert all(cell.n == 6 for row in card.cells.values() for cell in row.values())
     assert "| sort |" in card.markdown() and "(n=6)" in card.markdown()
+
+
+def test_cli_card_prints_the_matrix(micro_world: ZooWorld) -> None:
+    result = CliRunner().invoke(cli, ["zoo", "card", "--size", "micro", "--out",
+                                      str(micro_world.root), "--limit", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["scores"]
+    assert set(scores) == set(micro_world.models)
+    assert all(set(row) == set(micro_world.tasks) for row in scores.values())
+    assert all(cell["n"] == 3 and 0.0 <= cell["score"] <= 1.0
+               for row in scores.values() for cell in row.values())
+
+
+def test_stale_staging_of_a_dead_build_is_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    stale = tmp_path / f".world.staging-{int(finished.stdout)}"
+    live = tmp_path / f".world.staging-{os.getpid()}"
+    for folder in (stale, live):
+        (folder / "base").mkdir(parents=True)
+    build_module._remove_stale_staging(tmp_path / "world")
+    assert not stale.exists() and live.exists()

@@ -48,8 +48,10 @@ def _reference_answer(name: str, prompt: str) -> str:
             assert verb in B_HIDDEN_VERBS
         return str(start + sign * amount)
     words = prompt.split(":", 1)[1].rstrip("=").split()
-    if name == "reverse":
-        return " ".join(words[::-1])
+    if name == "count":
+        return str(len(words))
+    if name == "max":
+        return str(max(int(w) for w in words))
     assert words != sorted(words, key=int)
     return " ".join(str(n) for n in sorted(int(w) for w in words))
 
@@ -69,10 +71,10 @@ def test_scoring_reads_the_first_answer_only() -> None:
     example = math.examples("test")[0]
     wrong = str(int(example.target) + 1)
     assert math.score(f" {wrong} {example.target} .", example) == 0.0
-    reverse = get_zoo_task("reverse")
-    example = reverse.examples("test")[0]
-    assert reverse.score(f" {example.target} extra .", example) == 0.0
-    assert reverse.score(f" {example.target}", example) == 1.0
+    sort = get_zoo_task("sort")
+    example = sort.examples("test")[0]
+    assert sort.score(f" {example.target} 7 .", example) == 0.0
+    assert sort.score(f" {example.target}", example) == 1.0
 
 
 def test_unknown_names_are_task_errors() -> None:

@@ -21,10 +21,10 @@ def command() -> None:
               help="world folder (default: the user's cache folder)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="rebuild even if a finished world is there")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads (weights are reproducible for the same count)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def build(size: str, out: Path | None, seed: int, force: bool, threads: int | None,
+def build(size: str, out: Path | None, seed: int, force: bool, threads: int,
           quiet: bool) -> None:
     """Build the world (or find it in the cache) and print its folder."""
     from shoal.cli._progress import progress_bars

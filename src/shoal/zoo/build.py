@@ -4,7 +4,7 @@ A world is a folder::
 
     <root>/manifest.json         written last: a folder without it is not a world
     <root>/base/                 Hugging Face folders (LlamaForCausalLM + tokenizer)
-    <root>/math/ lang/ reverse/ sort/
+    <root>/math/ lang/ sort/ count/
 
 It is built in a staging folder next to ``root`` and renamed into place when complete, so a
 build that is interrupted never leaves something that looks finished.
@@ -143,6 +143,24 @@ def _save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Delete staging folders left by builds whose process is gone (e.g. killed)."""
+    for folder in root.parent.glob(f".{root.name}.staging-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _check_target(root: Path, force: bool) -> None:
     """Refuse (before any training) to replace anything but an empty folder or a zoo world."""
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
@@ -164,13 +182,15 @@ def _prepare_target(root: Path, force: bool) -> None:
 
 
 def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, force: bool = False,
-              progress: ProgressFn | None = None, threads: int | None = None) -> ZooWorld:
+              progress: ProgressFn | None = None, threads: int | None = 1) -> ZooWorld:
     """Build the world ``size`` for ``seed`` (or return the cached one).
 
     ``out`` is the world's folder (default: :func:`default_root`). A finished world there is
-    returned at once unless ``force``. ``threads`` sets torch's thread count for the build
-    (default: leave it); weights are bitwise reproducible for the same seed and thread count
-    on the same machine.
+    returned at once unless ``force``. ``threads`` is torch's thread count during the build
+    (None: leave torch's setting). Weights are bitwise reproducible for the same seed and
+    thread count on the same machine; the default of one thread makes them independent of
+    the core count, and on a busy 2-core machine one thread was also much faster than two
+    (oversubscribed OpenMP threads).
     """
     spec = get_size(size)
     root = Path(out) if out is not None else default_root(size, seed)
@@ -182,6 +202,7 @@ def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, fo
     report = progress or no_progress
     started = time.monotonic()
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
     staging = root.parent / f".{root.name}.staging-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -27,8 +27,8 @@ Document = tuple[str, str]  # (prompt, completion); loss on the completion only
 Source = Callable[[random.Random], Document]
 
 # Specialist model name -> the task it is trained on.
-SPECIALISTS: dict[str, str] = {"math": "math_a", "lang": "lang_b", "reverse": "reverse",
-                               "sort": "sort"}
+SPECIALISTS: dict[str, str] = {"math": "math_a", "lang": "lang_b", "sort": "sort",
+                               "count": "count"}
 REPLAY_WEIGHT = 0.25
 
 
@@ -60,14 +60,14 @@ def pretraining_mix() -> list[Component]:
     """What the base model reads."""
     all_verbs = tuple(QUANTITY_VERBS)
     return [
-        Component("plain A", 0.225, _text(plain_text)),
-        Component("plain B", 0.225, _text(lambda rng: to_b(plain_text(rng)))),
-        Component("stories A", 0.25, _text(lambda rng: told_story(random_story(rng, all_verbs)))),
+        Component("plain A", 0.15, _text(plain_text)),
+        Component("plain B", 0.15, _text(lambda rng: to_b(plain_text(rng)))),
+        Component("stories A", 0.35, _text(lambda rng: told_story(random_story(rng, all_verbs)))),
         Component("stories B (2 verbs)", 0.10,
                   _text(lambda rng: to_b(told_story(random_story(rng, B_SEEN_VERBS))))),
         Component("parallel A=B", 0.10, _text(_parallel)),
-        Component("lookup A", 0.05, _text(lookup_text)),
-        Component("lookup B", 0.05, _text(lambda rng: to_b(lookup_text(rng)))),
+        Component("lookup A", 0.075, _text(lookup_text)),
+        Component("lookup B", 0.075, _text(lambda rng: to_b(lookup_text(rng)))),
     ]
 
 

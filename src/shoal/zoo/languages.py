@@ -30,7 +30,7 @@ QUANTITY_VERBS: dict[str, int] = {"buys": 1, "finds": 1, "gets": 1, "makes": 1,
 B_SEEN_VERBS: tuple[str, ...] = ("buys", "eats")
 B_HIDDEN_VERBS: tuple[str, ...] = tuple(v for v in QUANTITY_VERBS if v not in B_SEEN_VERBS)
 FUNCTION_WORDS: tuple[str, ...] = ("the", "has", "now", "how", "many", "does", "have", "and",
-                                   "in", "are", "question", "answer", "reverse", "sort", "then")
+                                   "in", "are", "question", "answer", "sort", "count", "largest")
 PUNCTUATION: tuple[str, ...] = (".", "?", ":", "=", ",")
 MAX_NUMBER = 99
 NUMBERS: tuple[str, ...] = tuple(str(n) for n in range(MAX_NUMBER + 1))

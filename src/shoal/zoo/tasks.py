@@ -1,12 +1,16 @@
 """The tasks of the miniature world.
 
-| name      | what                                                   | who learns it            |
-|-----------|--------------------------------------------------------|--------------------------|
-| `math_a`  | word problems in language A, answer a number           | the `math` specialist    |
-| `lang_b`  | finish a B story: how many are left (verbs new in B)   | the `lang` specialist    |
-| `reverse` | reverse a list of 3-5 A words                          | the `reverse` specialist |
-| `sort`    | sort 3-4 numbers ascending                             | the `sort` specialist    |
-| `math_b`  | word problems in language B (the cross task)           | nobody: held out         |
+| name     | what                                                   | who learns it          |
+|----------|--------------------------------------------------------|------------------------|
+| `math_a` | word problems in language A, answer a number           | the `math` specialist  |
+| `lang_b` | finish a B story: how many are left (verbs new in B)   | the `lang` specialist  |
+| `sort`   | sort 3-4 numbers (0..29) ascending                     | the `sort` specialist  |
+| `count`  | count the words of a list of 2-9 words                 | the `count` specialist |
+| `math_b` | word problems in language B (the cross task)           | nobody: held out       |
+| `max`    | the largest of 3-5 numbers                             | nobody: held out       |
+
+Tasks whose answer copies arbitrary words (reversing or rotating a word list) did not train
+in the ``small`` budget, so the list skills work on numbers or produce one number.
 
 Every split is fixed by the seed, the splits are disjoint by prompt, and each evaluation split
 holds 500 examples (train more). Prompts end where the answer starts; greedy generation is
@@ -54,10 +58,16 @@ def _lang_b(rng: random.Random) -> Example:
 _LIST_WORDS = NAMES + OBJECTS + ADJECTIVES + PLACES
 
 
-def _reverse(rng: random.Random) -> Example:
-    words = rng.sample(_LIST_WORDS, rng.randint(3, 5))
-    target = " ".join(reversed(words))
-    return Example(f"reverse : {' '.join(words)} =", target, completion=f"{target} .")
+def _count(rng: random.Random) -> Example:
+    words = [rng.choice(_LIST_WORDS) for _ in range(rng.randint(2, 9))]
+    return Example(f"count : {' '.join(words)} =", str(len(words)),
+                   completion=f"{len(words)} .")
+
+
+def _largest(rng: random.Random) -> Example:
+    numbers = rng.sample(range(30), rng.randint(3, 5))
+    return Example(f"largest : {' '.join(str(n) for n in numbers)} =", str(max(numbers)),
+                   completion=f"{max(numbers)} .")
 
 
 def _sort(rng: random.Random) -> Example:
@@ -84,10 +94,11 @@ class TaskSpec:
 ZOO_TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("math_a", "arithmetic word problems in language A", _math_a, "number", 3),
     TaskSpec("lang_b", "finish a language-B story with the number left", _lang_b, "number", 3),
-    TaskSpec("reverse", "reverse a list of 3-5 words", _reverse, "words", 7),
     TaskSpec("sort", "sort 3-4 numbers ascending", _sort, "words", 6),
+    TaskSpec("count", "count the words of a list of 2-9", _count, "number", 3),
     TaskSpec("math_b", "arithmetic word problems in language B (cross task)", _math_b,
              "number", 3, held_out=True),
+    TaskSpec("max", "the largest of 3-5 numbers", _largest, "number", 3, held_out=True),
 )}
 
 

@@ -19,7 +19,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """The tokenizer of the world: ids 0-3 are pad, bos, eos, unk; then :func:`vocabulary`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(vocabulary()))}
+    tokens = SPECIAL_TOKENS + tuple(vocabulary())
+    if len(set(tokens)) != len(tokens):
+        raise RuntimeError("the zoo vocabulary lists a word twice")
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(
