@@ -33,7 +33,7 @@ from shoal.adapt.two_pass import adapt_evaluate
 from shoal.progress import ProgressFn, no_progress
 
 # category labels must be words of the zoo's vocabulary, or they would all encode to <unk>
-DEFAULT_LABELS = {"math_a": "many", "lang_b": "then", "reverse": "reverse", "sort": "sort"}
+DEFAULT_LABELS = {"math_a": "many", "lang_b": "now", "sort": "sort", "count": "count"}
 DEFAULT_TEMPLATE = "{prompt} question : {labels} ? answer :"
 
 

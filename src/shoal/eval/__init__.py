@@ -1,6 +1,5 @@
 """Evaluation: tasks and splits, scoring, batched generation, log-likelihood, lm-eval adapter."""
 
-from shoal.eval.card import ScoreMatrix, score_matrix
 from shoal.eval.evaluate import EvalResult, evaluate, predict, select_examples
 from shoal.eval.generation import generate_greedy
 from shoal.eval.loading import load_model, prepare_tokenizer
@@ -9,7 +8,7 @@ from shoal.eval.registry import get_task, known_task_names
 from shoal.eval.task import SPLITS, Example, Task
 
 __all__ = [
-    "EvalResult", "Example", "SPLITS", "ScoreMatrix", "Task", "evaluate", "generate_greedy",
+    "EvalResult", "Example", "SPLITS", "Task", "evaluate", "generate_greedy",
     "get_task", "known_task_names", "load_model", "loglik", "predict", "prepare_tokenizer",
-    "score_matrix", "select_examples",
+    "select_examples",
 ]
