@@ -57,10 +57,11 @@ class Run:
     method: str
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float  # user + system
 
 
-def timed(command: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``command`` under ``/usr/bin/time -v``; (wall seconds, peak RSS in MB)."""
+def timed(command: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run ``command`` under ``/usr/bin/time -v``; (wall seconds, peak RSS in MB, user + system CPU seconds)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-v", "-o", report.name, *command],
@@ -72,7 +73,8 @@ def timed(command: list[str], *, env: dict[str, str] | None = None) -> tuple[flo
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if match is None:
         raise RuntimeError(f"no peak RSS in /usr/bin/time output:\n{text}")
-    return wall, int(match.group(1)) / 1024
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
+    return wall, int(match.group(1)) / 1024, cpu
 
 
 def shoal_command(recipe: Path, out: Path, extra: list[str]) -> list[str]:
@@ -109,11 +111,11 @@ def main() -> None:
             for tool, make, extra in tools:
                 out = work / f"out_{tool}_{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                wall, rss = timed(make(recipe, out, extra.split()), env=dict(os.environ))
+                wall, rss, cpu = timed(make(recipe, out, extra.split()), env=dict(os.environ))
                 shutil.rmtree(out, ignore_errors=True)
-                runs.append(Run(tool, method, wall, rss))
-                print(f"{method:12s} {tool:9s} pair {pair + 1}: {wall:7.2f} s  {rss:7.0f} MB",
-                      file=sys.stderr, flush=True)
+                runs.append(Run(tool, method, wall, rss, cpu))
+                print(f"{method:12s} {tool:9s} pair {pair + 1}: {wall:7.2f} s  {rss:7.0f} MB  "
+                      f"cpu {cpu:7.2f} s", file=sys.stderr, flush=True)
     print_table(runs, args)
 
 
@@ -124,15 +126,16 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
 
     floor = median("shoal", "passthrough", "wall_s")
     print(f"\nset: {args.set}; pairs: {args.pairs}; medians\n")
-    print("| method | shoal wall s | shoal peak RSS MB | shoal / floor | mergekit wall s | "
-          "mergekit peak RSS MB | speed-up | RSS ratio shoal/mergekit |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | shoal wall s | shoal CPU s | shoal peak RSS MB | shoal / floor | mergekit wall s | "
+          "mergekit CPU s | mergekit peak RSS MB | speed-up (wall) | CPU mergekit/shoal | RSS shoal/mergekit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
-        sw, sr = median("shoal", method, "wall_s"), median("shoal", method, "peak_rss_mb")
-        mw, mr = median("mergekit", method, "wall_s"), median("mergekit", method, "peak_rss_mb")
-        cells = [method, f"{sw:.2f}", f"{sr:.0f}", f"{sw / floor:.2f}" if floor else "-",
-                 f"{mw:.2f}" if mw else "-", f"{mr:.0f}" if mr else "-",
-                 f"{mw / sw:.1f}x" if mw else "-", f"{sr / mr:.2f}" if mr else "-"]
+        sw, sc, sr = (median("shoal", method, f) for f in ("wall_s", "cpu_s", "peak_rss_mb"))
+        mw, mc, mr = (median("mergekit", method, f) for f in ("wall_s", "cpu_s", "peak_rss_mb"))
+        cells = [method, f"{sw:.2f}", f"{sc:.1f}", f"{sr:.0f}", f"{sw / floor:.2f}" if floor else "-",
+                 f"{mw:.2f}" if mw else "-", f"{mc:.1f}" if mc else "-", f"{mr:.0f}" if mr else "-",
+                 f"{mw / sw:.1f}x" if mw else "-", f"{mc / sc:.1f}x" if mc else "-",
+                 f"{sr / mr:.2f}" if mr else "-"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -1,9 +1,9 @@
 """The fast CPU executor: every tensor in fixed-size chunks, on a pool of threads, straight to disk.
 
-A chunk is a flat range of entries of one output tensor. A worker reads that range of each
-source with ``pread`` (no memory map, no whole-tensor copy), computes it with the method's
-own elementwise code, and ``pwrite``s the result into its place in a pre-laid-out shard
-file. Workers run side by side (torch's own intra-op threads are set to 1 meanwhile, so
+A chunk is a flat range of entries of one output tensor (64K entries: the temporaries of a
+chunk stay in a core's cache). A worker reads that range of each source with ``pread`` (no
+memory map, no whole-tensor copy), computes it with the method's own elementwise code, and
+``pwrite``s the result into its place in a pre-laid-out shard file. Workers run side by side (torch's own intra-op threads are set to 1 meanwhile, so
 one busy core never stalls the others at a barrier), which overlaps reading, computing and
 writing; memory is a few chunks per worker, whatever the model or tensor size.
 
@@ -36,16 +36,16 @@ from shoal.errors import MergeError
 from shoal.merge.methods._inputs import per_model, uniform_like, working_dtype
 from shoal.merge.methods.consensus import task_vector
 from shoal.merge.methods.generalized import generalized_task_arithmetic
-from shoal.merge.methods.selection import (SAMPLE_SIZE, KthLargest, sample_positions, take_first_ties,
+from shoal.merge.methods.selection import (SAMPLE_SIZE, KthLargest, Scan, sample_positions, take_first_ties,
                                           ties_per_piece)
 from shoal.merge.methods.slerp import STATS_BLOCK, block_stats, slerp_coefficients, sum_block_stats
 from shoal.merge.methods.sparsify import apply_keep_mask, trim_count
 from shoal.merge.plan import COPY, SourceRef, TensorOp
 from shoal.merge.registry import get_method
 
-CHUNK = 1 << 20  # entries per chunk (a multiple of STATS_BLOCK)
+CHUNK = 1 << 16  # entries per chunk (a multiple of STATS_BLOCK); small enough for a core's cache
 ELEMENTWISE = {COPY, "linear", "task_arithmetic", "passthrough"}
-_SAMPLE_RUN = 512  # the TIES sample is read as runs of this many neighbouring entries
+_SAMPLE_RUN = 1024  # the TIES sample is read as runs of this many neighbouring entries
 _SAMPLE_ABOVE = 1 << 18  # smaller tensors are scanned without a bracket (the window is all of it)
 
 Job = Callable[[int, int], Any]  # (start, stop) -> anything
@@ -56,7 +56,6 @@ def chunk_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
     """A pool of ``workers`` threads (default: torch's thread count) with torch's intra-op threads at 1."""
     previous = torch.get_num_threads()
     workers = workers or previous
-    _keep_freed_memory()
     torch.set_num_threads(1)
     try:
         # OpenMP's thread count is per thread: each worker sets its own
@@ -67,23 +66,35 @@ def chunk_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(previous)
 
 
-def _keep_freed_memory() -> None:
-    """Ask glibc to serve chunk-sized buffers from its heap and keep freed memory for reuse.
+_TRIM_EVERY = 16  # chunks between two returns of freed memory to the system
 
-    By default every allocation over 128 KiB-32 MiB is a fresh ``mmap`` and is returned on
-    free, so each temporary of every chunk costs a page fault per 4 KiB, which is most of
-    the time of a merge. Process-wide, idempotent, and skipped where the C library is not glibc.
+
+def _memory_trimmer() -> Callable[[], None]:
+    """A function that hands the C library's freed memory back to the system every few calls.
+
+    Worker threads allocate from their own glibc arenas, and chunk-sized temporaries freed
+    between small long-lived results (the TIES tallies) are kept by the arena: without this,
+    resident memory grows with the number of chunks of a tensor, i.e. with the model size.
+    A no-op where the C library is not glibc.
     """
     import ctypes
     import ctypes.util
+    import itertools
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return
-    mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-    mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        return lambda: None
+    calls = itertools.count(1)  # thread-safe increments
+
+    def maybe_trim() -> None:
+        if next(calls) % _TRIM_EVERY == 0:
+            trim(0)
+
+    return maybe_trim
+
+
+_trim_memory = _memory_trimmer()
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -96,9 +107,14 @@ def _ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 
 def _run(pool: ThreadPoolExecutor, job: Job, ranges: list[tuple[int, int]]) -> list[Any]:
     """``job`` on every range, in parallel; results in range order."""
+    def run(bounds: tuple[int, int]) -> Any:
+        result = job(*bounds)
+        _trim_memory()
+        return result
+
     if len(ranges) == 1:
-        return [job(*ranges[0])]
-    return list(pool.map(lambda r: job(*r), ranges))
+        return [run(ranges[0])]
+    return list(pool.map(run, ranges))
 
 
 def _params(op: TensorOp) -> dict[str, Any]:
@@ -214,17 +230,12 @@ def _slerp(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecut
     _run(pool, job, ranges)
 
 
-def _task_vectors(sources: _Sources, start: int, stop: int) -> list[torch.Tensor]:
-    """The task vectors ``m_k - base`` of one range, computed as the methods compute them.
-
-    For the threshold passes only: the values are not checked for NaN/Inf here (the pass
-    that writes checks them; a NaN only makes the bracket miss, and the whole-tensor
-    fallback then reports it).
-    """
-    base = sources.base(start, stop, check=False)
+def _task_vectors(sources: _Sources, start: int, stop: int, *, check: bool) -> list[torch.Tensor]:
+    """The task vectors ``m_k - base`` of one range, computed as the methods compute them."""
+    base = sources.base(start, stop, check=check)
     assert base is not None
     work_base = base.to(working_dtype(base.dtype))
-    return [task_vector(model, work_base) for model in sources.models(start, stop, check=False)]
+    return [task_vector(model, work_base) for model in sources.models(start, stop, check=check)]
 
 
 def _ties(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
@@ -242,8 +253,8 @@ def _ties(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecuto
         sample = _sample_magnitudes(sources, n) if n >= _SAMPLE_ABOVE else [None] * count
         searches = {k: KthLargest(keep_counts[k], n, sample[k]) for k in searched}
 
-        def scan(start: int, stop: int) -> dict[int, tuple[int, torch.Tensor]]:
-            deltas = _task_vectors(sources, start, stop)
+        def scan(start: int, stop: int) -> dict[int, Scan]:
+            deltas = _task_vectors(sources, start, stop, check=True)  # the one NaN/Inf check of the sources
             return {k: searches[k].scan(deltas[k].abs()) for k in searched}
 
         scans = _run(pool, scan, ranges)
@@ -270,8 +281,10 @@ def _ties(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecuto
             take_first_ties(keep, magnitude, thresholds[k], ties_taken[k][index])
             return apply_keep_mask(delta, keep)
 
+        checked = bool(searched)
         result = generalized_task_arithmetic(
-            sources.base(start, stop), sources.models(start, stop), method="ties", weights=weights,
+            sources.base(start, stop, check=not checked), sources.models(start, stop, check=not checked),
+            method="ties", weights=weights,
             sparsify=sparsify, sign_consensus=True, normalize=params["normalize"],
             lambda_=params["lambda_"], compat=compat)
         write(start, _finish(op, result))
@@ -286,7 +299,7 @@ def _sample_magnitudes(sources: _Sources, n: int) -> list[torch.Tensor]:
     values: list[list[torch.Tensor]] = [[] for _ in sources.op.models]
     for run in runs:
         start = min(run * _SAMPLE_RUN, max(0, n - _SAMPLE_RUN))
-        for k, delta in enumerate(_task_vectors(sources, start, min(n, start + _SAMPLE_RUN))):
+        for k, delta in enumerate(_task_vectors(sources, start, min(n, start + _SAMPLE_RUN), check=False)):
             values[k].append(delta.abs())
     return [torch.cat(parts) for parts in values]
 
@@ -339,8 +352,12 @@ def _run_in_order(pool: ThreadPoolExecutor, job: Callable[[int, int, Any], None]
     """``job(start, stop, prepare(start, stop))`` on every range; ``prepare`` runs here, in range order."""
     limit = 2 * (pool._max_workers or 1)
     pending: list[Any] = []
+    def run(start: int, stop: int, prepared: Any) -> None:
+        job(start, stop, prepared)
+        _trim_memory()
+
     for start, stop in ranges:
-        pending.append(pool.submit(job, start, stop, prepare(start, stop)))
+        pending.append(pool.submit(run, start, stop, prepare(start, stop)))
         if len(pending) >= limit:
             pending.pop(0).result()
     for future in pending:

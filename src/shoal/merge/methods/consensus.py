@@ -50,7 +50,7 @@ def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], ele
             denominator.add_(agree.to(denominator.dtype), alpha=weight)
     if denominator is None:
         return numerator
-    return numerator.div_(denominator.masked_fill_(denominator == 0, 1.0))
+    return numerator.div_(denominator.add_(denominator == 0))  # a zero divisor becomes exactly 1
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,

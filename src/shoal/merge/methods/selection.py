@@ -4,7 +4,7 @@ Trimming (TIES) and the breadcrumbs band both call :func:`top_k_mask`. The k-th 
 value is found without a full sort and without ``torch.kthvalue`` over the whole tensor
 (a single-threaded quickselect, the slowest step of a TIES merge): a small sample of the
 entries brackets the value, one multithreaded pass counts the entries above the bracket and
-keeps those inside it, and ``kthvalue`` runs on that small window only. The value found is
+tallies the distinct values inside it, and the tally gives the value. The value found is
 the exact k-th largest whatever the sample; a bracket that misses (very unlikely) is widened
 to everything. :class:`KthLargest` does the same over a tensor seen in pieces.
 """
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-SAMPLE_SIZE = 1 << 15  # entries sampled to bracket the k-th largest value
+SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the k-th largest value
 _DIRECT_BELOW = 1 << 18  # smaller tensors: kthvalue on all of it
 _MARGIN_SIGMAS = 6.0
 
@@ -35,13 +35,18 @@ def sample_positions(n: int, count: int = SAMPLE_SIZE) -> torch.Tensor:
     return torch.arange(count, dtype=torch.int64) * n // count
 
 
+Scan = tuple[int, torch.Tensor, torch.Tensor]  # (count above the bracket, distinct values inside, their counts)
+
+
 class KthLargest:
     """The exact k-th largest of ``n`` values seen in pieces.
 
     ``sample`` (some of the values) sets a bracket [lo, hi]. :meth:`scan` of a piece counts
-    its values above ``hi`` and keeps those inside the bracket (pieces may be scanned in
-    parallel); :meth:`value` of all the scans is the k-th largest value, or None when the
-    bracket missed it (scan again with ``sample=None``: the bracket is then unbounded).
+    its values above ``hi`` and tallies the distinct values inside the bracket (pieces may be
+    scanned in parallel; a tally stays small even when half-precision data puts thousands of
+    equal values in the bracket); :meth:`value` of all the scans is the k-th largest value,
+    or None when the bracket missed it (scan again with ``sample=None``: the bracket is then
+    unbounded).
     """
 
     def __init__(self, k: int, n: int, sample: torch.Tensor | None) -> None:
@@ -59,36 +64,44 @@ class KthLargest:
             self.lo = ordered[i_lo] if i_lo >= 0 else None
             self.hi = ordered[i_hi] if i_hi < size else None
 
-    def scan(self, values: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """(how many of ``values`` lie above the bracket, those inside it in flat order)."""
+    def scan(self, values: torch.Tensor) -> Scan:
+        """(how many of ``values`` lie above the bracket, the distinct values inside it, their counts)."""
         values = values.reshape(-1)
+        above = 0
         if self.hi is None:
-            return 0, (values[values >= self.lo] if self.lo is not None else values.clone())
-        above = int(torch.count_nonzero(values > self.hi))
-        inside = values <= self.hi
-        if self.lo is not None:
-            inside &= values >= self.lo
-        return above, values[inside]
+            inside = values[values >= self.lo] if self.lo is not None else values
+        else:
+            above = int(torch.count_nonzero(values > self.hi))
+            mask = values <= self.hi
+            if self.lo is not None:
+                mask &= values >= self.lo
+            inside = values[mask]
+        distinct, counts = torch.unique(inside, sorted=True, return_counts=True)
+        return above, distinct, counts
 
-    def value(self, scans: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
-        above = sum(count for count, _ in scans)
-        window = torch.cat([inside for _, inside in scans]) if len(scans) != 1 else scans[0][1]
-        wanted = self.k - above  # rank of the k-th largest inside the window, from the top
-        if wanted <= 0 or wanted > window.numel():
+    def value(self, scans: Sequence[Scan]) -> torch.Tensor | None:
+        above = sum(scan[0] for scan in scans)
+        distinct = torch.cat([scan[1] for scan in scans])
+        counts = torch.cat([scan[2] for scan in scans])
+        wanted = self.k - above  # rank of the k-th largest inside the bracket, from the top
+        if wanted <= 0 or wanted > int(counts.sum()):
             return None
-        return torch.kthvalue(window, window.numel() - wanted + 1).values
+        order = torch.argsort(distinct, descending=True)
+        reached = torch.cumsum(counts[order], 0)
+        position = int(torch.searchsorted(reached, torch.tensor([wanted], dtype=reached.dtype, device=reached.device)))
+        return distinct[order[position]]
 
 
-def ties_per_piece(scans: Sequence[tuple[int, torch.Tensor]], threshold: torch.Tensor, k: int) -> list[int]:
+def ties_per_piece(scans: Sequence[Scan], threshold: torch.Tensor, k: int) -> list[int]:
     """How many entries equal to ``threshold`` each piece keeps so that exactly ``k`` are kept.
 
     ``threshold`` is the k-th largest (found by :meth:`KthLargest.value` from ``scans``);
     entries above it are all kept and ties go to the lowest flat indices, piece by piece.
     """
-    missing = k - sum(count + int(torch.count_nonzero(inside > threshold)) for count, inside in scans)
+    missing = k - sum(above + int(counts[distinct > threshold].sum()) for above, distinct, counts in scans)
     take = []
-    for _, inside in scans:
-        here = min(missing, int(torch.count_nonzero(inside == threshold)))
+    for _, distinct, counts in scans:
+        here = min(missing, int(counts[distinct == threshold].sum()))
         take.append(here)
         missing -= here
     return take
