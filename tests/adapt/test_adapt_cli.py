@@ -66,7 +66,7 @@ def test_adapt_evaluates_generates_and_refuses_foreign_experts(zoo_models):
     root = zoo_models["root"]
     svd = ["--svd-cache", str(root / "svd")]
     experts = []
-    for task in ("sort", "reverse"):
+    for task in ("sort", "count"):
         path = root / f"e-{task}.safetensors"
         code, _, stderr = run("svf", "train", str(zoo_models["base"]), "--task", task, "--objective", "sft",
                               "--steps", "1", "--batch-size", "2", "--validation-limit", "4", "--out", str(path),
@@ -80,11 +80,11 @@ def test_adapt_evaluates_generates_and_refuses_foreign_experts(zoo_models):
     result = json.loads(stdout)
     assert result["n"] == 4 and sum(result["categories"].values()) == 4 and 0 <= result["score"] <= 1
     code, stdout, stderr = run("adapt", base, "--experts", *experts, "--strategy", "classifier", "--classifier",
-                               experts[0], "--prompt", "sort : 3 1 2 =", "reverse : cat dog =",
+                               experts[0], "--prompt", "sort : 3 1 2 =", "count : cups hats =",
                                "--max-new-tokens", "3", *svd, "--quiet")
     assert code == 0, stderr
     lines = stdout.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith(("[sort]", "[reverse]", "[other]")) for line in lines)
+    assert len(lines) == 2 and all(line.startswith(("[sort]", "[count]", "[other]")) for line in lines)
     code, stdout, stderr = run("adapt", base, "--experts", *experts, "--strategy", "few-shot", "--task", "sort",
                                "--limit", "3", "--shots", "2", "--cem-iterations", "1", "--cem-population", "2",
                                *svd, "--json", "--quiet")

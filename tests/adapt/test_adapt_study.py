@@ -9,13 +9,13 @@ from shoal.adapt.study import StudySettings, run_study
 
 
 def test_study_runs_and_writes_its_report(micro_world, tmp_path):
-    settings = StudySettings(labels={"sort": "sort", "reverse": "reverse"}, steps=2, batch_size=4, eval_every=2,
+    settings = StudySettings(labels={"sort": "sort", "count": "count"}, steps=2, batch_size=4, eval_every=2,
                              validation_limit=4, limit=4, shots=2, cem_iterations=1, cem_population=2)
     results = run_study(micro_world, tmp_path, settings, transfer_world=micro_world)
     sort = results["experts"]["sort"]
     assert sort["svf_parameters"] == 192 and sort["lora_parameters"] == 2304
     assert all(0.0 <= sort[k] <= 1.0 for k in ("base", "svf", "lora"))
-    assert set(results["two_pass"]) == {"sort", "reverse", "math_b"}
+    assert set(results["two_pass"]) == {"sort", "count", "math_b"}
     held = results["two_pass"]["math_b"]
     assert set(held) == {"base", "prompt", "prompt-generate", "classifier", "few-shot"}
     assert len(held["few-shot"]["alpha"]) == 2 and sum(held["classifier"]["categories"].values()) == 4
