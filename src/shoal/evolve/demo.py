@@ -50,6 +50,9 @@ def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
         "method": "dare_ties",
         "space": {"layer_group_size": 1, "parameters": ["weight", "density"],
                   "ranges": {"weight": [0.0, 2.0]}},
+        # the sum of the kept task vectors (not their disjoint mean), so weights can amplify a
+        # skill as well as share it; the world's probe found merges compose this way
+        "fixed": {"normalize": False},
         "hold_at_zero": list(hold_at_zero),
         "fitness": {"task": CROSS_TASK, "split": "fitness", "limit": limit},
         "validation": {"task": CROSS_TASK, "split": "validation", "limit": limit, "top_k": 5},
