@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from shoal.evolve.demo import demo_config
-    from shoal.evolve.run import Evaluator
+    from shoal.evolve.evaluators import Evaluator
     from shoal.merge.execute import merge
     from shoal.zoo import build_zoo
 

@@ -33,6 +33,10 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(path_or_id)
+    if source.startswith("zoo:"):
+        from shoal.zoo import resolve_zoo_ref
+
+        source = resolve_zoo_ref(source)
     local = Path(source)
     if local.exists() and not local.is_dir():
         raise CheckpointError(f"{source}: expected a model folder, found a file")

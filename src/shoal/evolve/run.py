@@ -20,7 +20,7 @@ import yaml
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
-from shoal.evolve.evaluators import BEST_PATH, BEST_RECIPE, make_evaluator, rows_for
+from shoal.evolve.evaluators import make_evaluator, rows_for
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
 from shoal.progress import ProgressFn, no_progress
 
@@ -63,16 +63,9 @@ def resolve_model_ref(ref: str) -> str:
     run_model = Path(ref) / "model"
     if Path(ref).is_dir() and (Path(ref) / CONFIG_FILE).is_file() and run_model.is_dir():
         return str(run_model)
-    if not ref.startswith("zoo:"):
-        return ref
-    spec = ref[len("zoo:"):]
-    if "/" not in spec:
-        raise ConfigError(f"{ref!r}: write zoo models as zoo:SIZE/NAME, e.g. zoo:small/math_a")
-    size, name = spec.split("/", 1)
-    from shoal.zoo import build_zoo
+    from shoal.zoo import resolve_zoo_ref
 
-    world = build_zoo(size)
-    return str(world.model(name))
+    return resolve_zoo_ref(ref)
 
 
 def resolve_config(config: EvolveConfig, run_dir: Path | None = None) -> EvolveConfig:

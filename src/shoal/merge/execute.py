@@ -61,9 +61,9 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
     for name in recipe.source_models():
         location = name
         if name.startswith("zoo:"):
-            from shoal.evolve.run import resolve_model_ref
+            from shoal.zoo import resolve_zoo_ref
 
-            location = resolve_model_ref(name)
+            location = resolve_zoo_ref(name)
         readers[name] = stack.enter_context(open_checkpoint(location, allow_pickle=allow_pickle))
     return readers
 

@@ -87,6 +87,18 @@ def _world(root: Path, manifest: dict) -> ZooWorld:
                     held_out=tuple(manifest["held_out"]))
 
 
+def resolve_zoo_ref(ref: str) -> str:
+    """``zoo:SIZE/NAME`` -> the folder of that model of the miniature world (built when
+    missing); any other reference is returned unchanged."""
+    if not ref.startswith("zoo:"):
+        return ref
+    spec = ref[len("zoo:"):]
+    if "/" not in spec:
+        raise ZooError(f"{ref!r}: write zoo models as zoo:SIZE/NAME, e.g. zoo:small/math")
+    size, name = spec.split("/", 1)
+    return str(build_zoo(size).model(name))
+
+
 def load_zoo(size: str = "small", seed: int = 0, *, root: Path | None = None) -> ZooWorld | None:
     """The finished world of this size and seed, or None when it has not been built."""
     root = Path(root) if root is not None else default_root(size, seed)
