@@ -84,3 +84,10 @@ def test_dfs_config_errors() -> None:
         parse_evolve_config(dfs_data(["a", "b"], 2) | {"base_model": "a"})
     with pytest.raises(ConfigError, match="scaling"):
         parse_evolve_config(dfs_data(["a", "b"], 2) | {"dfs": {"scaling": "diagonal"}})
+
+
+def test_report_rows_name_a_run_by_its_folder_and_keep_names_distinct() -> None:
+    from shoal.evolve.evaluators import source_labels
+
+    assert source_labels(["/runs/cross/model", "/zoo/small-seed0-v1/math"]) == ["cross (run)", "math"]
+    assert source_labels(["/w0/math", "/w1/math", "/w1/lang"]) == ["w0/math", "w1/math", "lang"]

@@ -25,6 +25,7 @@ from shoal.merge.recipe import ModelEntry, Recipe
 
 BEST_RECIPE = "best_recipe.yaml"
 BEST_PATH = "best_path.json"
+MODEL_DIR = "model"  # the final merged model inside a run folder
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -138,8 +139,8 @@ class Evaluator(_Base):
         (run_dir / BEST_RECIPE).write_text(best.to_yaml())
         if not write_model:
             return None
-        merge(best, run_dir / "model", seed=self.config.seed, overwrite=True)
-        return run_dir / "model"
+        merge(best, run_dir / MODEL_DIR, seed=self.config.seed, overwrite=True)
+        return run_dir / MODEL_DIR
 
     def uniform_recipe(self, **values: float) -> Recipe:
         """The method with every model at the same parameter values (a baseline)."""
@@ -151,7 +152,7 @@ class Evaluator(_Base):
 
     def rows(self, genome: Mapping[str, float], baseline: Mapping[str, float] | None) -> list[tuple[str, Any]]:
         sources = ([self.config.base_model] if self.config.base_model else []) + list(self.config.models)
-        rows: list[tuple[str, Any]] = [(Path(m).name, m) for m in sources]
+        rows: list[tuple[str, Any]] = list(zip(source_labels(sources), sources))
         rows.append((f"uniform {self.config.method}", self.uniform_recipe(**(baseline or {}))))
         return rows
 
@@ -212,11 +213,11 @@ class DfsEvaluator(_Base):
         if not write_model:
             return None
         self.load(genome)
-        save_path_model(self.model, run_dir / "model", overwrite=True)
-        return run_dir / "model"
+        save_path_model(self.model, run_dir / MODEL_DIR, overwrite=True)
+        return run_dir / MODEL_DIR
 
     def rows(self, genome: Mapping[str, float], baseline: Mapping[str, float] | None) -> list[tuple[str, Any]]:
-        return [(Path(m).name, m) for m in self.sources]
+        return list(zip(source_labels(self.sources), self.sources))
 
     def final_row(self, genome: Mapping[str, float]) -> Any:
         return dict(genome)
@@ -224,11 +225,26 @@ class DfsEvaluator(_Base):
     def plot_best(self, genome: Mapping[str, float], path: Path) -> None:
         from shoal.evolve.report import plot_path
 
-        plot_path(self.space.decode(genome), [Path(s).name for s in self.sources], path)
+        plot_path(self.space.decode(genome), source_labels(self.sources), path)
 
     @property
     def title(self) -> str:
         return f"data-flow space, {self.space.size} genes, {self.space.num_slots} slots"
+
+
+def source_labels(sources: Sequence[str]) -> list[str]:
+    """Short, distinct names for the report's rows: a folder's name; a finished run's model
+    (``RUN/model``) by its run's name; a name that repeats gets its parent folder's name too."""
+    def label(ref: str) -> str:
+        path = Path(ref)
+        if path.name == MODEL_DIR and path.parent.name:
+            return f"{path.parent.name} (run)"
+        return path.name or ref
+
+    labels = [label(s) for s in sources]
+    repeated = {name for name in labels if labels.count(name) > 1}
+    return [f"{Path(ref).parent.name}/{name}" if name in repeated and Path(ref).parent.name else name
+            for ref, name in zip(sources, labels)]
 
 
 def make_evaluator(config: EvolveConfig) -> Evaluator | DfsEvaluator:

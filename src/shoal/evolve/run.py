@@ -20,7 +20,7 @@ import yaml
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
-from shoal.evolve.evaluators import make_evaluator, rows_for
+from shoal.evolve.evaluators import MODEL_DIR, make_evaluator, rows_for
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
 from shoal.progress import ProgressFn, no_progress
 
@@ -60,7 +60,7 @@ def resolve_model_ref(ref: str) -> str:
     ``zoo:SIZE/NAME`` is a model of the miniature world (built when missing); a finished
     ``shoal evolve`` run folder stands for its merged model (PS+DFS feeds a PS result to DFS).
     """
-    run_model = Path(ref) / "model"
+    run_model = Path(ref) / MODEL_DIR
     if Path(ref).is_dir() and (Path(ref) / CONFIG_FILE).is_file() and run_model.is_dir():
         return str(run_model)
     from shoal.zoo import resolve_zoo_ref
