@@ -35,7 +35,8 @@ def test_example_recipes_plan(name: str, micro_world) -> None:  # type: ignore[n
     assert plan.ops
 
 
-@pytest.mark.parametrize("name", ["evolve_cross.yaml", "evolve_dfs.yaml", "evolve_psdfs.yaml"])
+@pytest.mark.parametrize("name", ["evolve_cross.yaml", "evolve_dfs.yaml", "evolve_psdfs.yaml",
+                                  "evolve_multitask.yaml"])
 def test_example_evolve_configs_are_valid(name: str, micro_world) -> None:  # type: ignore[no-untyped-def]
     text = on_micro((EXAMPLES / name).read_text(), micro_world)
     config = parse_evolve_config(yaml.safe_load(text), where=name)
