@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per result, not one bar per model load
 
     from shoal.eval.evaluate import evaluate
     from shoal.eval.loading import load_model

@@ -170,6 +170,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/sampler_curves"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per result, not one bar per model load
 
     import optuna
 
