@@ -17,6 +17,7 @@ from torch import nn
 from shoal.adapt.reinforce import sequence_logprobs
 from shoal.eval.evaluate import predict
 from shoal.eval.task import Example, Task
+from shoal.hf_compat import cache_keyword, cache_of
 
 
 def pad_id(tokenizer: object) -> int:
@@ -85,7 +86,7 @@ def generate(model: nn.Module, tokenizer: object, prompts: Sequence[str], *, max
         step_ids = ids
         for _ in range(max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=attn, position_ids=positions,
-                        past_key_values=past, use_cache=True)
+                        **{cache_keyword(model.forward): past}, use_cache=True)
             logits = out.logits[:, -1].float()  # (B, V)
             if sample:
                 probs = torch.softmax(logits / temperature, dim=-1).cpu()
@@ -98,7 +99,7 @@ def generate(model: nn.Module, tokenizer: object, prompts: Sequence[str], *, max
                 finished |= nxt == eos
             if bool(finished.all()):
                 break
-            past = out.past_key_values
+            past = cache_of(out)
             step_ids = nxt[:, None]
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             positions = positions[:, -1:] + 1

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from shoal.hf_compat import cache_keyword, cache_of
 from shoal.progress import ProgressFn, no_progress
 
 
@@ -158,7 +159,7 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
         extra["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 **_positions(accepted, position_ids), **extra)
-    cache = out.past_key_values
+    cache = cache_of(out)
     # Finished rows leave the batch when the cache can drop rows; otherwise they ride along
     # and their tokens are ignored.
     compactable = hasattr(cache, "batch_select_indices")
@@ -192,7 +193,7 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
             active = [active[r] for r in alive]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], -1)
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                    past_key_values=cache, **_positions(accepted, next_position), **extra)
+                    **{cache_keyword(model.forward): cache}, **_positions(accepted, next_position), **extra)
         next_position = next_position + 1
     return generated, tied
 

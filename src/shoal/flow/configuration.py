@@ -32,7 +32,7 @@ class LayerPathConfig(PretrainedConfig):
     """Config of :class:`~shoal.flow.modeling.LayerPathForCausalLM`."""
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     sources: list[str] | None = None
     source_configs: list[dict] | None = None

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from shoal.errors import ConfigError
 from shoal.flow.configuration import LayerPathConfig
 from shoal.flow.path import LayerPath, make_path
+from shoal.hf_compat import cache_field, cache_keyword
 
 # model_type -> (module, class-name prefix) of the transformers decoders a path may use.
 FAMILIES = {
@@ -94,7 +95,7 @@ class LayerPathPreTrainedModel(PreTrainedModel):
     config_class = LayerPathConfig
     base_model_prefix = "model"
     _no_split_modules = [f"{prefix}DecoderLayer" for _, prefix in FAMILIES.values()]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -160,9 +161,10 @@ class LayerPathModel(LayerPathPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                **kwargs: Any) -> BaseModelOutputWithPast:
+                cache: Cache | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = cache if cache is not None else past_key_values  # the name of transformers >= 5.24
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
@@ -173,20 +175,21 @@ class LayerPathModel(LayerPathPreTrainedModel):
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen)[None]
         self._sync_attention()
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, past_key_values=past_key_values,
-                                  position_ids=position_ids)
+                                  attention_mask=attention_mask, position_ids=position_ids,
+                                  **{cache_keyword(create_causal_mask): past_key_values})
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for hop, (block, scale) in enumerate(self.hops):
             if scale != 1.0:
                 hidden = hidden * scale
-            cache = _HopCache(past_key_values, hop) if past_key_values is not None else None
-            hidden = self.blocks[block](hidden, attention_mask=mask, position_ids=position_ids,
-                                        past_key_values=cache, use_cache=use_cache,
-                                        position_embeddings=position_embeddings, **kwargs)
+            layer = self.blocks[block]
+            hop_cache = _HopCache(past_key_values, hop) if past_key_values is not None else None
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=use_cache,
+                           position_embeddings=position_embeddings,
+                           **{cache_keyword(type(layer).forward): hop_cache}, **kwargs)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden,
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **{cache_field(): past_key_values if use_cache else None})
 
 
 class LayerPathForCausalLM(LayerPathPreTrainedModel, GenerationMixin):
@@ -219,15 +222,15 @@ class LayerPathForCausalLM(LayerPathPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                cache: Cache | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         kwargs.pop("return_dict", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, **kwargs)
+                             past_key_values=cache if cache is not None else past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{cache_field(): getattr(outputs, cache_field())})
