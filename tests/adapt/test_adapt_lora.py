@@ -26,3 +26,16 @@ def test_lora_baseline_trains_and_counts_parameters(llama, word_tokenizer, toy_t
     adapted = PeftModel.from_pretrained(llama, str(result.path)).eval()
     after = reference_nll(adapted, word_tokenizer, task.examples("validation"))
     assert after < before - 0.1
+
+
+def test_lora_baseline_is_reproducible_whatever_the_global_generator(llama, word_tokenizer, toy_tasks, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        result = train_lora(llama, word_tokenizer, toy_tasks["ay"], out=tmp_path / f"lora{i}", rank=2, steps=2,
+                            batch_size=4, eval_every=2, validation_limit=4)
+        runs.append(load_file(str(result.path / "adapter_model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

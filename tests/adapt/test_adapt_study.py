@@ -20,9 +20,13 @@ def test_study_runs_and_writes_its_report(micro_world, tmp_path):
     assert set(held) == {"base", "prompt", "prompt-generate", "classifier", "few-shot"}
     assert len(held["few-shot"]["alpha"]) == 2 and sum(held["classifier"]["categories"].values()) == 4
     # the same base: a "transferred" expert scores what the expert scores at home
-    assert results["transfer"]["tasks"]["sort"]["svf_transferred"] == sort["svf"]
+    moved = results["transfer"]["tasks"]["sort"]
+    assert moved["svf_transferred"] == sort["svf"] and moved["base"] == sort["base"]
+    assert moved["svf_own"] == sort["svf"]  # the same settings and seed retrain the same expert
     written = write_report(results, tmp_path / "report")
     assert json.loads(written["json"].read_text()) == json.loads(json.dumps(results))
     table = written["markdown"].read_text()
     assert f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['lora']:.3f} | 192 | 2,304 |" in table
+    assert (f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['base']:.3f} | {sort['svf']:.3f} | "
+            f"{sort['svf']:.3f} |") in table
     assert "Few-shot alpha on math_b: sort" in table and "<pre>" in written["html"].read_text()

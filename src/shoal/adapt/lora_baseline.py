@@ -3,7 +3,8 @@
 Same matrices (the SVF name filter), same batches (the draw depends on ``seed`` and the step
 only, as in :func:`shoal.adapt.train.train_svf`), same objectives and validation-based choice
 of the best checkpoint; only the trainable part differs: B A (rank ``rank``) added to each
-matrix instead of z scaling its singular values. The model passed in is not modified (a copy
+matrix instead of z scaling its singular values. The initial A comes from ``seed``, so a run is
+reproducible whatever ran before it in the process. The model passed in is not modified (a copy
 is wrapped). Not resumable: it is a baseline.
 """
 
@@ -88,7 +89,9 @@ def train_lora(model: nn.Module, tokenizer: object, task: Task, *, out: Path, ob
     modules = [name[: -len(".weight")] for name in select_matrices(model, patterns)]
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
                         target_modules=modules, bias="none")
-    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: pin it to the seed
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.eval()  # no dropout anywhere: the same conditions as SVF training
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)

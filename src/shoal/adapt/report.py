@@ -52,10 +52,14 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines += ["", "Experts chosen in pass 1:", ""] + [f"- {r}" for r in routes]
     transfer = results.get("transfer")
     if transfer:
-        lines += ["", f"z transfer to {transfer['world']}:", "", "| task | other base | with transferred SVF |",
-                  "|---|---|---|"]
+        lines += ["", f"z transfer to the base of {transfer['world']} (test split of that world; the experts "
+                      "above applied unchanged; own SVF: trained on that base with the same settings):", "",
+                  "| task | home base | home SVF | other base | transferred SVF | own SVF |",
+                  "|---|---|---|---|---|---|"]
         for task, row in transfer["tasks"].items():
-            lines.append(f"| {task} | {_f(row['base'])} | {_f(row['svf_transferred'])} |")
+            home = results["experts"].get(task, {})
+            lines.append(f"| {task} | {_f(home.get('base'))} | {_f(home.get('svf'))} | {_f(row['base'])} | "
+                         f"{_f(row['svf_transferred'])} | {_f(row.get('svf_own'))} |")
     return "\n".join(lines) + "\n"
 
 

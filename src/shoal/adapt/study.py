@@ -8,7 +8,7 @@
    (generating the label), ``classifier``, and on the held-out task ``few-shot`` (CEM alpha);
    with pass-1 / pass-2 times.
 4. Optionally z transfer: the experts applied to another base of the same shapes (a world built
-   with another seed).
+   with another seed), next to experts trained on that base with the same settings.
 
 Selection uses only ``train``/``validation`` (and ``fitness`` for the few-shot examples);
 ``test`` is only reported.
@@ -139,23 +139,30 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
         results["two_pass"][task_name] = rows
         progress("two-pass", i + 1, len(tasks))
     if transfer_world is not None:
-        results["transfer"] = _transfer(transfer_world, paths, s, svd_dir)
+        results["transfer"] = _transfer(transfer_world, paths, s, out / "transfer", train_args, progress)
     return results
 
 
-def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, svd_dir: Path) -> dict[str, Any]:
-    """Each expert applied, unchanged, to another base of the same shapes (``transfer=True``)."""
+def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, train_args: dict[str, Any],
+              progress: ProgressFn) -> dict[str, Any]:
+    """Each expert applied, unchanged, to another base of the same shapes (``transfer=True``), next
+    to that base alone and to an expert trained on that base with the same settings (the ceiling)."""
     from shoal.eval import load_model
 
     model, tokenizer = load_model(world.model("base"))
-    factors = load_or_compute_svd(model, cache_dir=svd_dir)
+    factors = load_or_compute_svd(model, cache_dir=out / "svd")
     adapter = SVFAdapter(model, factors)
     rows = {}
-    for task_name, path in paths.items():
+    for i, (task_name, path) in enumerate(paths.items()):
         task = world.task(task_name)
         expert = load_expert(path, factors, transfer=True)
         with adapter.applied(expert.z):
             moved = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
+        own = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
+                        label=s.labels[task_name], factors=factors, resume=False, **train_args)
+        with adapter.applied(load_expert(own.path, factors).z):
+            own_test = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
         rows[task_name] = {"base": _test_score(model, tokenizer, task, s.limit, s.eval_batch_size),
-                           "svf_transferred": moved}
+                           "svf_transferred": moved, "svf_own": own_test}
+        progress("transfer", i + 1, len(paths))
     return {"world": str(world.root), "tasks": rows}
