@@ -145,3 +145,19 @@ def test_read_range_matches_get(tmp_path: Path) -> None:
     assert torch.equal(reader.read_range("w", 37, 555), tensor.reshape(-1)[37:555])
     with pytest.raises(ValueError):
         reader.read_range("w", 10, 1001)
+
+
+def test_read_whole_is_get_without_a_memory_map(tmp_path: Path) -> None:
+    from shoal.errors import CheckpointError
+
+    bad = torch.ones(4, 5)
+    bad[2, 3] = float("nan")
+    folder = _write_model(tmp_path / "m", {"w": torch.randn(40, 25).to(torch.bfloat16), "s": torch.tensor(2.5),
+                                           "bad": bad})
+    reader = open_checkpoint(folder)
+    for name in ("w", "s"):
+        got = reader.read_whole(name)
+        assert got.dtype == reader.get(name).dtype and got.shape == reader.get(name).shape
+        assert torch.equal(got, reader.get(name))
+    with pytest.raises(CheckpointError, match="'bad' contains 1 NaN or Inf"):
+        reader.read_whole("bad")

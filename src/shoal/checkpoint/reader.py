@@ -157,6 +157,20 @@ class CheckpointReader:
             )
         return converted
 
+    def read_whole(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Tensor ``name`` as stored, on ``device``; what :meth:`get` returns, read without a memory map.
+
+        Safetensors storage is read with positioned reads (:meth:`read_range`), so the pages
+        read do not stay in this process's resident memory: merging tensor by tensor keeps it
+        flat in model size. NaN or Inf raise as in :meth:`get`. Pickle storage uses :meth:`get`.
+        """
+        if not self.can_read_range(name):
+            return self.get(name, device=device)
+        shape = self.shape(name)
+        values = self.read_range(name, 0, math.prod(shape)).view(shape).to(device)
+        self.check_range(name, values)
+        return values
+
     def can_read_range(self, name: str) -> bool:
         """Whether :meth:`read_range` works for ``name`` (safetensors storage, not pickle)."""
         return name in self._entries

@@ -43,7 +43,8 @@ def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
         models = [fetch(ref) for ref in op.models]
         kwargs = op.kwargs()
         if method.uses_generator:
-            kwargs["generator"] = torch.Generator(device=device).manual_seed(op.seed)
+            # a CPU generator whatever the device: a seed draws the same masks on the CPU and on a GPU
+            kwargs["generator"] = torch.Generator().manual_seed(op.seed)
         if method.has_compat:
             kwargs["compat"] = compat
         result = method.fn(base, models, **kwargs)
@@ -94,7 +95,8 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from shoal.checkpoint.writer import PlannedShardWriter
-    from shoal.merge.streamed import chunk_pool, run_streamed, streamable
+    from shoal.merge.pool import chunk_pool
+    from shoal.merge.streamed import run_streamed, streamable
 
     compat = plan.recipe.compat
     on_cpu = torch.device(device).type == "cpu"
@@ -105,7 +107,7 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
     try:
         with chunk_pool(workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
             def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
-                return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
+                return {ref: readers[ref.model].read_whole(ref.tensor, device) for ref in op.sources}
 
             prefetched: dict[int, Future] = {}
             writing: Future | None = None
