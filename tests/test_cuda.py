@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from shoal.checkpoint import open_checkpoint
 from shoal.cli.main import cli
 from shoal.merge.registry import all_methods
 
@@ -64,10 +65,8 @@ def _recipe(method: str, base: Path, a: Path, b: Path) -> dict:
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
+    with open_checkpoint(folder) as reader:  # the index and headers validate
+        return {name: reader.get(name) for name in reader.tensor_names()}
 
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
