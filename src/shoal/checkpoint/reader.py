@@ -175,28 +175,37 @@ class CheckpointReader:
         """Whether :meth:`read_range` works for ``name`` (safetensors storage, not pickle)."""
         return name in self._entries
 
-    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Entries ``[start, stop)`` of tensor ``name`` in flat (row-major) order, as stored, on the CPU.
 
-        A positioned read (``pread``) straight into a new buffer: no memory map, so the pages
+        A positioned read (``pread``) straight into a buffer: no memory map, so the pages
         read do not stay in this process's resident memory, and it is safe to call from
-        several threads at once. No finiteness check (see :meth:`check_range`).
+        several threads at once. The buffer is new, or the start of ``out`` (a contiguous
+        ``uint8`` CPU tensor of at least the range's bytes, which the result then shares:
+        a buffer used over and over costs no page faults). No finiteness check (see
+        :meth:`check_range`).
         """
         entry = self._entries.get(name)
         if entry is None:
             self._shard(name)  # an unknown name raises the usual error
             raise CheckpointError(f"{self._shard_of[name]}: tensor {name!r} is not in a safetensors file")
-        itemsize = torch.empty((), dtype=entry.dtype).element_size()
+        itemsize = entry.dtype.itemsize
         count = entry.nbytes // itemsize
         if not 0 <= start <= stop <= count:
             raise ValueError(f"range [{start}, {stop}) outside tensor {name!r} of {count} entries")
         shard = self._shard_of[name]
-        buffer = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
+        nbytes = (stop - start) * itemsize
+        if out is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
+            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes")
+        else:
+            buffer = out.reshape(-1)[:nbytes]
         view = memoryview(buffer.numpy())
         offset = self._data_start[shard] + entry.begin + start * itemsize
         fd = self._fd(shard)
         done = 0
-        while done < len(view):
+        while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
                 raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")

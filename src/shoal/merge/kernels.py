@@ -163,7 +163,7 @@ def ties_scan(base, model, lo, hi, has_lo, has_hi, work):  # type: ignore[no-unt
         inside[size] = magnitudes[i]
         size += np.int64((magnitudes[i] >= bottom) & (magnitudes[i] <= top))
     # magnitudes are >= +0.0, where the order of float32 bit patterns is the order of the values
-    ordered = np.sort(inside[:size].view(np.int32)).view(np.float32)
+    ordered = _sort_bits(inside[:size].view(np.uint32), magnitudes[:size].view(np.uint32)).view(np.float32)
     distinct = np.empty(size, np.float32)
     counts = np.empty(size, np.int64)
     runs = 0
@@ -175,6 +175,45 @@ def ties_scan(base, model, lo, hi, has_lo, has_hi, work):  # type: ignore[no-unt
             counts[runs] = 1
             runs += 1
     return above, distinct[:runs].copy(), counts[:runs].copy(), non_finite == 0
+
+
+_RADIX_BITS = 11
+_RADIX_SIZE = 1 << _RADIX_BITS
+
+
+@njit(nogil=True, error_model="numpy")
+def _sort_bits(values, spare):  # type: ignore[no-untyped-def]
+    """``values`` sorted (a radix sort, in ``values`` or ``spare``, an array of the same length; returns which).
+
+    Least significant digit first, 11 bits a pass, on the offsets from the smallest value: a
+    narrow bracket takes one or two passes, each two reads of the values (tens of times
+    faster than a comparison sort of the thousands of values inside a chunk's bracket).
+    """
+    size = values.shape[0]
+    if size < 64:
+        values[:] = np.sort(values)
+        return values
+    low, high = values[0], values[0]
+    for i in range(size):
+        low = min(low, values[i])
+        high = max(high, values[i])
+    counts = np.empty(_RADIX_SIZE, np.int64)
+    source, target = values, spare
+    shift = np.uint32(0)
+    while shift < np.uint32(32) and ((high - low) >> shift) != np.uint32(0):
+        counts[:] = 0
+        for i in range(size):
+            counts[((source[i] - low) >> shift) & np.uint32(_RADIX_SIZE - 1)] += 1
+        total = 0
+        for digit in range(_RADIX_SIZE):
+            total, counts[digit] = total + counts[digit], total
+        for i in range(size):
+            digit = ((source[i] - low) >> shift) & np.uint32(_RADIX_SIZE - 1)
+            target[counts[digit]] = source[i]
+            counts[digit] += 1
+        source, target = target, source
+        shift += np.uint32(_RADIX_BITS)
+    return source
 
 
 @njit(inline="always", error_model="numpy")
@@ -379,18 +418,23 @@ def scan_chunk(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 
 def merge_chunk(base: torch.Tensor, models: Sequence[torch.Tensor], loop: Callable[..., tuple[bool, bool]],
-                *args: Any) -> tuple[torch.Tensor, bool, bool]:
+                *args: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
     """``loop(base, models, out, *args)`` (:func:`ties_merge`, :func:`dare_merge`) on torch chunks.
 
     Returns the result in ``base``'s dtype (what the methods return), whether the sources were
-    finite and whether the result is.
+    finite and whether the result is. The loop writes into new memory, or into ``out`` (a
+    contiguous ``uint8`` tensor of at least 4 bytes an entry, which the result may then share).
     """
-    out = torch.empty(base.numel(), dtype=base.dtype if base.dtype in (torch.bfloat16, torch.float32)
-                      else torch.float32)  # float16: rounded from float32 below, as torch rounds
-    out_values = (out.view(torch.uint16) if out.dtype == torch.bfloat16 else out).numpy()
+    dtype = base.dtype if base.dtype in (torch.bfloat16, torch.float32) else torch.float32
+    # float16: rounded from float32 below, as torch rounds
+    if out is None:
+        values = torch.empty(base.numel(), dtype=dtype)
+    else:
+        values = out.reshape(-1)[:base.numel() * dtype.itemsize].view(dtype)
+    out_values = (values.view(torch.uint16) if dtype == torch.bfloat16 else values).numpy()
     sources_finite, result_finite = loop(as_input(base), model_inputs(models), out_values, *args)
-    result = out.to(base.dtype)
-    if result is not out and result_finite:
+    result = values.to(base.dtype)
+    if result is not values and result_finite:
         result_finite = bool(torch.isfinite(result).all())
     return result, sources_finite, result_finite
 

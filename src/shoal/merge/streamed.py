@@ -30,6 +30,7 @@ import functools
 import gc
 import inspect
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
@@ -102,25 +103,49 @@ def streamable(op: TensorOp, readers: Mapping[str, CheckpointReader], *, compat:
     return False
 
 
-class _Sources:
-    """Reads flat ranges of an op's sources, checked for NaN/Inf like ``CheckpointReader.get``."""
+_buffers = threading.local()  # each worker thread's read buffers: {slot: uint8 tensor}
 
-    def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader]) -> None:
+
+def buffer(slot: int, nbytes: int) -> torch.Tensor:
+    """This thread's buffer ``slot``, at least ``nbytes`` long (kept from chunk to chunk: no page faults)."""
+    kept = getattr(_buffers, "slots", None)
+    if kept is None:
+        kept = _buffers.slots = {}
+    found = kept.get(slot)
+    if found is None or found.numel() < nbytes:
+        found = kept[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return found
+
+
+class _Sources:
+    """Reads flat ranges of an op's sources, checked for NaN/Inf like ``CheckpointReader.get``.
+
+    ``reuse``: the base and the models are read into the calling thread's buffers (slot 0 for
+    the base, k + 1 for model k), so a range read stays valid only until the thread reads the
+    next one; for the fused loops, which are done with a chunk before they read the next.
+    """
+
+    def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader], *, reuse: bool = False) -> None:
         self.op = op
         self.readers = readers
+        self.reuse = reuse
 
-    def read(self, ref: SourceRef, start: int, stop: int, *, check: bool = True) -> torch.Tensor:
+    def read(self, ref: SourceRef, start: int, stop: int, *, check: bool = True,
+             slot: int | None = None) -> torch.Tensor:
         reader = self.readers[ref.model]
-        values = reader.read_range(ref.tensor, start, stop)
+        out = None
+        if self.reuse and slot is not None:
+            out = buffer(slot, (stop - start) * reader.dtype(ref.tensor).itemsize)
+        values = reader.read_range(ref.tensor, start, stop, out=out)
         if check:
             reader.check_range(ref.tensor, values)
         return values
 
     def base(self, start: int, stop: int, *, check: bool = True) -> torch.Tensor | None:
-        return self.read(self.op.base, start, stop, check=check) if self.op.base is not None else None
+        return self.read(self.op.base, start, stop, check=check, slot=0) if self.op.base is not None else None
 
     def models(self, start: int, stop: int, *, check: bool = True) -> list[torch.Tensor]:
-        return [self.read(ref, start, stop, check=check) for ref in self.op.models]
+        return [self.read(ref, start, stop, check=check, slot=k + 1) for k, ref in enumerate(self.op.models)]
 
 
 def _finish(op: TensorOp, result: torch.Tensor) -> torch.Tensor:
@@ -146,6 +171,7 @@ def run_streamed(op: TensorOp, readers: Mapping[str, CheckpointReader], write: W
     sources = _Sources(op, readers)
     if op.method in ("ties", "dare_ties") and _kernels_for(op, sources) is not None:
         chunk *= FUSED_CHUNKS  # one pass per chunk: cache matters less than the per-chunk Python
+        sources.reuse = True  # the fused loops are done with a chunk before their thread reads the next
     ranges = ranges_of(_numel(op.shape), chunk)
     if op.method in ELEMENTWISE:
         _elementwise(op, sources, write, pool, ranges)
@@ -217,7 +243,7 @@ def _ties(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecuto
     ties_taken: dict[int, list[int]] = {}
     kernels = _kernels_for(op, sources)
     if searched:
-        sample = _sample_magnitudes(sources, n, pool) if n >= _SAMPLE_ABOVE else [None] * count
+        sample = _sample_magnitudes(sources, n) if n >= _SAMPLE_ABOVE else [None] * count
         searches = {k: KthLargest(keep_counts[k], n, sample[k]) for k in searched}
 
         def scan(start: int, stop: int) -> dict[int, Scan]:
@@ -312,8 +338,9 @@ def _fused_merge(kernels: ModuleType, op: TensorOp, sources: _Sources, write: Wr
     """Read a range, merge it with a fused loop, and write it as ``_finish`` would."""
     base = sources.base(start, stop, check=False)
     assert base is not None
+    out = buffer(-1, base.numel() * max(base.element_size(), 4))
     result, sources_finite, result_finite = kernels.merge_chunk(
-        base, sources.models(start, stop, check=False), loop, *args)
+        base, sources.models(start, stop, check=False), loop, *args, out=out)
     if not sources_finite:
         _check_sources(sources, start, stop)
     if not result_finite:
@@ -321,16 +348,32 @@ def _fused_merge(kernels: ModuleType, op: TensorOp, sources: _Sources, write: Wr
     write(start, result.to(op.out_dtype))
 
 
-def _sample_magnitudes(sources: _Sources, n: int, pool: ThreadPoolExecutor) -> list[torch.Tensor]:
-    """|task vector| of each model at evenly spread runs of entries (to bracket the thresholds)."""
+def _sample_magnitudes(sources: _Sources, n: int) -> list[torch.Tensor]:
+    """|task vector| of each model at evenly spread runs of entries (to bracket the thresholds), sorted.
+
+    Read here, in one buffer a source: a few hundred small reads, cheaper than jobs for the pool.
+    """
     runs = sample_positions(max(1, n // _SAMPLE_RUN), SAMPLE_SIZE // _SAMPLE_RUN).tolist()
-    starts = [min(run * _SAMPLE_RUN, max(0, n - _SAMPLE_RUN)) for run in runs]
-    found = run_all(pool, lambda start, stop: [d.abs() for d in _task_vectors(sources, start, stop, check=False)],
-                 [(start, min(n, start + _SAMPLE_RUN)) for start in starts])
-    values = [[magnitudes[k] for magnitudes in found] for k in range(len(sources.op.models))]
-    # handed over sorted: KthLargest sorts its sample with torch (4 ms for 64K values, while the
-    # workers wait); numpy's vectorized sort takes 0.2 ms, and a sorted input then sorts fast
-    return [torch.from_numpy(np.sort(torch.cat(parts).numpy())) for parts in values]
+    bounds = [(start, min(n, start + _SAMPLE_RUN))
+              for start in (min(run * _SAMPLE_RUN, max(0, n - _SAMPLE_RUN)) for run in runs)]
+
+    def gather(ref: SourceRef) -> torch.Tensor:
+        reader = sources.readers[ref.model]
+        dtype = reader.dtype(ref.tensor)
+        values = torch.empty(sum(stop - start for start, stop in bounds), dtype=dtype)
+        raw, at = values.view(torch.uint8), 0
+        for start, stop in bounds:
+            size = (stop - start) * dtype.itemsize
+            reader.read_range(ref.tensor, start, stop, out=raw[at:at + size])
+            at += size
+        return values
+
+    assert sources.op.base is not None
+    base = gather(sources.op.base)
+    work_base = base.to(working_dtype(base.dtype))
+    # handed over sorted: KthLargest sorts its sample with torch (4 ms for 64K values);
+    # numpy's vectorized sort takes 0.2 ms, and a sorted input then sorts fast
+    return [torch.from_numpy(np.sort(task_vector(gather(ref), work_base).abs().numpy())) for ref in sources.op.models]
 
 
 def _dare(op: TensorOp, sources: _Sources, write: Write, pool: ThreadPoolExecutor,
