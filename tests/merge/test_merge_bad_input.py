@@ -186,7 +186,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, pair, monkeypatch) -> 
 
     # the whole-tensor and the streamed (chunked) executor
     monkeypatch.setattr(execute, "compute_op", dying(execute.compute_op))
-    monkeypatch.setattr(streamed, "run_streamed", dying(streamed.run_streamed))
+    monkeypatch.setattr(streamed, "start_streamed", dying(streamed.start_streamed))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(linear(*pair)))
     out = tmp_path / "out"

@@ -82,13 +82,13 @@ def test_fast_executor_is_bitwise_the_simple_one(tmp_path: Path, trio, method: s
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict))
     calls = {"streamed": 0}
-    real = streamed.run_streamed
+    real = streamed.start_streamed
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["streamed"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streamed, "run_streamed", counting)
+    monkeypatch.setattr(streamed, "start_streamed", counting)
     merge(recipe, tmp_path / "simple", streamed=False)
     assert calls["streamed"] == 0
     merge(recipe, tmp_path / "fast", shard_size=300_000)  # several shards, split like the simple writer's

@@ -21,9 +21,7 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressFn]:
 
     transformers' own bars (loading and writing weights, once per candidate in a search) are
     switched off: shoal's bars say what is happening."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    _no_transformers_bars()
     if not enabled:
         yield lambda stage, done, total: None
         return
@@ -44,3 +42,18 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressFn]:
             progress.update(bars[stage], completed=done, total=total)
 
         yield report
+
+
+def _no_transformers_bars() -> None:
+    """Switch off transformers' and huggingface_hub's progress bars without importing transformers.
+
+    transformers takes its setting from huggingface_hub's when it is imported (importing it
+    here would cost a command that never uses it, ``shoal merge``, half a second).
+    """
+    import sys
+
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:  # already imported: tell it too
+        sys.modules["transformers.utils.logging"].disable_progress_bar()

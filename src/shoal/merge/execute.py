@@ -18,6 +18,7 @@ from shoal.merge.registry import get_method
 from shoal.progress import ProgressFn, no_progress
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
+IN_FLIGHT = 3  # streamed ops started ahead of the one waited for
 
 Fetch = Callable[[SourceRef], torch.Tensor]
 
@@ -92,11 +93,12 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
     if not streamed:
         return _execute_simple(plan, readers, out_dir, shard_size=shard_size, device=device,
                                progress=progress)
+    from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from shoal.checkpoint.writer import PlannedShardWriter
     from shoal.merge.pool import chunk_pool
-    from shoal.merge.streamed import run_streamed, streamable
+    from shoal.merge.streamed import start_streamed, streamable
 
     compat = plan.recipe.compat
     on_cpu = torch.device(device).type == "cpu"
@@ -104,6 +106,14 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
     writer = PlannedShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in plan.ops],
                                 max_shard_bytes=shard_size)
     threads = torch.get_num_threads()
+    total = len(plan.ops)
+    finished = 0
+
+    def done() -> None:
+        nonlocal finished
+        finished += 1
+        progress("merge", finished, total)
+
     try:
         with chunk_pool(workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
             def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
@@ -111,15 +121,11 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
 
             prefetched: dict[int, Future] = {}
             writing: Future | None = None
-            total = len(plan.ops)
-            for i, op in enumerate(plan.ops):
-                if stream[i]:
-                    def write(start: int, values: torch.Tensor, name: str = op.name) -> None:
-                        writer.write(name, values, start)
 
-                    if run_streamed(op, readers, write, pool, compat=compat):
-                        progress("merge", i + 1, total)
-                        continue
+            def whole(i: int) -> None:
+                """Op i in one piece, on ``device``, while the next op's sources are read."""
+                nonlocal writing
+                op = plan.ops[i]
                 following = next((j for j in range(i + 1, total) if not stream[j]), None)
                 if following is not None and following not in prefetched:
                     prefetched[following] = io.submit(read_all, plan.ops[following])
@@ -133,7 +139,29 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
                     writing.result()
                 writing = io.submit(writer.write, op.name, tensor.to("cpu"))
                 del sources, tensor
-                progress("merge", i + 1, total)
+
+            # streamed ops in flight: their passes queue up on the pool behind each other's
+            in_flight: deque[tuple[int, Future]] = deque()
+
+            def settle() -> None:
+                i, future = in_flight.popleft()
+                if not future.result():  # the op must run whole after all
+                    whole(i)
+                done()
+
+            for i, op in enumerate(plan.ops):
+                if stream[i]:
+                    def write(start: int, values: torch.Tensor, name: str = op.name) -> None:
+                        writer.write(name, values, start)
+
+                    in_flight.append((i, start_streamed(op, readers, write, pool, compat=compat)))
+                    while len(in_flight) > IN_FLIGHT:
+                        settle()
+                    continue
+                whole(i)
+                done()
+            while in_flight:
+                settle()
             if writing is not None:
                 writing.result()
         writer.close()

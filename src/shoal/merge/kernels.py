@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -399,22 +399,6 @@ def combine_settings(weights: Sequence[float], *, compat: str, normalize: bool,
     assert fused is not None
     return (np.array(weights, dtype=np.float32), compat == "mergekit", bool(normalize), lambda_ != 1.0,
             np.float32(lambda_), fused)
-
-
-def scan_chunk(base: torch.Tensor, models: Sequence[torch.Tensor],
-               searches: Mapping[int, Any]) -> tuple[dict[int, tuple[int, torch.Tensor, torch.Tensor]], bool]:
-    """``searches[k].scan(|models[k] - base|)`` for each k of ``searches`` (``KthLargest``s), and sources finite."""
-    base_values = as_input(base)
-    found = {}
-    finite = True
-    for k, search in searches.items():
-        lo = np.float32(float(search.lo)) if search.lo is not None else np.float32(0.0)
-        hi = np.float32(float(search.hi)) if search.hi is not None else np.float32(0.0)
-        above, distinct, counts, ok = ties_scan(base_values, as_input(models[k]), lo, hi, search.lo is not None,
-                                                search.hi is not None, scratch(base.numel()))
-        finite &= ok
-        found[k] = (int(above), torch.from_numpy(distinct), torch.from_numpy(counts))
-    return found, finite
 
 
 def merge_chunk(base: torch.Tensor, models: Sequence[torch.Tensor], loop: Callable[..., tuple[bool, bool]],

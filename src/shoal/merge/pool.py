@@ -8,8 +8,10 @@ every few chunks (so resident memory does not grow with the model).
 from __future__ import annotations
 
 import gc
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -35,7 +37,11 @@ def chunk_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
         # OpenMP's thread count is per thread: each worker sets its own
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shoal-merge",
                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield pool
+            try:
+                yield pool
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the jobs queued (stages in flight) are dropped
+                raise
     finally:
         _open_pools -= 1
         gc.unfreeze()
@@ -104,6 +110,71 @@ def run_in_order(pool: ThreadPoolExecutor, job: Callable[[int, int, Any], None],
             pending.pop(0).result()
     for future in pending:
         future.result()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pass over ranges: ``job`` on each (in parallel), then ``then`` of the results in range order.
+
+    ``then`` returns the next stage, or the final value of the stages.
+    """
+
+    job: Job
+    ranges: list[tuple[int, int]]
+    then: Callable[[list[Any]], Any]
+
+
+def start_stages(pool: ThreadPoolExecutor, first: Stage) -> Future:
+    """Run ``first`` and the stages it leads to on ``pool`` without waiting; a future of the final value.
+
+    ``then`` runs on the worker that finished a stage's last range, and queues the next
+    stage's jobs behind whatever the pool was given meanwhile: several ops' stages can be in
+    flight at once, so the workers do not wait for the end of one op's pass (or for the
+    caller's serial work) while another op has work. An exception ends the stages and is
+    the future's.
+    """
+    done: Future = Future()
+    done.set_running_or_notify_cancel()
+
+    def launch(stage: Stage) -> None:
+        results: list[Any] = [None] * len(stage.ranges)
+        left = [len(stage.ranges)]
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def run(index: int, bounds: tuple[int, int]) -> None:
+            try:
+                if not errors:  # a failed range: the others of the stage are skipped
+                    results[index] = stage.job(*bounds)
+                    _trim_memory()
+            except BaseException as exc:  # handed to the caller through the future
+                errors.append(exc)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                if errors:
+                    done.set_exception(errors[0])
+                else:
+                    advance(stage, results)
+
+        if not stage.ranges:
+            advance(stage, [])
+        for index, bounds in enumerate(stage.ranges):
+            pool.submit(run, index, bounds)
+
+    def advance(stage: Stage, results: list[Any]) -> None:
+        try:
+            following = stage.then(results)
+            if isinstance(following, Stage):
+                launch(following)
+            else:
+                done.set_result(following)
+        except BaseException as exc:  # also a pool shut down meanwhile (another op failed)
+            done.set_exception(exc)
+
+    launch(first)
+    return done
 
 
 def open_pools() -> int:
