@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,9 @@ from shoal.checkpoint.locate import WeightFiles, locate_weights
 from shoal.checkpoint.pickle_weights import load_pickle_state_dict, refuse_pickle
 from shoal.checkpoint.safetensors_header import TensorEntry, read_header
 from shoal.errors import CheckpointError
+
+
+_FAULT_AROUND = 1 << 21  # bytes Linux may map around a read fault of a file mapping (see release_range)
 
 
 class CheckpointReader:
@@ -41,6 +45,7 @@ class CheckpointReader:
         self._data_start: dict[Path, int] = {}
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
+        self._mappings: dict[Path, mmap.mmap] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         if files.format == "safetensors":
             self._index_safetensors()
@@ -185,6 +190,53 @@ class CheckpointReader:
         a buffer used over and over costs no page faults). No finiteness check (see
         :meth:`check_range`).
         """
+        offset, nbytes, dtype, shard = self._where(name, start, stop)
+        if out is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
+            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes")
+        else:
+            buffer = out.reshape(-1)[:nbytes]
+        view = memoryview(buffer.numpy())
+        fd = self._fd(shard)
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
+            done += got
+        return buffer.view(dtype)
+
+    def map_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``name`` as :meth:`read_range` reads them, without copying them.
+
+        A view of the file's pages, mapped copy-on-write (a write to the view changes this
+        process's copy, never the file). The pages count in this process's resident memory
+        until :meth:`release_range` lets them go: for ranges worked on one at a time, as the
+        streamed merge does, where reading them into memory of its own costs more than the work.
+        Safe to call from several threads at once. No finiteness check.
+        """
+        offset, nbytes, dtype, shard = self._where(name, start, stop)
+        if nbytes == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self._mapping(shard), dtype=dtype, count=stop - start, offset=offset)
+
+    def release_range(self, name: str, start: int, stop: int) -> None:
+        """Unmap the pages of a :meth:`map_range` (views of them read the file again if used after)."""
+        offset, nbytes, _, shard = self._where(name, start, stop)
+        mapping = self._mappings.get(shard)
+        if mapping is None or nbytes == 0:
+            return
+        # A read fault maps more than its page: those around it that are in the page cache
+        # (fault-around, 64 KiB aligned) or the whole large folio it is in (up to 2 MiB, aligned).
+        # Without the margin, those of ranges already let go would stay mapped; a neighbouring
+        # range in use loses its pages at worst, and maps them again.
+        first = max(0, offset - offset % _FAULT_AROUND)
+        last = offset + nbytes + (-(offset + nbytes)) % _FAULT_AROUND
+        mapping.madvise(mmap.MADV_DONTNEED, first, min(last, len(mapping)) - first)
+
+    def _where(self, name: str, start: int, stop: int) -> tuple[int, int, torch.dtype, Path]:
+        """(offset in its shard, byte count, dtype, shard) of entries ``[start, stop)`` of safetensors tensor ``name``."""
         entry = self._entries.get(name)
         if entry is None:
             self._shard(name)  # an unknown name raises the usual error
@@ -194,23 +246,20 @@ class CheckpointReader:
         if not 0 <= start <= stop <= count:
             raise ValueError(f"range [{start}, {stop}) outside tensor {name!r} of {count} entries")
         shard = self._shard_of[name]
-        nbytes = (stop - start) * itemsize
-        if out is None:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
-            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes")
-        else:
-            buffer = out.reshape(-1)[:nbytes]
-        view = memoryview(buffer.numpy())
-        offset = self._data_start[shard] + entry.begin + start * itemsize
-        fd = self._fd(shard)
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
-            done += got
-        return buffer.view(entry.dtype)
+        return self._data_start[shard] + entry.begin + start * itemsize, (stop - start) * itemsize, entry.dtype, shard
+
+    def _mapping(self, shard: Path) -> mmap.mmap:
+        mapping = self._mappings.get(shard)
+        if mapping is None:
+            try:
+                mapping = mmap.mmap(self._fd(shard), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise CheckpointError(f"{shard}: cannot map file: {exc.strerror or exc}") from exc
+            kept = self._mappings.setdefault(shard, mapping)  # another thread may have mapped it meanwhile
+            if kept is not mapping:
+                mapping.close()
+                mapping = kept
+        return mapping
 
     def check_range(self, name: str, values: torch.Tensor) -> None:
         """Raise what :meth:`get` raises when a slice of tensor ``name`` holds a NaN or Inf."""
@@ -243,6 +292,12 @@ class CheckpointReader:
         """Release file handles and any loaded pickle shards."""
         self._handles.clear()
         self._pickled.clear()
+        for mapping in self._mappings.values():
+            try:
+                mapping.close()
+            except BufferError:  # a view of it is still alive: unmapped when that goes
+                pass
+        self._mappings.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

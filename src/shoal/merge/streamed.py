@@ -54,7 +54,7 @@ from shoal.merge.pool import Stage, open_pools, ranges_of, run_in_order, start_s
 from shoal.merge.registry import get_method
 
 CHUNK = 1 << 16  # entries per chunk (a multiple of STATS_BLOCK); small enough for a core's cache
-FUSED_CHUNKS = 4  # the fused loops take this many chunks at a time (a TIES merge: 20% less CPU than one)
+FUSED_CHUNKS = 8  # the fused loops take this many chunks at a time (per-chunk Python is the cost here)
 ELEMENTWISE = {COPY, "linear", "task_arithmetic", "passthrough"}
 
 USE_KERNELS = True  # TIES and DARE-TIES through the fused numba loops when numba is installed
@@ -110,49 +110,61 @@ def streamable(op: TensorOp, readers: Mapping[str, CheckpointReader], *, compat:
     return False
 
 
-_buffers = threading.local()  # each worker thread's read buffers: {slot: uint8 tensor}
+_buffers = threading.local()  # each worker thread's result buffer
 
 
-def buffer(slot: int, nbytes: int) -> torch.Tensor:
-    """This thread's buffer ``slot``, at least ``nbytes`` long (kept from chunk to chunk: no page faults)."""
-    kept = getattr(_buffers, "slots", None)
-    if kept is None:
-        kept = _buffers.slots = {}
-    found = kept.get(slot)
+def buffer(nbytes: int) -> torch.Tensor:
+    """This thread's result buffer, at least ``nbytes`` long (kept from chunk to chunk: no page faults)."""
+    found = getattr(_buffers, "out", None)
     if found is None or found.numel() < nbytes:
-        found = kept[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        found = _buffers.out = torch.empty(nbytes, dtype=torch.uint8)
     return found
 
 
 class Sources:
     """Reads flat ranges of an op's sources, checked for NaN/Inf like ``CheckpointReader.get``.
 
-    ``reuse``: the base and the models are read into the calling thread's buffers (slot 0 for
-    the base, k + 1 for model k), so a range read stays valid only until the thread reads the
-    next one; for the fused loops, which are done with a chunk before they read the next.
+    ``mapped``: ranges are views of the files' pages (``CheckpointReader.map_range``), not
+    copies, valid until the job that read them ends: jobs made with :meth:`job` let them go
+    then, so resident memory stays a few chunks. For jobs done with their ranges when they
+    return (the fused loops, elementwise methods, SLERP); reading two sources into memory of
+    their own cost more than a TIES chunk's arithmetic.
     """
 
-    def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader], *, reuse: bool = False) -> None:
+    def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader], *, mapped: bool = False) -> None:
         self.op = op
         self.readers = readers
-        self.reuse = reuse
+        self.mapped = mapped
 
-    def read(self, ref: SourceRef, start: int, stop: int, *, check: bool = True,
-             slot: int | None = None) -> torch.Tensor:
+    def read(self, ref: SourceRef, start: int, stop: int, *, check: bool = True) -> torch.Tensor:
         reader = self.readers[ref.model]
-        out = None
-        if self.reuse and slot is not None:
-            out = buffer(slot, (stop - start) * reader.dtype(ref.tensor).itemsize)
-        values = reader.read_range(ref.tensor, start, stop, out=out)
+        if self.mapped:
+            values = reader.map_range(ref.tensor, start, stop)
+        else:
+            values = reader.read_range(ref.tensor, start, stop)
         if check:
             reader.check_range(ref.tensor, values)
         return values
 
     def base(self, start: int, stop: int, *, check: bool = True) -> torch.Tensor | None:
-        return self.read(self.op.base, start, stop, check=check, slot=0) if self.op.base is not None else None
+        return self.read(self.op.base, start, stop, check=check) if self.op.base is not None else None
 
     def models(self, start: int, stop: int, *, check: bool = True) -> list[torch.Tensor]:
-        return [self.read(ref, start, stop, check=check, slot=k + 1) for k, ref in enumerate(self.op.models)]
+        return [self.read(ref, start, stop, check=check) for ref in self.op.models]
+
+    def job(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(start, stop, ...)``, then (mapped) the pages of its range let go."""
+        if not self.mapped:
+            return fn
+
+        def run(start: int, stop: int, *args: Any) -> Any:
+            try:
+                return fn(start, stop, *args)
+            finally:
+                for ref in self.op.sources:
+                    self.readers[ref.model].release_range(ref.tensor, start, stop)
+
+        return run
 
 
 def finish(op: TensorOp, result: torch.Tensor) -> torch.Tensor:
@@ -176,10 +188,10 @@ def start_streamed(op: TensorOp, readers: Mapping[str, CheckpointReader], write:
     chunk = chunk or CHUNK
     if chunk <= 0 or chunk % STATS_BLOCK:
         raise ValueError(f"chunk must be a positive multiple of {STATS_BLOCK}, got {chunk}")
-    sources = Sources(op, readers)
+    sources = Sources(op, readers, mapped=op.method in ELEMENTWISE or op.method == "slerp")
     if op.method in ("ties", "dare_ties") and kernels_for(op, sources) is not None:
         chunk *= FUSED_CHUNKS  # one pass per chunk: cache matters less than the per-chunk Python
-        sources.reuse = True  # the fused loops are done with a chunk before their thread reads the next
+        sources.mapped = True  # the fused loops are done with a chunk when they return
     ranges = ranges_of(numel(op.shape), chunk)
     if op.method in ELEMENTWISE:
         return start_stages(pool, _elementwise(op, sources, write, ranges))
@@ -218,7 +230,7 @@ def _elementwise(op: TensorOp, sources: Sources, write: Write, ranges: list[tupl
             result = method.fn(sources.base(start, stop), sources.models(start, stop), **kwargs)
         write(start, finish(op, result))
 
-    return Stage(job, ranges, _done)
+    return Stage(sources.job(job), ranges, _done)
 
 
 def _slerp(op: TensorOp, sources: Sources, write: Write, ranges: list[tuple[int, int]]) -> Stage:
@@ -238,9 +250,9 @@ def _slerp(op: TensorOp, sources: Sources, write: Write, ranges: list[tuple[int,
             a, b = pair(start, stop)
             write(start, finish(op, (coef_a * a + coef_b * b).to(base_dtype)))
 
-        return Stage(job, ranges, _done)
+        return Stage(sources.job(job), ranges, _done)
 
-    return Stage(lambda start, stop: block_stats(*pair(start, stop)), ranges, merge_stage)
+    return Stage(sources.job(lambda start, stop: block_stats(*pair(start, stop))), ranges, merge_stage)
 
 
 def kernels_for(op: TensorOp, sources: Sources) -> ModuleType | None:
@@ -263,7 +275,7 @@ def fused_merge(kernels: ModuleType, op: TensorOp, sources: Sources, write: Writ
     """Read a range, merge it with a fused loop, and write it as :func:`finish` would."""
     base = sources.base(start, stop, check=False)
     assert base is not None
-    out = buffer(-1, base.numel() * max(base.element_size(), 4))
+    out = buffer(base.numel() * max(base.element_size(), 4))
     result, sources_finite, result_finite = kernels.merge_chunk(
         base, sources.models(start, stop, check=False), loop, *args, out=out)
     if not sources_finite:
@@ -325,5 +337,5 @@ def _dare(op: TensorOp, sources: Sources, write: Write, pool: ThreadPoolExecutor
 
     # ... and the last one chunk by chunk, in order, as the workers go
     last = drawn[-1] if drawn else None
-    run_in_order(pool, fused_job if kernels is not None else torch_job, ranges,
+    run_in_order(pool, sources.job(fused_job if kernels is not None else torch_job), ranges,
                   lambda start, stop: draw(last, start, stop) if last is not None else None)

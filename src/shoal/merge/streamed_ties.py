@@ -72,7 +72,7 @@ def ties_stages(op: TensorOp, sources: Sources, write: Write, ranges: Ranges, *,
                 thresholds[k], taken[k] = found
             return plan.stage(thresholds, taken)
 
-        return Stage(fused_scan, ranges, fused_thresholds)
+        return Stage(sources.job(fused_scan), ranges, fused_thresholds)
 
     searches = {k: KthLargest(keep_counts[k], n, None if sample[k] is None else torch.from_numpy(sample[k]))
                 for k in searched}
@@ -94,7 +94,7 @@ def ties_stages(op: TensorOp, sources: Sources, write: Write, ranges: Ranges, *,
             thresholds[k], taken[k] = threshold, ties_per_piece(per_range, threshold, keep_counts[k])
         return plan.stage(thresholds, taken)
 
-    return Stage(scan, ranges, thresholds_of)
+    return Stage(sources.job(scan), ranges, thresholds_of)
 
 
 class _Merge:
@@ -124,7 +124,7 @@ class _Merge:
                 fused_merge(kernels, op, sources, write, start, stop, kernels.ties_merge,
                             threshold_values, ties_left[index_of[start]], *combine)
 
-            return Stage(fused_job, self.ranges, _written)
+            return Stage(sources.job(fused_job), self.ranges, _written)
 
         def job(start: int, stop: int) -> None:
             index = index_of[start]
@@ -147,7 +147,7 @@ class _Merge:
                 lambda_=self.params["lambda_"], compat=self.compat)
             write(start, finish(op, result))
 
-        return Stage(job, self.ranges, _written)
+        return Stage(sources.job(job), self.ranges, _written)
 
 
 def _written(results: list[Any]) -> bool:
