@@ -78,6 +78,7 @@ WHOLE = [("dare_ties", "mergekit"), ("della", "paper"), ("breadcrumbs_ties", "pa
 def test_fast_executor_is_bitwise_the_simple_one(tmp_path: Path, trio, method: str, compat: str,
                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(streamed, "CHUNK", STATS_BLOCK)  # the embedding spans 5 chunks
+    monkeypatch.setattr(streamed, "FUSED_CHUNKS", 1)  # also for the fused loops
     recipe_dict = _recipe(method, *trio, compat)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict))

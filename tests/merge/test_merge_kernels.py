@@ -104,6 +104,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def _use_path(monkeypatch, path: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Route the streamed executor through ``path``; counts the fused loops' calls."""
     monkeypatch.setattr(streamed, "CHUNK", STATS_BLOCK)
+    monkeypatch.setattr(streamed, "FUSED_CHUNKS", 2)  # the embedding spans 3 chunks of the fused loops
     monkeypatch.setattr(streamed, "USE_KERNELS", path == "fused")
     calls = {"fused": 0}
     if path == "fused":
