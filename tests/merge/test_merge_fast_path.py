@@ -162,3 +162,17 @@ def test_read_whole_is_get_without_a_memory_map(tmp_path: Path) -> None:
         assert torch.equal(got, reader.get(name))
     with pytest.raises(CheckpointError, match="'bad' contains 1 NaN or Inf"):
         reader.read_whole("bad")
+
+
+def test_map_range_matches_read_range_and_lets_pages_go(tmp_path: Path) -> None:
+    tensor = torch.randn(300_000).to(torch.bfloat16)
+    save_file({"a": torch.ones(3), "w": tensor}, str(tmp_path / "model.safetensors"))
+    reader = open_checkpoint(tmp_path / "model.safetensors")
+    view = reader.map_range("w", 1234, 250_000)
+    assert torch.equal(view, reader.read_range("w", 1234, 250_000))
+    assert reader.map_range("w", 7, 7).numel() == 0
+    reader.release_range("w", 1234, 250_000)
+    assert torch.equal(view, tensor[1234:250_000])  # read again from the file after a release
+    with pytest.raises(ValueError):
+        reader.map_range("w", 0, 300_001)
+    reader.close()

@@ -108,7 +108,7 @@ def _use_path(monkeypatch, path: str) -> dict[str, int]:  # type: ignore[no-unty
     monkeypatch.setattr(streamed, "USE_KERNELS", path == "fused")
     calls = {"fused": 0}
     if path == "fused":
-        from shoal.merge import kernels
+        from shoal.merge import fused as kernels
 
         for name in ("ties_merge", "dare_merge"):
             real = getattr(kernels, name)
@@ -174,7 +174,7 @@ def test_overflow_in_the_result_raises(tmp_path: Path, path: str, monkeypatch) -
 
 @needs_numba
 def test_bf16_rounding_is_torchs() -> None:
-    from shoal.merge import kernels
+    from shoal.merge import fused as kernels
 
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, size=1 << 20, dtype=np.uint32)
@@ -192,7 +192,7 @@ def test_bf16_rounding_is_torchs() -> None:
 
 @needs_numba
 def test_torch_add_with_alpha_is_known_to_be_fused_or_not() -> None:
-    from shoal.merge import kernels
+    from shoal.merge import fused as kernels
 
     assert kernels.torch_fuses_alpha() in (True, False)
     assert streamed.fused_kernels() is kernels
@@ -201,7 +201,7 @@ def test_torch_add_with_alpha_is_known_to_be_fused_or_not() -> None:
 @needs_numba
 @pytest.mark.parametrize("bounds", ["both", "below", "above", "none"])
 def test_scan_is_kth_largest_scan(bounds: str) -> None:
-    from shoal.merge import kernels
+    from shoal.merge import fused as kernels
 
     gen = torch.Generator().manual_seed(8)
     base = (torch.randn(50_000, generator=gen) * 0.02).to(torch.bfloat16)
@@ -222,3 +222,52 @@ def test_scan_is_kth_largest_scan(bounds: str) -> None:
     assert torch.equal(torch.from_numpy(got[1]), distinct)
     assert torch.equal(torch.from_numpy(got[2]), counts)
     assert got[3] is True
+
+
+@needs_numba
+def test_scan_tally_with_a_wide_bracket_and_nan() -> None:
+    """float32 magnitudes spread over many binades (three radix passes) tally as torch.unique does."""
+    from shoal.merge import fused as kernels
+
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(70_001, generator=gen)
+    model = base + torch.randn(70_001, generator=gen) * torch.logspace(-30, 3, 70_001)
+    magnitudes = (model - base).abs()
+    lo, hi = np.float32(1e-20), np.float32(1e2)
+    model[17] = float("nan")  # not in any bracket, and the sources are not finite
+    above, distinct, counts, finite = kernels.ties_scan(kernels.as_input(base), kernels.as_input(model), lo, hi,
+                                                        True, True, kernels.scratch(70_001))
+    keep = torch.ones(70_001, dtype=torch.bool)
+    keep[17] = False
+    expected = torch.unique(magnitudes[keep & (magnitudes >= float(lo)) & (magnitudes <= float(hi))],
+                            sorted=True, return_counts=True)
+    assert above == int((magnitudes[keep] > float(hi)).sum())
+    assert torch.equal(torch.from_numpy(distinct), expected[0])
+    assert torch.equal(torch.from_numpy(counts), expected[1])
+    assert finite is False
+
+
+def test_numpy_bracket_and_thresholds_are_kth_largest() -> None:
+    from shoal.merge.methods.selection import ties_per_piece
+    from shoal.merge.streamed_ties import bracket, fused_threshold
+
+    gen = torch.Generator().manual_seed(4)
+    values = (torch.randn(300_000, generator=gen) * 0.01).to(torch.bfloat16).float().abs()  # many ties
+    sample = values[::5]
+    for k in (1, 777, 150_000, 299_999):
+        search = KthLargest(k, values.numel(), sample)
+        lo, hi = bracket(k, values.numel(), np.sort(sample.numpy()))
+        assert (lo is None) == (search.lo is None) and (hi is None) == (search.hi is None)
+        assert lo is None or lo == float(search.lo)
+        assert hi is None or hi == float(search.hi)
+        pieces = [values[i:i + 40_000] for i in range(0, values.numel(), 40_000)]
+        scans = [search.scan(piece) for piece in pieces]
+        threshold = search.value(scans)
+        found = fused_threshold(k, [(a, d.numpy(), c.numpy()) for a, d, c in scans])
+        if threshold is None:
+            assert found is None
+            continue
+        assert found is not None and found[0] == float(threshold)
+        taken = ties_per_piece(scans, threshold, k)
+        all_ties = [int(c[d == threshold].sum()) for _, d, c in scans]
+        assert found[1] == [-1 if t == a else t for t, a in zip(taken, all_ties)]

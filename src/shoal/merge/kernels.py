@@ -9,7 +9,7 @@ so the results are bitwise the same:
 - in float32 (the working dtype of half-precision and float32 inputs), one operation at a
   time, in the same order over the models; no fast-math, so nothing is reassociated;
 - ``torch.add(x, y, alpha=w)`` is a fused multiply-add on CPUs with FMA (torch's vector
-  code is ``fmadd(y, w, x)``): :func:`torch_fuses_alpha` asks torch once, and the loops
+  code is ``fmadd(y, w, x)``): :func:`~.fused.torch_fuses_alpha` asks torch once, and the loops
   fuse (``llvm.fma``) exactly when it does;
 - float32 -> bfloat16 rounds to nearest even, as torch does.
 
@@ -17,16 +17,15 @@ Inputs are numpy views of the chunks: bfloat16 as its ``uint16`` bits, float32 a
 (the caller widens other dtypes to float32 first, as the methods do). Each loop also says
 whether a source held a NaN or Inf and whether the result did, so the caller can raise the
 errors the torch path raises. ``nogil``: the executor's worker threads run them side by side.
+:mod:`~.fused` calls them on torch chunks.
+
+Only numba code lives here: numba's cache of a compiled loop is checked against this file
+alone, so what the loops inline must not come from another module.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-from typing import Any, Callable, Sequence
-
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -409,82 +408,3 @@ def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-un
             numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
         non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
     return non_finite_sources == 0, non_finite_results == 0
-
-
-@functools.lru_cache(maxsize=None)
-def torch_fuses_alpha() -> bool | None:
-    """Whether torch computes ``x.add_(y, alpha=w)`` as one fused multiply-add here (None: not consistently).
-
-    Asked on values where the fused and the two-step results differ, over a length that
-    covers both torch's vector loop and its scalar tail.
-    """
-    a = np.float32(1.0 + 2.0**-12)
-    c = -np.float32(1.0 + 2.0**-11)
-    fused = np.float32(np.float64(a) * np.float64(a) + np.float64(c))  # exact product, one rounding
-    unfused = np.float32(np.float32(a * a) + c)
-    assert fused != unfused
-    got = torch.full((67,), float(c)).add_(torch.full((67,), float(a)), alpha=float(a)).numpy()
-    if (got == fused).all():
-        return True
-    if (got == unfused).all():
-        return False
-    return None
-
-
-def as_input(values: torch.Tensor) -> np.ndarray:
-    """A chunk as the loops read it: bfloat16 as its bits, anything else widened to float32 as the methods widen it."""
-    if values.dtype == torch.bfloat16:
-        return values.view(torch.uint16).numpy()
-    return values.to(torch.float32).numpy()
-
-
-def model_inputs(models: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
-    """The models' chunks for the loops: a tuple of arrays of one dtype (its length is compiled in)."""
-    if all(model.dtype == torch.bfloat16 for model in models):
-        return tuple(model.view(torch.uint16).numpy() for model in models)
-    return tuple(model.to(torch.float32).numpy() for model in models)
-
-
-def combine_settings(weights: Sequence[float], *, compat: str, normalize: bool,
-                     lambda_: float) -> tuple[Any, ...]:
-    """The trailing arguments of the merge loops: how ``generalized_task_arithmetic`` combines task vectors.
-
-    Scalars as torch takes them: float32 (the working dtype).
-    """
-    fused = torch_fuses_alpha()
-    assert fused is not None
-    return (np.array(weights, dtype=np.float32), compat == "mergekit", bool(normalize), lambda_ != 1.0,
-            np.float32(lambda_), fused)
-
-
-def merge_chunk(base: torch.Tensor, models: Sequence[torch.Tensor], loop: Callable[..., tuple[bool, bool]],
-                *args: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
-    """``loop(base, models, out, *args)`` (:func:`ties_merge`, :func:`dare_merge`) on torch chunks.
-
-    Returns the result in ``base``'s dtype (what the methods return), whether the sources were
-    finite and whether the result is. The loop writes into new memory, or into ``out`` (a
-    contiguous ``uint8`` tensor of at least 4 bytes an entry, which the result may then share).
-    """
-    dtype = base.dtype if base.dtype in (torch.bfloat16, torch.float32) else torch.float32
-    # float16: rounded from float32 below, as torch rounds
-    if out is None:
-        values = torch.empty(base.numel(), dtype=dtype)
-    else:
-        values = out.reshape(-1)[:base.numel() * dtype.itemsize].view(dtype)
-    out_values = (values.view(torch.uint16) if dtype == torch.bfloat16 else values).numpy()
-    sources_finite, result_finite = loop(as_input(base), model_inputs(models), out_values, *args)
-    result = values.to(base.dtype)
-    if result is not values and result_finite:
-        result_finite = bool(torch.isfinite(result).all())
-    return result, sources_finite, result_finite
-
-
-_scratch = threading.local()
-
-
-def scratch(n: int) -> np.ndarray:
-    """This thread's (2, >= n) float32 work array for :func:`ties_scan`."""
-    array = getattr(_scratch, "array", None)
-    if array is None or array.shape[1] < n:
-        array = _scratch.array = np.empty((2, n), np.float32)
-    return array

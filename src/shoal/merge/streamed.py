@@ -61,7 +61,7 @@ USE_KERNELS = True  # TIES and DARE-TIES through the fused numba loops when numb
 
 
 def fused_kernels() -> ModuleType | None:
-    """:mod:`shoal.merge.kernels` when the fused loops can run (``USE_KERNELS``, numba installed), else None."""
+    """:mod:`shoal.merge.fused` when the fused loops can run (``USE_KERNELS``, numba installed), else None."""
     return _load_kernels() if USE_KERNELS else None
 
 
@@ -71,7 +71,7 @@ def _load_kernels() -> ModuleType | None:
     gc.disable()  # importing numba makes ~10^5 lasting objects: collections meanwhile would only slow it
     try:
         try:
-            from shoal.merge import kernels
+            from shoal.merge import fused as kernels
         except ImportError:  # numba is the optional ``fast`` extra
             return None
         # numba sets itself up on the first call of a compiled function (0.3 s): here, not in a worker

@@ -1,0 +1,98 @@
+"""The fused loops of :mod:`~shoal.merge.kernels` on torch chunks: their arguments, buffers and results.
+
+What the streamed executor calls (:func:`shoal.merge.streamed.fused_kernels` returns this
+module, with the loops themselves and their constants).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from shoal.merge.kernels import DROP_ALL, KEEP_ALL, dare_merge, ties_merge, ties_scan, to_bf16_bits
+
+__all__ = ["DROP_ALL", "KEEP_ALL", "as_input", "combine_settings", "dare_merge", "merge_chunk", "model_inputs",
+           "scratch", "ties_merge", "ties_scan", "to_bf16_bits", "torch_fuses_alpha"]
+
+
+@functools.lru_cache(maxsize=None)
+def torch_fuses_alpha() -> bool | None:
+    """Whether torch computes ``x.add_(y, alpha=w)`` as one fused multiply-add here (None: not consistently).
+
+    Asked on values where the fused and the two-step results differ, over a length that
+    covers both torch's vector loop and its scalar tail.
+    """
+    a = np.float32(1.0 + 2.0**-12)
+    c = -np.float32(1.0 + 2.0**-11)
+    fused = np.float32(np.float64(a) * np.float64(a) + np.float64(c))  # exact product, one rounding
+    unfused = np.float32(np.float32(a * a) + c)
+    assert fused != unfused
+    got = torch.full((67,), float(c)).add_(torch.full((67,), float(a)), alpha=float(a)).numpy()
+    if (got == fused).all():
+        return True
+    if (got == unfused).all():
+        return False
+    return None
+
+
+def as_input(values: torch.Tensor) -> np.ndarray:
+    """A chunk as the loops read it: bfloat16 as its bits, anything else widened to float32 as the methods widen it."""
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.uint16).numpy()
+    return values.to(torch.float32).numpy()
+
+
+def model_inputs(models: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """The models' chunks for the loops: a tuple of arrays of one dtype (its length is compiled in)."""
+    if all(model.dtype == torch.bfloat16 for model in models):
+        return tuple(model.view(torch.uint16).numpy() for model in models)
+    return tuple(model.to(torch.float32).numpy() for model in models)
+
+
+def combine_settings(weights: Sequence[float], *, compat: str, normalize: bool,
+                     lambda_: float) -> tuple[Any, ...]:
+    """The trailing arguments of the merge loops: how ``generalized_task_arithmetic`` combines task vectors.
+
+    Scalars as torch takes them: float32 (the working dtype).
+    """
+    fused = torch_fuses_alpha()
+    assert fused is not None
+    return (np.array(weights, dtype=np.float32), compat == "mergekit", bool(normalize), lambda_ != 1.0,
+            np.float32(lambda_), fused)
+
+
+def merge_chunk(base: torch.Tensor, models: Sequence[torch.Tensor], loop: Callable[..., tuple[bool, bool]],
+                *args: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
+    """``loop(base, models, out, *args)`` (:func:`~.kernels.ties_merge`, :func:`~.kernels.dare_merge`) on torch chunks.
+
+    Returns the result in ``base``'s dtype (what the methods return), whether the sources were
+    finite and whether the result is. The loop writes into new memory, or into ``out`` (a
+    contiguous ``uint8`` tensor of at least 4 bytes an entry, which the result may then share).
+    """
+    dtype = base.dtype if base.dtype in (torch.bfloat16, torch.float32) else torch.float32
+    # float16: rounded from float32 below, as torch rounds
+    if out is None:
+        values = torch.empty(base.numel(), dtype=dtype)
+    else:
+        values = out.reshape(-1)[:base.numel() * dtype.itemsize].view(dtype)
+    out_values = (values.view(torch.uint16) if dtype == torch.bfloat16 else values).numpy()
+    sources_finite, result_finite = loop(as_input(base), model_inputs(models), out_values, *args)
+    result = values.to(base.dtype)
+    if result is not values and result_finite:
+        result_finite = bool(torch.isfinite(result).all())
+    return result, sources_finite, result_finite
+
+
+_scratch = threading.local()
+
+
+def scratch(n: int) -> np.ndarray:
+    """This thread's (2, >= n) float32 work array for :func:`~.kernels.ties_scan`."""
+    array = getattr(_scratch, "array", None)
+    if array is None or array.shape[1] < n:
+        array = _scratch.array = np.empty((2, n), np.float32)
+    return array
