@@ -176,3 +176,13 @@ def test_map_range_matches_read_range_and_lets_pages_go(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         reader.map_range("w", 0, 300_001)
     reader.close()
+
+
+def test_read_ranges_concatenates_read_range(tmp_path: Path) -> None:
+    tensor = torch.randn(5000).to(torch.float16)
+    save_file({"w": tensor}, str(tmp_path / "model.safetensors"))
+    reader = open_checkpoint(tmp_path / "model.safetensors")
+    bounds = [(0, 10), (100, 1124), (4990, 5000), (7, 7)]
+    assert torch.equal(reader.read_ranges("w", bounds), torch.cat([tensor[a:b] for a, b in bounds]))
+    assert reader.read_ranges("w", []).numel() == 0
+    reader.close()

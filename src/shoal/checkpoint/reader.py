@@ -14,6 +14,7 @@ import mmap
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -205,6 +206,27 @@ class CheckpointReader:
             if got <= 0:
                 raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
             done += got
+        return buffer.view(dtype)
+
+    def read_ranges(self, name: str, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The entries of several ranges ``(start, stop)`` of tensor ``name``, one after another, in one new tensor.
+
+        :meth:`read_range` of each into one buffer (a sample of runs of entries, say).
+        """
+        dtype = self._where(name, 0, 0)[2]  # a tensor not in a safetensors file raises here
+        places = [self._where(name, start, stop) for start, stop in bounds]
+        buffer = torch.empty(sum(nbytes for _, nbytes, _, _ in places), dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        at = 0
+        for offset, nbytes, _, shard in places:
+            fd = self._fd(shard)
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[at + done:at + nbytes]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
+                done += got
+            at += nbytes
         return buffer.view(dtype)
 
     def map_range(self, name: str, start: int, stop: int) -> torch.Tensor:

@@ -157,19 +157,15 @@ def _written(results: list[Any]) -> bool:
 def sample_magnitudes(sources: Sources, n: int) -> list[np.ndarray]:
     """|task vector| of each model at evenly spread runs of entries (to bracket the thresholds), sorted.
 
-    Gathered here from views of the files' pages: a few pages a run, no copy of the rest.
+    Read here (a few hundred small reads, cheaper than jobs for the pool); not from a mapping
+    of the tensor, where each run's first page would map a large folio around it.
     """
-    assert n >= SAMPLE_RUN
-    runs = sample_positions(n // SAMPLE_RUN, SAMPLE_SIZE // SAMPLE_RUN)
-    starts = torch.clamp(runs * SAMPLE_RUN, max=n - SAMPLE_RUN)
-    positions = (starts[:, None] + torch.arange(SAMPLE_RUN)[None, :]).reshape(-1)
+    runs = sample_positions(max(1, n // SAMPLE_RUN), SAMPLE_SIZE // SAMPLE_RUN).tolist()
+    bounds = [(start, min(n, start + SAMPLE_RUN))
+              for start in (min(run * SAMPLE_RUN, max(0, n - SAMPLE_RUN)) for run in runs)]
 
     def gather(ref: SourceRef) -> torch.Tensor:
-        reader = sources.readers[ref.model]
-        try:
-            return reader.map_range(ref.tensor, 0, n)[positions]
-        finally:
-            reader.release_range(ref.tensor, 0, n)
+        return sources.readers[ref.model].read_ranges(ref.tensor, bounds)
 
     assert sources.op.base is not None
     base = gather(sources.op.base)
