@@ -85,7 +85,8 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
 
     ``streamed`` (the default) runs the fast executor: on the CPU, ops are computed in chunks
     on ``workers`` threads (default: torch's thread count) straight into pre-laid-out shard
-    files (:mod:`shoal.merge.streamed`); ops it does not stream, and every op on a GPU, run
+    files (:mod:`shoal.merge.streamed`), up to ``IN_FLIGHT`` + 1 ops at a time (their passes
+    queue on the pool behind each other's); ops it does not stream, and every op on a GPU, run
     whole while the next op's sources are read and the previous result is written. The
     result is bitwise the same as ``streamed=False``: one tensor at a time with
     :func:`compute_op`, the reference implementation.

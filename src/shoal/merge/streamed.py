@@ -1,11 +1,13 @@
 """The fast CPU executor: every tensor in fixed-size chunks, on a pool of threads, straight to disk.
 
 A chunk is a flat range of entries of one output tensor (64K entries: the temporaries of a
-chunk stay in a core's cache). A worker reads that range of each source with ``pread`` (no
-memory map, no whole-tensor copy), computes it with the method's own elementwise code, and
-``pwrite``s the result into its place in a pre-laid-out shard file. Workers run side by side (torch's own intra-op threads are set to 1 meanwhile, so
-one busy core never stalls the others at a barrier), which overlaps reading, computing and
-writing; memory is a few chunks per worker, whatever the model or tensor size.
+chunk stay in a core's cache; 512K for the fused loops). A worker takes that range of each
+source as a view of the file's pages (``CheckpointReader.map_range``, let go when the chunk
+is done; the torch code of TIES and DARE reads it with ``pread`` instead), computes it with
+the method's own elementwise code, and ``pwrite``s the result into its place in a
+pre-laid-out shard file. Workers run side by side (torch's own intra-op threads are set to 1
+meanwhile, so one busy core never stalls the others at a barrier), which overlaps reading,
+computing and writing; memory is a few chunks per worker, whatever the model or tensor size.
 
 Methods that look at a whole tensor first take an extra pass over the chunks:
 
@@ -16,7 +18,7 @@ Methods that look at a whole tensor first take an extra pass over the chunks:
 - SLERP: the dot product and norms, summed over the same fixed blocks as :func:`~.slerp.slerp`.
 
 With numba installed (the ``fast`` extra), TIES and DARE-TIES chunks run through the fused
-loops of :mod:`~shoal.merge.kernels` instead of the methods' torch code: every step for one
+loops of :mod:`~shoal.merge.kernels` (called through :mod:`~shoal.merge.fused`) instead of the methods' torch code: every step for one
 entry at a time, the same float32 arithmetic in the same order.
 
 Each pass is a :class:`~.pool.Stage` (:func:`start_streamed`): the next op's passes are
