@@ -181,37 +181,19 @@ class CheckpointReader:
         """Whether :meth:`read_range` works for ``name`` (safetensors storage, not pickle)."""
         return name in self._entries
 
-    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` of tensor ``name`` in flat (row-major) order, as stored, on the CPU.
 
-        A positioned read (``pread``) straight into a buffer: no memory map, so the pages
+        A positioned read (``pread``) straight into a new buffer: no memory map, so the pages
         read do not stay in this process's resident memory, and it is safe to call from
-        several threads at once. The buffer is new, or the start of ``out`` (a contiguous
-        ``uint8`` CPU tensor of at least the range's bytes, which the result then shares:
-        a buffer used over and over costs no page faults). No finiteness check (see
-        :meth:`check_range`).
+        several threads at once. No finiteness check (see :meth:`check_range`).
         """
-        offset, nbytes, dtype, shard = self._where(name, start, stop)
-        if out is None:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
-            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes")
-        else:
-            buffer = out.reshape(-1)[:nbytes]
-        view = memoryview(buffer.numpy())
-        fd = self._fd(shard)
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
-            done += got
-        return buffer.view(dtype)
+        return self.read_ranges(name, [(start, stop)])
 
     def read_ranges(self, name: str, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
         """The entries of several ranges ``(start, stop)`` of tensor ``name``, one after another, in one new tensor.
 
-        :meth:`read_range` of each into one buffer (a sample of runs of entries, say).
+        Positioned reads into one buffer, as :meth:`read_range` (a sample of runs of entries, say).
         """
         dtype = self._where(name, 0, 0)[2]  # a tensor not in a safetensors file raises here
         places = [self._where(name, start, stop) for start, stop in bounds]
