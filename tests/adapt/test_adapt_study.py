@@ -30,3 +30,41 @@ def test_study_runs_and_writes_its_report(micro_world, tmp_path):
     assert (f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['base']:.3f} | {sort['svf']:.3f} | "
             f"{sort['svf']:.3f} |") in table
     assert "Few-shot alpha on math_b: sort" in table and "<pre>" in written["html"].read_text()
+
+
+ALL_MATRICES = r"\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$"
+
+
+def test_study_adapts_the_chosen_matrices(micro_world, tmp_path):
+    settings = StudySettings(labels={"sort": "sort"}, steps=1, batch_size=2, eval_every=1, validation_limit=2,
+                             limit=2, shots=2, cem_iterations=1, cem_population=2, matrices=[ALL_MATRICES])
+    results = run_study(micro_world, tmp_path, settings)
+    sort = results["experts"]["sort"]
+    assert sort["svf_parameters"] == 448 and sort["lora_parameters"] == 4352  # MLP alone: 192 and 2,304
+    assert results["two_pass"]["math_b"]["classifier"]["n"] == 2
+
+
+def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
+    from click.testing import CliRunner
+
+    import shoal.adapt.report as report
+    import shoal.adapt.study as study
+    from shoal.cli.main import cli
+
+    seen = {}
+
+    def fake_run(world, out, settings, *, transfer_world=None, progress=None):  # type: ignore[no-untyped-def]
+        seen["settings"] = settings
+        return {}
+
+    monkeypatch.setattr(study, "run_study", fake_run)
+    monkeypatch.setattr(report, "write_report", lambda results, out: {"markdown": tmp_path / "none.md",
+                                                                      "html": tmp_path / "none.html"})
+    (tmp_path / "none.md").write_text("")
+    args = ["svf", "study", "--world", "micro", "--world-root", str(micro_world.root), "--out", str(tmp_path / "s"),
+            "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--matrices", ALL_MATRICES, "--matrices", "q_proj"])
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].matrices == [ALL_MATRICES, "q_proj"]
+    CliRunner().invoke(cli, args)
+    assert seen["settings"].matrices is None

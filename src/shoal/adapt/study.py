@@ -53,6 +53,7 @@ class StudySettings(BaseModel):
     kl: float = 0.0
     lora_rank: int = 4
     lora_lr: float = 1e-3
+    matrices: list[str] | None = None  # regexes of the adapted weight names (SVF and LoRA); None: the MLP
     eval_every: int = 50
     validation_limit: int = 200
     limit: int | None = 500  # test examples per task
@@ -84,9 +85,9 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(world.model("base"))
     svd_dir = out / "svd"
-    factors = load_or_compute_svd(model, cache_dir=svd_dir)
-    adapter = SVFAdapter(model, factors)
     s = settings
+    factors = load_or_compute_svd(model, patterns=s.matrices, cache_dir=svd_dir)
+    adapter = SVFAdapter(model, factors)
     train_args = dict(objective=s.objective, steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
                       validation_limit=s.validation_limit, seed=s.seed)
     results: dict[str, Any] = {"settings": s.model_dump(), "world": str(world.root), "experts": {}}
@@ -97,7 +98,7 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
                         label=label, factors=factors, resume=False, **train_args)  # type: ignore[arg-type]
         paths[task_name] = svf.path
         lora = train_lora(model, tokenizer, task, out=out / f"lora-{task_name}", rank=s.lora_rank, lr=s.lora_lr,
-                          kl=s.kl, **train_args)  # type: ignore[arg-type]
+                          kl=s.kl, patterns=s.matrices, **train_args)  # type: ignore[arg-type]
         from peft import PeftModel
 
         lora_model = PeftModel.from_pretrained(copy.deepcopy(model), str(lora.path)).eval()
@@ -150,7 +151,7 @@ def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, t
     from shoal.eval import load_model
 
     model, tokenizer = load_model(world.model("base"))
-    factors = load_or_compute_svd(model, cache_dir=out / "svd")
+    factors = load_or_compute_svd(model, patterns=s.matrices, cache_dir=out / "svd")
     adapter = SVFAdapter(model, factors)
     rows = {}
     for i, (task_name, path) in enumerate(paths.items()):

@@ -95,10 +95,12 @@ def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr:
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per task")
 @click.option("--cem-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--matrices", "matrices", multiple=True,
+              help="regex of the weight names SVF and LoRA adapt (repeatable); default: the MLP matrices")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
           kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float, lora_rank: int, lora_lr: float,
-          eval_every: int, limit: int, cem_iterations: int, quiet: bool) -> None:
+          eval_every: int, limit: int, cem_iterations: int, matrices: tuple[str, ...], quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.adapt.report import write_report
@@ -118,7 +120,7 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
             raise ConfigError(f"no built {size} world at {transfer_root}")
     settings = StudySettings(objective=objective, kl=kl, steps=steps, batch_size=batch_size, lr=lr,
                              classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, eval_every=eval_every,
-                             limit=limit, cem_iterations=cem_iterations)
+                             limit=limit, cem_iterations=cem_iterations, matrices=list(matrices) or None)
     with progress_bars(enabled=not quiet) as progress:
         results = run_study(world, out, settings, transfer_world=other, progress=progress)
     written = write_report(results, out)
