@@ -24,11 +24,15 @@ def cache_field() -> str:
 @functools.lru_cache(maxsize=None)
 def _cache_keyword(fn: Callable[..., Any]) -> str:
     parameters = inspect.signature(fn).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return cache_field()  # only **kwargs (a wrapper such as PEFT's): the installed transformers' name
 
 
 def cache_keyword(fn: Callable[..., Any]) -> str:
-    """``"cache"`` where ``fn`` declares a ``cache`` parameter, else ``"past_key_values"``."""
+    """The name ``fn`` declares for the cache (``cache`` or ``past_key_values``); where it declares
+    neither, the name of the installed transformers."""
     return _cache_keyword(getattr(fn, "__func__", fn))
 
 
