@@ -217,7 +217,8 @@ def run_streamed(op: TensorOp, readers: Mapping[str, CheckpointReader], write: W
     return bool(start_streamed(op, readers, write, pool, compat=compat, chunk=chunk).result())
 
 
-def _done(results: list[Any]) -> bool:
+def all_written(results: list[Any]) -> bool:
+    """The value of a last stage whose jobs write their pieces: the op is written."""
     return True
 
 
@@ -232,7 +233,7 @@ def _elementwise(op: TensorOp, sources: Sources, write: Write, ranges: list[tupl
             result = method.fn(sources.base(start, stop), sources.models(start, stop), **kwargs)
         write(start, finish(op, result))
 
-    return Stage(sources.job(job), ranges, _done)
+    return Stage(sources.job(job), ranges, all_written)
 
 
 def _slerp(op: TensorOp, sources: Sources, write: Write, ranges: list[tuple[int, int]]) -> Stage:
@@ -252,7 +253,7 @@ def _slerp(op: TensorOp, sources: Sources, write: Write, ranges: list[tuple[int,
             a, b = pair(start, stop)
             write(start, finish(op, (coef_a * a + coef_b * b).to(base_dtype)))
 
-        return Stage(sources.job(job), ranges, _done)
+        return Stage(sources.job(job), ranges, all_written)
 
     return Stage(sources.job(lambda start, stop: block_stats(*pair(start, stop))), ranges, merge_stage)
 

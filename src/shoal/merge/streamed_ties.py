@@ -15,7 +15,6 @@ between the passes, once per tensor).
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 from typing import Any
 
@@ -25,13 +24,13 @@ import torch
 from shoal.merge.methods._inputs import per_model, working_dtype
 from shoal.merge.methods.consensus import task_vector
 from shoal.merge.methods.generalized import generalized_task_arithmetic
-from shoal.merge.methods.selection import (_MARGIN_SIGMAS, SAMPLE_SIZE, KthLargest, sample_positions,
+from shoal.merge.methods.selection import (SAMPLE_SIZE, KthLargest, bracket_positions, sample_positions,
                                           take_first_ties, ties_per_piece)
 from shoal.merge.methods.sparsify import apply_keep_mask, trim_count
 from shoal.merge.plan import SourceRef, TensorOp
 from shoal.merge.pool import Stage
-from shoal.merge.streamed import (Sources, Write, check_sources, finish, fused_merge, kernels_for, numel,
-                                  op_params)
+from shoal.merge.streamed import (Sources, Write, all_written, check_sources, finish, fused_merge, kernels_for,
+                                  numel, op_params)
 
 SAMPLE_RUN = 1024  # the sample is read as runs of this many neighbouring entries
 SAMPLE_ABOVE = 1 << 18  # smaller tensors are scanned without a bracket (the window is all of it)
@@ -124,7 +123,7 @@ class _Merge:
                 fused_merge(kernels, op, sources, write, start, stop, kernels.ties_merge,
                             threshold_values, ties_left[index_of[start]], *combine)
 
-            return Stage(sources.job(fused_job), self.ranges, _written)
+            return Stage(sources.job(fused_job), self.ranges, all_written)
 
         def job(start: int, stop: int) -> None:
             index = index_of[start]
@@ -147,11 +146,7 @@ class _Merge:
                 lambda_=self.params["lambda_"], compat=self.compat)
             write(start, finish(op, result))
 
-        return Stage(sources.job(job), self.ranges, _written)
-
-
-def _written(results: list[Any]) -> bool:
-    return True
+        return Stage(sources.job(job), self.ranges, all_written)
 
 
 def sample_magnitudes(sources: Sources, n: int) -> list[np.ndarray]:
@@ -177,11 +172,8 @@ def bracket(k: int, n: int, ordered: np.ndarray | None) -> tuple[np.float32 | No
     """The bracket ``(lo, hi)`` that ``KthLargest(k, n, sample)`` sets, from the sample sorted (None: open)."""
     if ordered is None or ordered.size == 0:
         return None, None
-    size = ordered.size
-    below = (n - k) / n  # as in KthLargest.__init__
-    margin = _MARGIN_SIGMAS * math.sqrt(max(below * (1 - below), 1.0 / size) / size) + 2.0 / size
-    i_lo, i_hi = math.floor((below - margin) * size), math.ceil((below + margin) * size)
-    return (ordered[i_lo] if i_lo >= 0 else None), (ordered[i_hi] if i_hi < size else None)
+    i_lo, i_hi = bracket_positions(k, n, ordered.size)
+    return (ordered[i_lo] if i_lo >= 0 else None), (ordered[i_hi] if i_hi < ordered.size else None)
 
 
 def _fused_scan(kernels: ModuleType, sources: Sources, brackets: dict[int, tuple[Any, Any]],

@@ -38,6 +38,16 @@ def sample_positions(n: int, count: int = SAMPLE_SIZE) -> torch.Tensor:
 Scan = tuple[int, torch.Tensor, torch.Tensor]  # (count above the bracket, distinct values inside, their counts)
 
 
+def bracket_positions(k: int, n: int, size: int) -> tuple[int, int]:
+    """Positions in a sorted sample of ``size`` of ``n`` values that bracket the k-th largest.
+
+    A position below 0 or at ``size`` and beyond means that side stays open.
+    """
+    below = (n - k) / n  # fraction of the values below the k-th largest
+    margin = _MARGIN_SIGMAS * math.sqrt(max(below * (1 - below), 1.0 / size) / size) + 2.0 / size
+    return math.floor((below - margin) * size), math.ceil((below + margin) * size)
+
+
 class KthLargest:
     """The exact k-th largest of ``n`` values seen in pieces.
 
@@ -58,9 +68,7 @@ class KthLargest:
         if sample is not None and sample.numel() > 0:
             ordered = sample.reshape(-1).sort().values
             size = ordered.numel()
-            below = (n - k) / n  # fraction of the values below the k-th largest
-            margin = _MARGIN_SIGMAS * math.sqrt(max(below * (1 - below), 1.0 / size) / size) + 2.0 / size
-            i_lo, i_hi = math.floor((below - margin) * size), math.ceil((below + margin) * size)
+            i_lo, i_hi = bracket_positions(k, n, size)
             self.lo = ordered[i_lo] if i_lo >= 0 else None
             self.hi = ordered[i_hi] if i_hi < size else None
 
