@@ -75,3 +75,30 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     from shoal.zoo import build_zoo
 
     return build_zoo("micro", out=tmp_path_factory.mktemp("zoo") / "micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """Factory fixture: ``tiny_zoo_model(seed)`` -> a tiny random Llama with the zoo tokenizer, cached per session."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shoal.zoo.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_zoo_models")
+    cache: dict[int, Path] = {}
+
+    def make(seed: int) -> Path:
+        if seed not in cache:
+            tokenizer = build_tokenizer()
+            config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                          max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(seed)
+            out = root / f"seed{seed}"
+            AutoModelForCausalLM.from_config(config).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            cache[seed] = out
+        return cache[seed]
+
+    return make

@@ -105,24 +105,8 @@ def test_merged_model_from_the_gpu_loads_and_matches(tiny_model_dir, tmp_path: P
         torch.testing.assert_close(gpu[name], expected, rtol=1e-5, atol=1e-6)
 
 
-def _zoo_model(out: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from shoal.zoo.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                  max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def test_eval_svf_and_adapt_on_the_gpu_match_the_cpu(tmp_path: Path) -> None:
-    model = str(_zoo_model(tmp_path / "base"))
+def test_eval_svf_and_adapt_on_the_gpu_match_the_cpu(tiny_zoo_model, tmp_path: Path) -> None:
+    model = str(tiny_zoo_model(0))
     scores = {}
     for device in ("cpu", "cuda"):
         code, stdout, stderr = run("eval", model, "--task", "sort", "--limit", "16", "--device", device, "--json",

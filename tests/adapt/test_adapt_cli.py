@@ -14,26 +14,9 @@ from shoal.adapt.train import state_path
 from shoal.cli.main import cli
 
 
-def _tiny_zoo_model(out: Path, seed: int) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from shoal.zoo.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                  max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def zoo_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapt-cli")
-    return {"base": _tiny_zoo_model(root / "base", 0), "other": _tiny_zoo_model(root / "other", 1), "root": root}
+def zoo_models(tmp_path_factory, tiny_zoo_model) -> dict[str, Path]:
+    return {"base": tiny_zoo_model(0), "other": tiny_zoo_model(1), "root": tmp_path_factory.mktemp("adapt-cli")}
 
 
 def run(*args: str) -> tuple[int, str, str]:
