@@ -31,7 +31,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from shoal.evolve.demo import demo_config
+    from shoal.studies.evolve_demo import demo_config
     from shoal.evolve.evaluators import Evaluator
     from shoal.merge.execute import merge
     from shoal.zoo import build_zoo

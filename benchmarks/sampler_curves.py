@@ -31,7 +31,7 @@ import torch
 
 def _config(args: argparse.Namespace) -> Any:
     from shoal.evolve.config import load_evolve_config
-    from shoal.evolve.demo import demo_config
+    from shoal.studies.evolve_demo import demo_config
     from shoal.zoo import build_zoo
 
     if args.config:

@@ -18,7 +18,7 @@ import torch
 
 import shoal.adapt.two_pass as two_pass
 from shoal.adapt import adapt_generate
-from shoal.adapt.study import DEFAULT_LABELS, DEFAULT_TEMPLATE
+from shoal.studies.svf_study import DEFAULT_LABELS, DEFAULT_TEMPLATE
 from shoal.eval import load_model
 from shoal.eval.generation import generate_greedy
 from shoal.zoo import load_zoo

@@ -49,7 +49,7 @@ def cell(method: str, task_name: str, steps: int, matrices: str, out: Path, worl
     else:
         from peft import PeftModel
 
-        from shoal.adapt.lora_baseline import train_lora
+        from shoal.studies.lora_baseline import train_lora
 
         result = train_lora(model, tokenizer, task, out=out / "lora", rank=4, lr=3e-3, **common)
         trained = time.perf_counter() - started

@@ -6,7 +6,7 @@ import torch
 from test_adapt_train import reference_nll
 
 from shoal.adapt import load_or_compute_svd
-from shoal.adapt.lora_baseline import train_lora
+from shoal.studies.lora_baseline import train_lora
 
 
 def test_lora_baseline_trains_and_counts_parameters(llama, word_tokenizer, toy_tasks, svd_dir, tmp_path):

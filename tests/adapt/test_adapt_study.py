@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from shoal.adapt.report import write_report
-from shoal.adapt.study import StudySettings, run_study
+from shoal.studies.svf_report import write_report
+from shoal.studies.svf_study import StudySettings, run_study
 
 
 def test_study_runs_and_writes_its_report(micro_world, tmp_path):
@@ -47,8 +47,8 @@ def test_study_adapts_the_chosen_matrices(micro_world, tmp_path):
 def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
     from click.testing import CliRunner
 
-    import shoal.adapt.report as report
-    import shoal.adapt.study as study
+    import shoal.studies.svf_report as report
+    import shoal.studies.svf_study as study
     from shoal.cli.main import cli
 
     seen = {}

@@ -74,7 +74,7 @@ def test_hub_repo_with_only_pickle_weights(monkeypatch, tmp_path):
     calls: list = []
     fake_hub(monkeypatch, repo, calls)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"'org/old'.*--allow-pickle"):
+    with pytest.raises(CheckpointError, match=r"'org/old'.*allow_pickle=True"):
         open_checkpoint("org/old")
     reader = open_checkpoint("org/old", allow_pickle=True)
     assert torch.equal(reader.get("w"), torch.arange(3.0))

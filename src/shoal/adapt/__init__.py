@@ -6,8 +6,9 @@
 - :func:`save_expert` / :func:`load_expert`: the expert file format.
 - :func:`adapt_evaluate` / :func:`adapt_generate`: two-pass inference with the ``prompt``,
   ``classifier`` or ``few-shot`` (CEM mixture) strategy.
-- :func:`train_lora`: the PEFT LoRA baseline; :func:`run_study` / :func:`write_report`: the
-  study on a zoo world behind the report.
+
+The study behind the README's numbers and its LoRA baseline are experiments over this package:
+see :mod:`shoal.studies`.
 """
 
 from shoal.adapt.cem import CEMResult, cem
@@ -15,10 +16,7 @@ from shoal.adapt.dispatch import (OTHER, FewShotMixture, RoutingTask, classify, 
                                   routing_task)
 from shoal.adapt.expert import Expert, ExpertError, ExpertMeta, check_expert, load_expert, make_meta, save_expert
 from shoal.adapt.fingerprint import DEFAULT_MATRIX_PATTERNS, model_fingerprint, select_matrices
-from shoal.adapt.lora_baseline import LoRAResult, train_lora
 from shoal.adapt.reinforce import kl_divergence, reinforce_loss, sequence_logprobs, sft_loss
-from shoal.adapt.report import write_report
-from shoal.adapt.study import StudySettings, run_study
 from shoal.adapt.svd_cache import SVDFactors, compute_svd, default_cache_dir, load_or_compute_svd
 from shoal.adapt.svf import SVFAdapter, mix_experts, recompose
 from shoal.adapt.train import TrainRecord, TrainResult, train_svf
@@ -26,10 +24,10 @@ from shoal.adapt.two_pass import AdaptResult, TwoPassResult, adapt_evaluate, ada
 
 __all__ = [
     "AdaptResult", "CEMResult", "DEFAULT_MATRIX_PATTERNS", "Expert", "ExpertError", "ExpertMeta",
-    "FewShotMixture", "LoRAResult", "OTHER", "RoutingTask", "SVDFactors", "SVFAdapter", "StudySettings",
-    "TrainRecord", "TrainResult", "TwoPassResult", "adapt_evaluate", "adapt_generate", "cem", "check_expert",
+    "FewShotMixture", "OTHER", "RoutingTask", "SVDFactors", "SVFAdapter", "TrainRecord", "TrainResult",
+    "TwoPassResult", "adapt_evaluate", "adapt_generate", "cem", "check_expert",
     "classify", "compute_svd", "default_cache_dir", "few_shot_mixture", "kl_divergence", "label_scores",
     "load_expert", "load_or_compute_svd", "make_meta", "mix_experts", "model_fingerprint", "recompose",
-    "reinforce_loss", "routing_task", "run_study", "save_expert", "select_matrices", "sequence_logprobs",
-    "sft_loss", "train_lora", "train_svf", "write_report",
+    "reinforce_loss", "routing_task", "save_expert", "select_matrices", "sequence_logprobs",
+    "sft_loss", "train_svf",
 ]

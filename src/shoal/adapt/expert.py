@@ -127,4 +127,4 @@ def check_expert(expert: Expert, factors: SVDFactors, *, transfer: bool = False)
                               f"the model has {factors.shapes[name]} and {factors.rank(name)}")
     if expert.meta.base_fingerprint != factors.fingerprint and not transfer:
         raise ExpertError(f"expert {where} was trained on base {expert.meta.base_fingerprint}, this model "
-                          f"is {factors.fingerprint}; pass transfer=True (--transfer) to apply it anyway")
+                          f"is {factors.fingerprint}; pass transfer=True to apply it anyway")

@@ -96,7 +96,7 @@ def _route(adapter: SVFAdapter, tokenizer: object, prompts: Sequence[str], exper
                                  batch_size=batch_size)
     elif strategy == "classifier":
         if classifier is None:
-            raise ConfigError("strategy 'classifier' needs a classifier expert (--classifier)")
+            raise ConfigError("strategy 'classifier' needs a classifier expert (argument classifier)")
         chosen = dispatch_classifier(adapter, tokenizer, prompts, experts, classifier, mode=mode,
                                      template=template, batch_size=batch_size)
     else:

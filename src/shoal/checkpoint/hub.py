@@ -70,7 +70,7 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, allow_pick
     if not allow_pickle:
         raise CheckpointError(
             f"{repo_id!r} (downloaded to {folder}) has no .safetensors weights; if it ships pickle "
-            f"weights (pytorch_model.bin), pass --allow-pickle to load them with torch.load(weights_only=True)"
+            f"weights (pytorch_model.bin), pass allow_pickle=True to load them with torch.load(weights_only=True)"
         )
     return _snapshot(repo_id, revision, PICKLE_PATTERNS + SUPPORT_PATTERNS)
 

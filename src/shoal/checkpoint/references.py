@@ -151,3 +151,11 @@ def _apply_folder_rules(folder: Path) -> Path:
         if target is not None:
             return Path(target)
     return folder
+
+
+def resolve_model_ref(reference: str | Path) -> str:
+    """What to open for ``reference``: the local file or folder it resolves to (schemes and
+    folder rules applied), or, for a hub id, the reference as written (``owner/name@rev``),
+    which :func:`shoal.checkpoint.open_checkpoint` downloads."""
+    location = resolve_reference(reference)
+    return str(location.path) if location.path is not None else str(reference)

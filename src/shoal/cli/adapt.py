@@ -59,7 +59,8 @@ class _VariadicCommand(click.Command):
 @click.option("--transfer", is_flag=True, help="accept experts trained on another base of the same shapes")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="CEM seed")
-@click.option("--task-seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
+@click.option("--task-seed", type=int, default=None,
+              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
 @click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
@@ -68,7 +69,7 @@ class _VariadicCommand(click.Command):
 def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Path | None, task_name: str | None,
             split: str, limit: int | None, prompts: tuple[str, ...], max_new_tokens: int, mode: str,
             template: str | None, shots: int, shots_split: str, per_matrix: bool, cem_iterations: int,
-            cem_population: int, transfer: bool, batch_size: int, seed: int, task_seed: int,
+            cem_population: int, transfer: bool, batch_size: int, seed: int, task_seed: int | None,
             svd_cache: Path | None, device: str, dtype: str, as_json: bool, quiet: bool) -> None:
     """Answer with MODEL adapted by SVF EXPERTS, chosen per prompt (pass 1) before answering (pass 2).
 
@@ -88,7 +89,9 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
         raise ConfigError("--prompt and --task go together only with --strategy few-shot (the task gives the shots)")
     if strategy == "classifier" and classifier is None:
         raise ConfigError("--strategy classifier needs --classifier EXPERT")
-    task = get_task(task_name, seed=task_seed) if task_name is not None else None
+    from shoal.cli._tasks import task_seed_for
+
+    task = get_task(task_name, seed=task_seed_for(model, task_seed)) if task_name is not None else None
     if strategy == "few-shot" and task is None:
         raise ConfigError("--strategy few-shot needs --task T for its labelled shots")
     loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))

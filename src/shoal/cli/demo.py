@@ -18,7 +18,7 @@ import click
 def command(size: str, out: Path, trials: int, limit: int | None, seed: int, quiet: bool) -> None:
     """Evolve a merge of the language-B and math specialists for math problems written in B."""
     from shoal.cli._progress import progress_bars, stdout
-    from shoal.evolve.demo import run_demo
+    from shoal.studies.evolve_demo import run_demo
     from shoal.evolve.report import markdown_table
 
     with progress_bars(enabled=not quiet) as progress:

@@ -22,13 +22,14 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
+@click.option("--seed", type=int, default=None,
+              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
 @click.option("--outputs", "outputs_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write prompt, target, output and score per example (JSONL)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def command(model: str, task_name: str, split: str, limit: int | None, batch_size: int,
-            device: str, dtype: str, seed: int, outputs_path: Path | None, as_json: bool,
+            device: str, dtype: str, seed: int | None, outputs_path: Path | None, as_json: bool,
             quiet: bool) -> None:
     """Score MODEL (a Hugging Face folder or id) on one split of a task.
 
@@ -38,9 +39,10 @@ def command(model: str, task_name: str, split: str, limit: int | None, batch_siz
     from transformers.utils import logging as hf_logging
 
     from shoal.cli._progress import progress_bars
+    from shoal.cli._tasks import task_seed_for
     from shoal.eval import evaluate, get_task, load_model, select_examples
 
-    task = get_task(task_name, seed=seed)
+    task = get_task(task_name, seed=task_seed_for(model, seed))
     examples = select_examples(task, split, limit)  # fail on a bad split before loading
     hf_logging.disable_progress_bar()  # our own bars only
     loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))

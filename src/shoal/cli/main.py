@@ -14,6 +14,7 @@ import sys
 import click
 
 import shoal
+from shoal.cli._errors import cli_message
 from shoal.errors import ShoalError
 
 
@@ -22,7 +23,7 @@ class _ShoalGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ShoalError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {cli_message(str(err))}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

@@ -39,7 +39,8 @@ def command() -> None:
               help="continue from <out>.train-state.pt when it exists")
 @click.option("--greedy", is_flag=True, help="REINFORCE on greedy instead of sampled completions")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
-@click.option("--task-seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
+@click.option("--task-seed", type=int, default=None,
+              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
 @click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -48,7 +49,7 @@ def command() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr: float, batch_size: int,
           clip: float, eval_every: int, validation_limit: int, patterns: tuple[str, ...], label: str | None,
-          out: Path | None, resume: bool, greedy: bool, seed: int, task_seed: int, svd_cache: Path | None,
+          out: Path | None, resume: bool, greedy: bool, seed: int, task_seed: int | None, svd_cache: Path | None,
           device: str, dtype: str, as_json: bool, quiet: bool) -> None:
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
@@ -57,7 +58,9 @@ def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr:
     from shoal.cli._progress import progress_bars
     from shoal.eval import get_task, load_model
 
-    task = get_task(task_name, seed=task_seed)
+    from shoal.cli._tasks import task_seed_for
+
+    task = get_task(task_name, seed=task_seed_for(model, task_seed))
     out = out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors")
     loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
     with progress_bars(enabled=not quiet and not as_json) as progress:
@@ -103,8 +106,8 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
           eval_every: int, limit: int, cem_iterations: int, matrices: tuple[str, ...], quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
-    from shoal.adapt.report import write_report
-    from shoal.adapt.study import StudySettings, run_study
+    from shoal.studies.svf_report import write_report
+    from shoal.studies.svf_study import StudySettings, run_study
     from shoal.cli._progress import progress_bars
     from shoal.errors import ConfigError
     from shoal.zoo import load_zoo

@@ -1,13 +1,36 @@
-"""Load a causal language model and its tokenizer, ready for batched evaluation."""
+"""The one model loader: a model reference in, a model (and its tokenizer) out, ready to evaluate.
+
+Every caller that needs a model in memory comes here (``shoal eval``, the evolve evaluators
+and resident candidates, the adapt study): references resolve through
+:func:`shoal.checkpoint.references.resolve_reference` (folders, hub ids with ``@revision``,
+``zoo:`` names, run folders), and the model kind says which classes build it. Only causal
+language models are registered today; a vision-language or diffusion kind registers its own
+:class:`ModelKind` (how to build the network, how to build its processor).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from shoal.checkpoint.references import ModelLocation, resolve_reference
 from shoal.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How one kind of model is built from a folder or hub id.
+
+    ``network(source, revision, dtype)`` returns the model, ``processor(source, revision)`` what
+    turns inputs into its tensors (a tokenizer for language models), ready for batched use.
+    """
+
+    name: str
+    network: Callable[[str, str | None, torch.dtype], Any]
+    processor: Callable[[str, str | None], Any]
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -23,31 +46,66 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a Hugging Face model folder or hub id.
+def _causal_lm(source: str, revision: str | None, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
 
-    The model is in eval mode on ``device``; the tokenizer pads on the left and has a pad token.
-    A folder that cannot be read raises :class:`~shoal.errors.CheckpointError` naming it.
+    return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+
+
+def _tokenizer(source: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
+
+
+MODEL_KINDS: dict[str, ModelKind] = {"causal_lm": ModelKind("causal_lm", _causal_lm, _tokenizer)}
+
+
+def register_model_kind(kind: ModelKind, *, replace: bool = False) -> None:
+    """Make ``kind.name`` a kind the loader accepts."""
+    if kind.name in MODEL_KINDS and not replace and MODEL_KINDS[kind.name] is not kind:
+        raise ValueError(f"model kind {kind.name!r} is already registered")
+    MODEL_KINDS[kind.name] = kind
+
+
+def _kind(name: str) -> ModelKind:
+    kind = MODEL_KINDS.get(name)
+    if kind is None:
+        raise CheckpointError(f"unknown model kind {name!r}; known: {', '.join(MODEL_KINDS)}")
+    return kind
+
+
+def locate_model(reference: str | Path | ModelLocation, *, revision: str | None = None) -> ModelLocation:
+    """Where the model ``reference`` names lives: a local model folder or a hub id.
+
+    A path that does not exist, or names a file, raises CheckpointError naming it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if isinstance(reference, ModelLocation):
+        return reference
+    text = str(reference)
+    looks_local = (isinstance(reference, Path) or text.startswith((".", "/", "~"))
+                   or (":" not in text and text.count("/") > 1))
+    if looks_local and not Path(text).expanduser().exists():
+        raise CheckpointError(f"{text}: no such model folder")
+    location = resolve_reference(reference, revision=revision)
+    if location.path is not None and not location.path.is_dir():
+        raise CheckpointError(f"{location.path}: expected a model folder, found a file")
+    return location
 
-    source = str(path_or_id)
-    if source.startswith("zoo:"):
-        from shoal.zoo import resolve_zoo_ref
 
-        source = resolve_zoo_ref(source)
-    local = Path(source)
-    if local.exists() and not local.is_dir():
-        raise CheckpointError(f"{source}: expected a model folder, found a file")
-    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise CheckpointError(f"{source}: no such model folder")
+def _source(location: ModelLocation) -> str:
+    return str(location.path) if location.path is not None else str(location.hub_id)
+
+
+def load_network(reference: str | Path | ModelLocation, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, kind: str = "causal_lm",
+                 revision: str | None = None) -> Any:
+    """The model ``reference`` names, in eval mode on ``device`` (no tokenizer)."""
+    builder = _kind(kind)
+    location = locate_model(reference, revision=revision)
+    source = _source(location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{source}: cannot load the tokenizer ({_first_line(err)})") from err
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = builder.network(source, location.revision, dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{source}: cannot load the model ({_first_line(err)})") from err
     try:
@@ -55,10 +113,36 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
     except (RuntimeError, AssertionError) as err:
         raise CheckpointError(f"{source}: cannot move the model to {device!s} ({_first_line(err)})"
                               ) from err
-    model.eval()
-    prepare_tokenizer(tokenizer)
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_processor(reference: str | Path | ModelLocation, *, kind: str = "causal_lm", revision: str | None = None) -> Any:
+    """What feeds the model ``reference`` names; for a causal LM its tokenizer, padding on the
+    left and with a pad token."""
+    builder = _kind(kind)
+    location = locate_model(reference, revision=revision)
+    source = _source(location)
+    try:
+        return builder.processor(source, location.revision)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{source}: cannot load the tokenizer ({_first_line(err)})") from err
+
+
+def load_model(reference: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, kind: str = "causal_lm",
+               revision: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a model reference (folder, hub id[@revision], ``zoo:``...).
+
+    The model is in eval mode on ``device``; the tokenizer pads on the left and has a pad token,
+    which is also the model's generation pad token when its generation config has none.
+    A reference that cannot be read raises :class:`~shoal.errors.CheckpointError` naming it.
+    """
+    location = locate_model(reference, revision=revision)
+    tokenizer = load_processor(location, kind=kind)
+    model = load_network(location, device=device, dtype=dtype, kind=kind)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(generation, "pad_token_id", None) is None:
+        generation.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

@@ -58,12 +58,11 @@ class CandidateBuilder:
 
     def load_model(self, reference: str, *, dtype: torch.dtype = torch.float32) -> Any:
         """A transformers model with the architecture and config of ``reference``."""
-        from transformers import AutoModelForCausalLM
+        from shoal.eval.loading import load_network
 
         path = self.readers[reference].path
         folder = path if Path(path).is_dir() else Path(path).parent
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        return model.to(self.device).eval()
+        return load_network(folder, device=self.device, dtype=dtype)
 
     def apply(self, model: Any, recipe: Recipe, *, seed: int = 0) -> None:
         """Write the candidate's weights into ``model`` in place."""

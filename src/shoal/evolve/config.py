@@ -15,6 +15,7 @@ Example::
     validation: {task: math_b, split: validation, limit: 500, top_k: 5}
     report: {tasks: [math_b, math_a, lang_b], split: test}
     search: {sampler: cmaes, trials: 200, seed: 0}
+    task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ class EvolveConfig(_Strict):
     storage: str | None = None
     batch_size: int = 128
     device: str = "cpu"
-    seed: int = 0
+    seed: int = 0  # the merge's seed (DARE's random draws)
+    # the seed that fixes the task splits (zoo tasks); None: the seed of the zoo world the
+    # models come from, else 0 -- a world's held-out splits are held out only from its own data
+    task_seed: int | None = None
 
     @model_validator(mode="after")
     def _discipline(self) -> "EvolveConfig":

@@ -1,81 +1,61 @@
 """What a search scores: a resident model that each genome is written into.
 
-- :class:`Evaluator` (parameter space): a genome decodes to a merge recipe, merged in memory
-  into one resident model of the reference architecture.
-- :class:`DfsEvaluator` (data-flow space): a genome decodes to a layer path; one resident
-  layer-path model holds every layer of every source and only switches its path.
+- :class:`Evaluator` (parameter space): a genome decodes (:mod:`shoal.evolve.space`) to a merge
+  recipe, merged in memory (:mod:`shoal.evolve.candidate`) into one resident model of the
+  reference architecture.
+- :class:`DfsEvaluator` (data-flow space): a genome decodes (:mod:`shoal.flow.genome`) to a
+  layer path; one resident layer-path model (:mod:`shoal.flow.build`) holds every layer of
+  every source and only switches its path.
 
-Both expose the same small interface the search loop and the run use: ``gene_keys``, ``x0``,
-``fitness``, ``score_genome``, ``save_best``, ``rows``, ``plot_best``, ``describe``, ``close``.
+Scoring lives in :mod:`shoal.evolve.scoring`, the report's comparison rows in
+:mod:`shoal.evolve.baselines`, what a run writes in :mod:`shoal.evolve.saving` and the plots
+in :mod:`shoal.evolve.report`. Both evaluators expose the small interface the search loop and
+the run use: ``gene_keys``, ``x0``, ``fitness``, ``score_genome``, ``score_row``, ``save_best``,
+``rows``, ``final_row``, ``plot_best``, ``describe``, ``title``, ``close``.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
+from shoal.eval.loading import load_model, load_processor
+from shoal.evolve.baselines import source_labels, source_rows, uniform_recipe
 from shoal.evolve.candidate import CandidateBuilder
 from shoal.evolve.config import EvolveConfig
+from shoal.evolve.references import MODEL_DIR
+from shoal.evolve.saving import BEST_PATH, BEST_RECIPE, save_best_path, save_best_recipe
+from shoal.evolve.scoring import run_task_seed, score_model
 from shoal.evolve.space import SearchSpace, build_space
-from shoal.merge.recipe import ModelEntry, Recipe
+from shoal.merge.recipe import Recipe
 
-BEST_RECIPE = "best_recipe.yaml"
-BEST_PATH = "best_path.json"
-MODEL_DIR = "model"  # the final merged model inside a run folder
-
-
-def _tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    from shoal.eval.loading import prepare_tokenizer
-
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
-
-
-def _folder(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_dir() else path.parent
-
-
-def score_model(model: Any, tokenizer: Any, task: str | list[str], split: str, limit: int | None,
-                batch_size: int) -> Any:
-    """Score a model on one task, or on several (the mean, with the total example count)."""
-    from shoal.eval import get_task
-    from shoal.eval.evaluate import evaluate, result_from_scores
-
-    names = [task] if isinstance(task, str) else list(task)
-    with torch.inference_mode():
-        results = [evaluate(model, tokenizer, get_task(name), split, limit=limit, batch_size=batch_size)
-                   for name in names]
-    if len(results) == 1:
-        return results[0]
-    mean = sum(r.score for r in results) / len(results)
-    return replace(result_from_scores("+".join(names), split, (), [mean]), n=sum(r.n for r in results))
+__all__ = ["BEST_PATH", "BEST_RECIPE", "DfsEvaluator", "Evaluator", "MODEL_DIR", "make_evaluator",
+           "rows_for", "score_model", "source_labels"]
 
 
 class _Base:
     config: EvolveConfig
     model: Any
     tokenizer: Any
+    task_seed: int
+
+    x0: dict[str, float] | None = None
 
     @property
     def gene_keys(self) -> list[str]:
         raise NotImplementedError
 
-    x0: dict[str, float] | None = None
-
     def load(self, genome: Mapping[str, float]) -> None:
         """Make the resident model the candidate of ``genome``."""
         raise NotImplementedError
 
+    def score(self, model: Any, tokenizer: Any, task: str | list[str], split: str, limit: int | None) -> Any:
+        return score_model(model, tokenizer, task, split, limit, self.config.batch_size, seed=self.task_seed)
+
     def score_genome(self, genome: Mapping[str, float], task: str | list[str], split: str,
                      limit: int | None) -> Any:
         self.load(genome)
-        return score_model(self.model, self.tokenizer, task, split, limit, self.config.batch_size)
+        return self.score(self.model, self.tokenizer, task, split, limit)
 
     def fitness(self, genome: dict[str, float]) -> tuple[float, dict]:
         spec = self.config.fitness
@@ -85,10 +65,8 @@ class _Base:
     def score_row(self, row: Any, task: str, split: str, limit: int | None) -> Any:
         """Score a report row: a genome (dict), or a model folder (str)."""
         if isinstance(row, str):
-            from shoal.eval import load_model
-
             model, tokenizer = load_model(row, device=self.config.device)
-            return score_model(model, tokenizer, task, split, limit, self.config.batch_size)
+            return self.score(model, tokenizer, task, split, limit)
         return self.score_genome(row, task, split, limit)
 
 
@@ -97,6 +75,7 @@ class Evaluator(_Base):
 
     def __init__(self, config: EvolveConfig):
         self.config = config
+        self.task_seed = run_task_seed(config)
         models = ([config.base_model] if config.base_model else []) + list(config.models)
         self.builder = CandidateBuilder(models, device=config.device)
         self.reference = config.base_model or config.models[0]
@@ -104,7 +83,8 @@ class Evaluator(_Base):
         arch = ((reader.config or {}).get("architectures") or [None])[0]
         self.space: SearchSpace = build_space(config, reader.tensor_names(), arch)
         self.model = self.builder.load_model(self.reference)
-        self.tokenizer = _tokenizer(_folder(reader.path))
+        path = Path(reader.path)
+        self.tokenizer = load_processor(path if path.is_dir() else path.parent)
 
     @property
     def gene_keys(self) -> list[str]:
@@ -122,7 +102,7 @@ class Evaluator(_Base):
     def score_recipe(self, recipe: Recipe, task: str | list[str], split: str, limit: int | None) -> Any:
         """Merge ``recipe`` into the resident model and score it."""
         self.apply(recipe)
-        return score_model(self.model, self.tokenizer, task, split, limit, self.config.batch_size)
+        return self.score(self.model, self.tokenizer, task, split, limit)
 
     def score_row(self, row: Any, task: str, split: str, limit: int | None) -> Any:
         if isinstance(row, Recipe):
@@ -133,28 +113,18 @@ class Evaluator(_Base):
         return self.space.decode(genome).to_yaml()
 
     def save_best(self, genome: Mapping[str, float], run_dir: Path, *, write_model: bool) -> Path | None:
-        from shoal.merge.execute import merge
-
-        best = self.space.decode(genome)
-        (run_dir / BEST_RECIPE).write_text(best.to_yaml())
-        if not write_model:
-            return None
-        merge(best, run_dir / MODEL_DIR, seed=self.config.seed, overwrite=True)
-        return run_dir / MODEL_DIR
+        return save_best_recipe(self.space.decode(genome), run_dir, write_model=write_model,
+                                seed=self.config.seed)
 
     def uniform_recipe(self, **values: float) -> Recipe:
-        """The method with every model at the same parameter values (a baseline)."""
-        config = self.config
-        entries = [ModelEntry(model=m, parameters=dict(values)) for m in config.models  # type: ignore[arg-type]
-                   if not (config.base_model and m == config.base_model)]
-        return Recipe(merge_method=config.method, base_model=config.base_model, models=entries,
-                      parameters=dict(config.fixed), seed=config.seed)  # type: ignore[arg-type]
+        """The method with every model at the same parameter values (see
+        :mod:`shoal.evolve.baselines`; no values: the uniform baseline)."""
+        return uniform_recipe(self.config, values or None)
 
     def rows(self, genome: Mapping[str, float], baseline: Mapping[str, float] | None) -> list[tuple[str, Any]]:
         sources = ([self.config.base_model] if self.config.base_model else []) + list(self.config.models)
-        rows: list[tuple[str, Any]] = list(zip(source_labels(sources), sources))
-        rows.append((f"uniform {self.config.method}", self.uniform_recipe(**(baseline or {}))))
-        return rows
+        return [*source_rows(sources),
+                (f"uniform {self.config.method}", uniform_recipe(self.config, baseline))]
 
     def final_row(self, genome: Mapping[str, float]) -> Any:
         return self.space.decode(genome)
@@ -177,6 +147,7 @@ class DfsEvaluator(_Base):
         from shoal.flow.genome import DfsLayout, DfsSpace
 
         self.config = config
+        self.task_seed = run_task_seed(config)
         spec = config.dfs
         self.sources = list(config.models)
         layout = DfsLayout(layer_counts=tuple(source_layer_counts(self.sources)), repeats=spec.repeats,
@@ -185,7 +156,8 @@ class DfsEvaluator(_Base):
         self.space = DfsSpace(layout)
         self.model = build_path_model(self.sources, self.space.decode(self.space.default_genome()),
                                       keep="all", device=config.device)
-        self.tokenizer = _tokenizer(_folder(self.sources[0]))
+        first = Path(self.sources[0])
+        self.tokenizer = load_processor(first if first.is_dir() else first.parent)
 
     @property
     def gene_keys(self) -> list[str]:
@@ -205,19 +177,13 @@ class DfsEvaluator(_Base):
         return self.space.decode(genome).describe([Path(s).name for s in self.sources])
 
     def save_best(self, genome: Mapping[str, float], run_dir: Path, *, write_model: bool) -> Path | None:
-        from shoal.flow.build import save_path_model
-
-        path = self.space.decode(genome)
-        (run_dir / BEST_PATH).write_text(json.dumps({"sources": self.sources, "path": path.to_list()},
-                                                    indent=2))
-        if not write_model:
-            return None
-        self.load(genome)
-        save_path_model(self.model, run_dir / MODEL_DIR, overwrite=True)
-        return run_dir / MODEL_DIR
+        if write_model:
+            self.load(genome)
+        return save_best_path(self.model, self.space.decode(genome), self.sources, run_dir,
+                              write_model=write_model)
 
     def rows(self, genome: Mapping[str, float], baseline: Mapping[str, float] | None) -> list[tuple[str, Any]]:
-        return list(zip(source_labels(self.sources), self.sources))
+        return source_rows(self.sources)
 
     def final_row(self, genome: Mapping[str, float]) -> Any:
         return dict(genome)
@@ -230,21 +196,6 @@ class DfsEvaluator(_Base):
     @property
     def title(self) -> str:
         return f"data-flow space, {self.space.size} genes, {self.space.num_slots} slots"
-
-
-def source_labels(sources: Sequence[str]) -> list[str]:
-    """Short, distinct names for the report's rows: a folder's name; a finished run's model
-    (``RUN/model``) by its run's name; a name that repeats gets its parent folder's name too."""
-    def label(ref: str) -> str:
-        path = Path(ref)
-        if path.name == MODEL_DIR and path.parent.name:
-            return f"{path.parent.name} (run)"
-        return path.name or ref
-
-    labels = [label(s) for s in sources]
-    repeated = {name for name in labels if labels.count(name) > 1}
-    return [f"{Path(ref).parent.name}/{name}" if name in repeated and Path(ref).parent.name else name
-            for ref, name in zip(sources, labels)]
 
 
 def make_evaluator(config: EvolveConfig) -> Evaluator | DfsEvaluator:

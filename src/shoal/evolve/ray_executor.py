@@ -21,7 +21,7 @@ def run_on_ray(config: EvolveConfig, storage: str, workers: int, *,
     try:
         import ray
     except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'shoal[ray]'") from None
+        raise ConfigError("executor='ray' needs Ray: pip install 'shoal[ray]'") from None
     from shoal.evolve.run import _worker
     from shoal.evolve.search import finished_trials
 

@@ -18,13 +18,14 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from shoal.checkpoint.references import resolve_model_ref
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
-from shoal.evolve.evaluators import MODEL_DIR, make_evaluator, rows_for
+from shoal.evolve.evaluators import make_evaluator, rows_for
+from shoal.evolve.references import CONFIG_FILE
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
 from shoal.progress import ProgressFn, no_progress
 
-CONFIG_FILE = "config.yaml"
 SCORES_FILE = "scores.json"
 
 
@@ -54,23 +55,10 @@ class EvolveResult:
     scores: tuple[Score, ...] = field(default_factory=tuple)
 
 
-def resolve_model_ref(ref: str) -> str:
-    """A model reference -> a checkpoint to open.
-
-    ``zoo:SIZE/NAME`` is a model of the miniature world (built when missing); a finished
-    ``shoal evolve`` run folder stands for its merged model (PS+DFS feeds a PS result to DFS).
-    """
-    run_model = Path(ref) / MODEL_DIR
-    if Path(ref).is_dir() and (Path(ref) / CONFIG_FILE).is_file() and run_model.is_dir():
-        return str(run_model)
-    from shoal.zoo import resolve_zoo_ref
-
-    return resolve_zoo_ref(ref)
-
-
 def resolve_config(config: EvolveConfig, run_dir: Path | None = None) -> EvolveConfig:
-    """The config with model references replaced by folders: ``zoo:`` models, finished run folders,
-    and merge recipes (``*.yaml``), which are merged into ``run_dir/sources/`` first."""
+    """The config with model references replaced by what to open (see
+    :func:`shoal.checkpoint.references.resolve_model_ref`: ``zoo:`` models, finished run folders,
+    hub ids), and merge recipes (``*.yaml``), which are merged into ``run_dir/sources/`` first."""
     mapping = {m: _resolve_source(m, run_dir) for m in
                [*config.models] + ([config.base_model] if config.base_model else [])}
     return config.model_copy(update={

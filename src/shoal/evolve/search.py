@@ -76,7 +76,7 @@ def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resu
     storage = make_storage(storage_url)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if STUDY_NAME in existing and not resume:
-        raise ConfigError(f"a study already exists in {storage_url}; pass --resume to continue it or "
+        raise ConfigError(f"a study already exists in {storage_url}; pass resume=True to continue it or "
                           "use a new run folder")
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                 sampler=make_sampler(spec, x0), load_if_exists=True)

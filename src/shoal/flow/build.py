@@ -28,7 +28,7 @@ def resolve_source(name: str | Path) -> str:
     """A source's folder: ``zoo:SIZE/NAME`` names a model of the miniature world."""
     text = str(name)
     if text.startswith("zoo:"):
-        from shoal.evolve.run import resolve_model_ref
+        from shoal.checkpoint.references import resolve_model_ref
 
         return resolve_model_ref(text)
     return text

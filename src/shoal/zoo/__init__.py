@@ -5,11 +5,34 @@ specialists fine-tuned from it, all trained on CPU and deterministic for a seed.
     world = build_zoo("small")          # cached after the first build
     world.model("math")                 # a Hugging Face folder
     world.task("math_b")                # the cross task
+
+Names are imported on first use, so that the entry points into this package (``zoo:``
+references, the zoo's tasks) do not load torch or transformers.
 """
 
-from shoal.zoo.build import (WORLD_VERSION, ZooError, ZooWorld, build_zoo, default_root, load_zoo,
-                              resolve_zoo_ref)
-from shoal.zoo.tasks import ZOO_TASKS, ZooTask, get_zoo_task
+from __future__ import annotations
 
-__all__ = ["WORLD_VERSION", "ZOO_TASKS", "ZooError", "ZooTask", "ZooWorld", "build_zoo", "resolve_zoo_ref",
-           "default_root", "get_zoo_task", "load_zoo"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "WORLD_VERSION": "shoal.zoo.build", "ZooWorld": "shoal.zoo.build", "build_zoo": "shoal.zoo.build",
+    "default_root": "shoal.zoo.build", "load_zoo": "shoal.zoo.build",
+    "ZooError": "shoal.zoo.errors",
+    "resolve_zoo_ref": "shoal.zoo.references", "resolve_zoo_reference": "shoal.zoo.references",
+    "zoo_reference": "shoal.zoo.references",
+    "ZOO_TASKS": "shoal.zoo.tasks", "ZooTask": "shoal.zoo.tasks", "get_zoo_task": "shoal.zoo.tasks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shoal.zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

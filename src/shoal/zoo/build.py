@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import shutil
 import time
 from contextlib import contextmanager
@@ -25,20 +24,16 @@ from typing import Iterator
 
 import torch
 
-from shoal.errors import ShoalError
 from shoal.progress import ProgressFn, no_progress
-from shoal.zoo.corpus import SPECIALISTS, documents, pretraining_mix, specialist_mix
+from shoal.zoo.corpus import SPECIALISTS, training_streams
+from shoal.zoo.errors import ZooError
+from shoal.zoo.references import MANIFEST
 from shoal.zoo.sizes import WorldSize, get_size
 from shoal.zoo.tasks import ZOO_TASKS, ZooTask, get_zoo_task
 from shoal.zoo.tokenizer import build_tokenizer
 from shoal.zoo.train import train
 
 WORLD_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class ZooError(ShoalError):
-    """A zoo world cannot be built or read as asked (bad folder, unknown model)."""
 
 
 @dataclass(frozen=True)
@@ -85,18 +80,6 @@ def _world(root: Path, manifest: dict) -> ZooWorld:
                     models=tuple(manifest["models"]), tasks=tuple(manifest["tasks"]),
                     specialist_task=dict(manifest["specialist_task"]),
                     held_out=tuple(manifest["held_out"]))
-
-
-def resolve_zoo_ref(ref: str) -> str:
-    """``zoo:SIZE/NAME`` -> the folder of that model of the miniature world (built when
-    missing); any other reference is returned unchanged."""
-    if not ref.startswith("zoo:"):
-        return ref
-    spec = ref[len("zoo:"):]
-    if "/" not in spec:
-        raise ZooError(f"{ref!r}: write zoo models as zoo:SIZE/NAME, e.g. zoo:small/math")
-    size, name = spec.split("/", 1)
-    return str(build_zoo(size).model(name))
 
 
 def load_zoo(size: str = "small", seed: int = 0, *, root: Path | None = None) -> ZooWorld | None:
@@ -178,10 +161,10 @@ def _check_target(root: Path, force: bool) -> None:
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return
     if _read_manifest(root) is None:
-        raise ZooError(f"{root} exists and is not a zoo world; choose another --out")
+        raise ZooError(f"{root} exists and is not a zoo world; choose another out folder")
     if not force:
         raise ZooError(f"{root} holds another zoo world (other size, seed or version); "
-                       f"use --force to replace it")
+                       f"pass force=True to replace it")
 
 
 def _prepare_target(root: Path, force: bool) -> None:
@@ -222,8 +205,9 @@ def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, fo
     try:
         with _deterministic(threads) as used_threads:
             tokenizer = build_tokenizer()
+            streams = training_streams(seed)
             base = _new_model(spec, tokenizer, seed)
-            stream = documents(pretraining_mix(), random.Random(f"pretrain:{seed}"))
+            stream = streams["base"]
             base_losses = train(base, stream, tokenizer, spec.base, seed=seed,
                                 stage="pretrain base", progress=report)
             _save(base, tokenizer, staging / "base")
@@ -231,8 +215,7 @@ def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, fo
             for name, task in SPECIALISTS.items():
                 model = copy.deepcopy(base)
                 torch.manual_seed(seed)
-                stream = documents(specialist_mix(name, seed),
-                                   random.Random(f"specialist:{name}:{seed}"))
+                stream = streams[name]
                 losses = train(model, stream, tokenizer, spec.specialist, seed=seed,
                                stage=f"specialist {name} ({task})", progress=report)
                 _save(model, tokenizer, staging / name)

@@ -121,3 +121,12 @@ def documents(mix: Mix, rng: random.Random) -> Iterator[Document]:
     while True:
         (component,) = rng.choices(mix, weights=weights)
         yield component.source(rng)
+
+
+def training_streams(seed: int) -> dict[str, Iterator[Document]]:
+    """The document stream of every model of the world built with ``seed``, by model name
+    (``base`` and each specialist), exactly as the build reads them."""
+    streams = {"base": documents(pretraining_mix(), random.Random(f"pretrain:{seed}"))}
+    for name in SPECIALISTS:
+        streams[name] = documents(specialist_mix(name, seed), random.Random(f"specialist:{name}:{seed}"))
+    return streams

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from shoal.errors import TaskError
@@ -171,3 +172,22 @@ def get_zoo_task(name: str, seed: int = 0) -> ZooTask:
     if spec is None:
         raise TaskError(f"unknown zoo task {name!r}; known: {', '.join(ZOO_TASKS)}")
     return ZooTask(spec, seed)
+
+
+class ZooTaskProvider:
+    """The zoo's tasks for :mod:`shoal.eval.registry` (entry point ``shoal.tasks: zoo``)."""
+
+    def names(self) -> Sequence[str]:
+        return tuple(ZOO_TASKS)
+
+    def get(self, name: str, *, seed: int = 0) -> ZooTask:
+        return get_zoo_task(name, seed)
+
+    def seed_of_model(self, folder: Path) -> int | None:
+        """A model of a zoo world belongs with that world's seed."""
+        from shoal.zoo.references import world_seed_of_model
+
+        return world_seed_of_model(folder)
+
+
+TASK_PROVIDER = ZooTaskProvider()

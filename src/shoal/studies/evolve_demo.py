@@ -18,7 +18,8 @@ from typing import Any
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
 from shoal.evolve.evaluators import Evaluator
 from shoal.evolve.run import EvolveResult, Score, evolve, load_run_study
-from shoal.evolve.evaluators import BEST_RECIPE
+from shoal.evolve.saving import BEST_RECIPE
+from shoal.evolve.scoring import run_task_seed, score_model
 from shoal.merge.recipe import Recipe, load_recipe
 from shoal.progress import ProgressFn, no_progress
 
@@ -59,6 +60,7 @@ def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
         "report": {"tasks": report_tasks, "split": "test"},
         "search": {"sampler": "cmaes", "trials": trials, "seed": seed},
         "seed": seed,
+        "task_seed": world.seed,  # the world's own splits: its specialists trained on its train split
     }, where="demo config")
 
 
@@ -95,15 +97,16 @@ def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> 
 
 def best_source(config: EvolveConfig) -> str:
     """The source model with the best validation score on the cross task."""
-    from shoal.eval import get_task, load_model
-    from shoal.eval.evaluate import evaluate
+    from shoal.eval import load_model
 
     assert config.validation is not None
+    spec = config.validation
+    seed = run_task_seed(config)
     best = None
     for path in config.models:
-        model, tokenizer = load_model(path)
-        score = evaluate(model, tokenizer, get_task(config.validation.task), config.validation.split,
-                         limit=config.validation.limit, batch_size=config.batch_size).score
+        model, tokenizer = load_model(path, device=config.device)
+        score = score_model(model, tokenizer, spec.task, spec.split, spec.limit, config.batch_size,
+                            seed=seed).score
         if best is None or score > best[0]:
             best = (score, path)
     assert best is not None
@@ -114,7 +117,7 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
              limit: int | None = None, seed: int = 0, resume: bool = True,
              progress: ProgressFn = no_progress) -> DemoResult:
     from shoal.evolve.report import plot_fitness, trial_curve
-    from shoal.zoo import build_zoo
+    from shoal.zoo.build import build_zoo
 
     out = Path(out)
     world = build_zoo(size, seed=seed, progress=progress)
@@ -129,8 +132,7 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
                    load_recipe(out / "control" / BEST_RECIPE))
     grid_row = (f"best uniform grid point (density {grid_params['density']}, weight {grid_params['weight']})",
                 grid_recipe)
-    evolved = evolve(config, out / "evolved", resume=resume, baseline={"density": 0.5, "weight": 1.0},
-                     extra_rows=[grid_row, control_row], progress=progress)
+    evolved = evolve(config, out / "evolved", resume=resume, extra_rows=[grid_row, control_row], progress=progress)
     plot_fitness({"evolved": trial_curve(load_run_study(out / "evolved")),
                   "single-source control": trial_curve(load_run_study(out / "control"))},
                  out / "fitness_runs.png", title=f"{CROSS_TASK} fitness per trial")

@@ -78,7 +78,7 @@ def _row(result: Any) -> dict[str, Any]:
 def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), *, transfer_world: Any = None,
               progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run the study on ``world`` (a :class:`shoal.zoo.ZooWorld`); experts and results go to ``out``."""
-    from shoal.adapt.lora_baseline import train_lora
+    from shoal.studies.lora_baseline import train_lora
     from shoal.eval import load_model
 
     out = Path(out)
