@@ -27,6 +27,7 @@ from shoal.adapt.reinforce import sequence_logprobs
 from shoal.adapt.svf import SVFAdapter, mix_experts
 from shoal.errors import ConfigError, TaskError
 from shoal.eval.generation import generate_greedy
+from shoal.eval.loglik import loglik
 from shoal.eval.scoring import normalize_words
 from shoal.eval.task import SPLITS, Example, Task
 from shoal.progress import ProgressFn, no_progress
@@ -63,7 +64,7 @@ def label_scores(model: nn.Module, tokenizer: object, contexts: Sequence[str], l
     """(N, L) log-likelihood of each label after each context.
 
     ``first-token``: log p(first token of the label | context), all labels from one forward pass
-    per batch of contexts. ``loglik``: log p(whole label | context), one pass per label."""
+    per batch of contexts. ``loglik``: log p(whole label | context), by :func:`shoal.eval.loglik`."""
     ids = label_token_ids(tokenizer, labels)
     device = _lm.model_device(model)
     pad = _lm.pad_id(tokenizer)
@@ -82,15 +83,9 @@ def label_scores(model: nn.Module, tokenizer: object, contexts: Sequence[str], l
         return torch.cat(rows)
     if mode != "loglik":
         raise ConfigError(f"unknown label scoring mode {mode!r}")
-    scores = torch.empty(len(contexts), len(labels))
-    for j, label_ids in enumerate(ids):
-        for start in range(0, len(contexts), batch_size):
-            prompts = [_lm.encode(tokenizer, c, special=True) for c in contexts[start: start + batch_size]]
-            packed = _lm.pack(prompts, [label_ids] * len(prompts), pad, device)
-            logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-            scores[start: start + len(prompts), j] = sequence_logprobs(
-                logits, packed.input_ids, packed.completion_mask).cpu()
-    return scores
+    values = loglik(model, tokenizer, [c for c in contexts for _ in labels],
+                    [" " + label for _ in contexts for label in labels], batch_size=batch_size)
+    return torch.tensor(values, dtype=torch.float32).view(len(contexts), len(labels))
 
 
 def _match_label(output: str, labels: Sequence[str]) -> int | None:
@@ -235,16 +230,17 @@ def few_shot_mixture(adapter: SVFAdapter, tokenizer: object, experts: Sequence[E
     def evaluate(z: dict[str, torch.Tensor] | None) -> tuple[float, float]:
         with adapter.applied(z):
             scores = _lm.score_examples(adapter.model, tokenizer, task, shots, batch_size=batch_size)
-            loglik = 0.0
+            mean_loglik = 0.0
             if fitness == "score+loglik":
                 with torch.no_grad():
                     logits = adapter.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-                loglik = float(sequence_logprobs(logits, packed.input_ids, packed.completion_mask).sum()) / n_tokens
-        return sum(scores) / len(scores), loglik
+                mean_loglik = float(sequence_logprobs(logits, packed.input_ids,
+                                                      packed.completion_mask).sum()) / n_tokens
+        return sum(scores) / len(scores), mean_loglik
 
     def objective(alpha: torch.Tensor) -> float:
-        score, loglik = evaluate(mix_experts(zs, alpha.float().reshape(shape).to(adapter.device)))
-        return score + 1e-3 * loglik
+        score, mean_loglik = evaluate(mix_experts(zs, alpha.float().reshape(shape).to(adapter.device)))
+        return score + 1e-3 * mean_loglik
 
     dim = int(torch.tensor(shape).prod())
     result = cem(objective, dim, population=population, elite_frac=elite_frac, iterations=iterations,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 import shoal
 from shoal.adapt.svd_cache import SVDFactors
+from shoal.checkpoint.atomic import save_safetensors_atomically
 from shoal.errors import ShoalError
 
 METADATA_KEY = "shoal.expert"
@@ -79,14 +80,9 @@ def make_meta(factors: SVDFactors, **fields: object) -> ExpertMeta:
 
 
 def save_expert(path: Path, z: Mapping[str, torch.Tensor], meta: ExpertMeta) -> Path:
-    """Write ``z`` (float32) and ``meta`` to ``path`` (parents are created)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``z`` (float32) and ``meta`` to ``path`` atomically (parents are created)."""
     tensors = {n: v.detach().to("cpu", torch.float32).contiguous() for n, v in z.items()}
-    save_file(tensors, str(path), metadata={METADATA_KEY: meta.model_dump_json()})
-    return path
+    return save_safetensors_atomically(tensors, Path(path), {METADATA_KEY: meta.model_dump_json()})
 
 
 def load_expert(path: Path, factors: SVDFactors | None = None, *, transfer: bool = False) -> Expert:

@@ -10,7 +10,6 @@ and content of the matrices, so a cache is never reused for other weights.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from shoal.adapt.fingerprint import model_fingerprint, select_matrices
+from shoal.checkpoint.atomic import save_safetensors_atomically
 from shoal.errors import CheckpointError
 from shoal.progress import ProgressFn, no_progress
 
@@ -72,21 +72,11 @@ def compute_svd(model: nn.Module, names: Sequence[str], *, fingerprint: str | No
 
 
 def _save(factors: SVDFactors, path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     for n in factors.names:
         tensors[f"{n}::U"], tensors[f"{n}::S"], tensors[f"{n}::Vh"] = (
             factors.U[n], factors.S[n], factors.Vh[n])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"fingerprint": factors.fingerprint})
-        os.replace(tmp, path)  # atomic: a reader never sees half a cache file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_safetensors_atomically(tensors, path, {"fingerprint": factors.fingerprint})
 
 
 def _load(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, int]]) -> SVDFactors:

@@ -27,7 +27,12 @@ NESTED_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 
 @dataclass(frozen=True)
 class Family:
-    """Module names of one architecture family, by role."""
+    """Module names of one architecture family, by role, and where transformers implements it.
+
+    ``modeling_module`` and ``class_prefix`` name the transformers module and the prefix of its
+    classes (``LlamaDecoderLayer``, ``LlamaRMSNorm``, ``LlamaRotaryEmbedding``); ``layer_path``
+    says whether a layer-path (data-flow) model may be built from its decoder layers.
+    """
 
     name: str
     attention: frozenset[str]
@@ -36,6 +41,9 @@ class Family:
     embeddings: frozenset[str]
     heads: frozenset[str]
     final_norms: frozenset[str]
+    modeling_module: str = ""
+    class_prefix: str = ""
+    layer_path: bool = False
 
 
 _LLAMA_LIKE = dict(
@@ -50,9 +58,15 @@ _LLAMA_LIKE = dict(
     final_norms=frozenset({"norm"}),
 )
 
+# model_type -> (transformers class prefix, whether layer paths may use its decoder layers)
+_LLAMA_LIKE_FAMILIES = {"llama": ("Llama", True), "mistral": ("Mistral", True), "qwen2": ("Qwen2", True),
+                        "qwen3": ("Qwen3", True), "gemma": ("Gemma", False), "gemma2": ("Gemma2", False),
+                        "phi3": ("Phi3", False)}
+
 FAMILIES: dict[str, Family] = {
-    name: Family(name=name, **_LLAMA_LIKE)
-    for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+    name: Family(name=name, **_LLAMA_LIKE, modeling_module=f"transformers.models.{name}.modeling_{name}",
+                 class_prefix=prefix, layer_path=layer_path)
+    for name, (prefix, layer_path) in _LLAMA_LIKE_FAMILIES.items()
 }
 FAMILIES["gpt2"] = Family(
     name="gpt2",
@@ -62,6 +76,8 @@ FAMILIES["gpt2"] = Family(
     embeddings=frozenset({"wte", "wpe"}),
     heads=frozenset({"lm_head"}),
     final_norms=frozenset({"ln_f"}),
+    modeling_module="transformers.models.gpt2.modeling_gpt2",
+    class_prefix="GPT2",
 )
 
 # transformers class names -> family; model_type strings map to themselves.
@@ -99,6 +115,12 @@ class TensorInfo:
     prefix: str
     layer: int | None
     role: str
+
+
+def layer_path_families() -> dict[str, tuple[str, str]]:
+    """``model_type -> (transformers module, class-name prefix)`` of the families whose decoder
+    layers a layer-path model may use."""
+    return {name: (f.modeling_module, f.class_prefix) for name, f in FAMILIES.items() if f.layer_path}
 
 
 def family_of(architecture: str | None) -> Family | None:

@@ -1,4 +1,4 @@
-"""Batched greedy generation with left padding and a KV cache.
+"""Batched generation with left padding and a KV cache: greedy (evaluation) or sampled (REINFORCE).
 
 Evolutionary search and Transformer² adaptation evaluate thousands of candidates, so this is
 the hot loop of shoal. Prompts are sorted by length so that a batch holds prompts of similar
@@ -15,12 +15,17 @@ tokens are within rounding of each other: a row that meets such a near tie (in f
 float64) is generated again on its own, unpadded, so that the outputs are those of
 one-at-a-time generation. (When more than an eighth of a batch ties, the model's logits are
 flat, its answers arbitrary, and the batched ones are kept.)
+
+:func:`sample_continuations` runs the same loop for training: prompts in the given order, no
+row ever leaves its batch (so a ``torch.Generator`` draws the same numbers for the same
+batch whatever finishes first), and the token ids come back with the text, since a policy
+gradient scores the sampled ids, not a re-tokenization of their text.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -56,6 +61,7 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
         generated, tied = _generate_batch(model, tokenizer, [token_ids[i] for i in rows],
                                           max_new_tokens=max_new_tokens, stops=stops,
                                           check_ties=recheck_ties and len(rows) > 1)
+
         # A model with flat logits (a collapsed merge) ties everywhere; its answers are
         # arbitrary anyway, and regenerating them one by one would be slow.
         recheck = tied if len(tied) <= max(2, len(rows) // 8) else []
@@ -67,6 +73,37 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
             outputs[row] = cut_at_stop(_decode(tokenizer, tokens), stops)
         report("generate", min(start + batch_size, total), total)
     return outputs
+
+
+def sample_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                         batch_size: int = 16, sample: bool = True, temperature: float = 1.0,
+                         generator: torch.Generator | None = None) -> tuple[list[str], list[list[int]]]:
+    """Continue each prompt, sampling from ``softmax(logits / temperature)`` with ``generator``
+    (or greedily with ``sample=False``); returns the decoded continuations and their token ids,
+    which end with the eos token when one was produced. Batches are taken in the order of
+    ``prompts`` and keep every row until the whole batch has finished."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if sample:
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    else:
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            return logits.float().argmax(-1)
+    if not prompts:
+        return [], []
+    token_ids = encode_prompts(tokenizer, prompts)
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    for start in range(0, len(token_ids), batch_size):
+        generated, _ = _generate_batch(model, tokenizer, token_ids[start:start + batch_size],
+                                       max_new_tokens=max_new_tokens, stops=(), check_ties=False,
+                                       choose=choose, keep_rows=True, keep_eos=True,
+                                       eos_ids={tokenizer.eos_token_id} - {None}, last_logits_only=False)
+        ids.extend(generated)
+        texts.extend(_decode(tokenizer, tokens) for tokens in generated)
+    return texts, ids
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -139,35 +176,49 @@ def left_pad(rows: list[list[int]], pad: int, device: torch.device
     return input_ids.to(device), attention_mask.to(device)
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 @torch.inference_mode()
 def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_new_tokens: int,
-                    stops: tuple[str, ...], check_ties: bool
-                    ) -> tuple[list[list[int]], list[int]]:
-    """Generated token ids of each row (eos excluded; rows may stop early), and the rows that
-    met a near tie on the way (only looked for with ``check_ties``)."""
+                    stops: tuple[str, ...], check_ties: bool,
+                    choose: Callable[[torch.Tensor], torch.Tensor] = _argmax, keep_rows: bool = False,
+                    keep_eos: bool = False, eos_ids: set[int] | None = None,
+                    last_logits_only: bool = True) -> tuple[list[list[int]], list[int]]:
+    """Generated token ids of each row (rows may stop early), and the rows that met a near tie
+    on the way (only looked for with ``check_ties``).
+
+    ``choose`` picks each row's next token from the (B, V) logits. Finished rows leave the batch
+    when the cache can drop rows, unless ``keep_rows``; rows kept after they finished are fed
+    the pad token. ``keep_eos`` ends a row's ids with the eos that finished it. ``eos_ids``
+    defaults to :func:`stop_token_ids`; ``last_logits_only`` asks the model for the last
+    position's logits only."""
     generated: list[list[int]] = [[] for _ in rows]
     tied: list[int] = []
     if max_new_tokens <= 0:
         return generated, tied
     device = model_device(model)
     accepted = forward_arguments(model)
-    eos_ids = stop_token_ids(model, tokenizer)
-    input_ids, attention_mask = left_pad(rows, pad_id(tokenizer), device)  # (B, T)
+    if eos_ids is None:
+        eos_ids = stop_token_ids(model, tokenizer)
+    pad = pad_id(tokenizer)
+    input_ids, attention_mask = left_pad(rows, pad, device)  # (B, T)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     extra: dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in accepted:
+    if last_logits_only and "logits_to_keep" in accepted:
         extra["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 **_positions(accepted, position_ids), **extra)
     cache = cache_of(out)
     # Finished rows leave the batch when the cache can drop rows; otherwise they ride along
     # and their tokens are ignored.
-    compactable = hasattr(cache, "batch_select_indices")
+    compactable = hasattr(cache, "batch_select_indices") and not keep_rows
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     active: list[int | None] = list(range(len(rows)))  # batch row -> index into `generated`
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]  # (B, V)
-        next_tokens = logits.argmax(dim=-1)  # (B,)
+        next_tokens = choose(logits)  # (B,)
         near_tie = _near_ties(logits) if check_ties else None
         for batch_row, token in enumerate(next_tokens.tolist()):
             index = active[batch_row]
@@ -177,6 +228,8 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
                 tied.append(index)
             if token in eos_ids:
                 active[batch_row] = None
+                if keep_eos:
+                    generated[index].append(token)
                 continue
             generated[index].append(token)
             if stops and _has_stop(tokenizer, generated[index], stops):
@@ -191,6 +244,9 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], *, max_ne
             attention_mask = attention_mask[selected]
             next_position = next_position[selected]
             active = [active[r] for r in alive]
+        elif len(alive) < len(active):
+            finished = torch.tensor([index is None for index in active], device=device)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], -1)
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                     **{cache_keyword(model.forward): cache}, **_positions(accepted, next_position), **extra)
