@@ -159,3 +159,43 @@ def test_entry_point_targets_are_import_light() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     assert result.stdout.strip() == ""
+
+
+def test_library_errors_name_arguments_not_command_line_flags() -> None:
+    """Below ``cli/`` an error message says ``pass resume=True``, not ``pass --resume``: the
+    library is also called from Python, and the CLI maps arguments to its flags."""
+    import re
+
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+    found = []
+    for path in _modules():
+        if _part(path) == "cli":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            for part in ast.walk(node.exc):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str) and flag.search(part.value):
+                    found.append(f"{path.relative_to(SRC.parent)}:{part.lineno}: {flag.search(part.value)[0]}")
+    assert not found, "error messages naming CLI flags:\n" + "\n".join(found)
+
+
+def test_the_cli_maps_argument_names_to_its_flags() -> None:
+    from shoal.cli._errors import cli_message
+
+    assert cli_message("a study exists; pass resume=True to continue it") == \
+        "a study exists; pass --resume to continue it"
+    assert cli_message("no safetensors; pass allow_pickle=True to load them") == \
+        "no safetensors; pass --allow-pickle to load them"
+    assert cli_message("executor='ray' needs Ray") == "--executor ray needs Ray"
+
+
+def test_one_table_of_architecture_families() -> None:
+    """Layer paths use the families that ``checkpoint/architecture.py`` marks for them."""
+    from shoal.checkpoint.architecture import FAMILIES, layer_path_families
+    from shoal.flow.modeling import FAMILIES as FLOW_FAMILIES
+
+    assert layer_path_families() == {name: (f.modeling_module, f.class_prefix)
+                                      for name, f in FAMILIES.items() if f.layer_path}
+    assert dict(FLOW_FAMILIES) == layer_path_families()

@@ -45,3 +45,22 @@ def test_errors_name_the_path(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match=str(empty)):
         load_model(empty)
+
+
+def test_model_kinds_plug_into_the_one_loader(saved_tiny_model, monkeypatch):
+    import shoal.eval.loading as loading
+
+    built = []
+    kind = loading.ModelKind("toy", lambda source, revision, dtype: built.append(("net", source, dtype))
+                             or torch.nn.Linear(2, 2),
+                             lambda source, revision: built.append(("proc", source)) or "processor")
+    monkeypatch.setattr(loading, "MODEL_KINDS", dict(loading.MODEL_KINDS))
+    loading.register_model_kind(kind)
+    with pytest.raises(ValueError, match="already registered"):
+        loading.register_model_kind(loading.ModelKind("toy", kind.network, kind.processor))
+    network = loading.load_network(saved_tiny_model, kind="toy", dtype=torch.float64)
+    assert isinstance(network, torch.nn.Linear) and not network.training
+    assert loading.load_processor(saved_tiny_model, kind="toy") == "processor"
+    assert built == [("net", str(saved_tiny_model), torch.float64), ("proc", str(saved_tiny_model))]
+    with pytest.raises(CheckpointError, match="unknown model kind 'vlm'"):
+        load_model(saved_tiny_model, kind="vlm")
