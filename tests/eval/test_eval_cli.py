@@ -73,3 +73,22 @@ def test_shoal_eval_missing_model(tmp_path, jsonl_task_path):
     result = CliRunner().invoke(cli, ["eval", str(missing), "--task", f"jsonl:{jsonl_task_path}"])
     assert result.exit_code == 2
     assert str(missing) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_zoo_worlds_model_is_scored_on_its_worlds_splits(micro_world, tmp_path):
+    """Without --seed, the splits are those of the seed the model's world was built with."""
+    import shutil
+
+    from shoal.zoo.tasks import get_zoo_task
+
+    root = tmp_path / "world1"
+    shutil.copytree(micro_world.root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "seed": 1}))
+    for seed_args, seed in (([], 1), (["--seed", "0"], 0)):
+        outputs = tmp_path / f"out{seed}.jsonl"
+        result = CliRunner().invoke(cli, ["eval", str(root / "count"), "--task", "count", "--limit", "5",
+                                          "--json", "--outputs", str(outputs), *seed_args])
+        assert result.exit_code == 0, result.output
+        prompts = [json.loads(line)["prompt"] for line in outputs.read_text().splitlines()]
+        assert prompts == [ex.prompt for ex in get_zoo_task("count", seed).examples("test")[:5]]

@@ -3,7 +3,7 @@
 Example::
 
     base_model: zoo:small/base
-    models: [zoo:small/lang_b, zoo:small/math_a]
+    models: [zoo:small/lang, zoo:small/math]
     method: dare_ties
     space:
       layer_group_size: 1           # per layer group of 1 layer; null: one value per model
