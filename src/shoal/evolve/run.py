@@ -100,6 +100,10 @@ def _save_config(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
     data = config.model_dump(mode="json")
     if path.exists():
         saved = yaml.safe_load(path.read_text())
+        try:  # a folder written before a config key existed holds that key's default
+            saved = parse_evolve_config(saved, where=str(path)).model_dump(mode="json")
+        except ConfigError:
+            pass
 
         def without_budget(d: dict) -> dict:
             return {**d, "search": {k: v for k, v in d.get("search", {}).items() if k != "trials"}}
