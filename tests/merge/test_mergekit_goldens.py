@@ -1,0 +1,380 @@
+"""``shoal merge`` against mergekit 0.1.5's own outputs on mergekit's own recipes.
+
+The goldens in ``tests/goldens/mergekit/`` were made by
+``benchmarks/mergekit_goldens/make_goldens.py`` (see its docstring for the command): mergekit's
+example, documentation and test recipes, plus one recipe per feature of issue #13, adapted only
+to point at tiny checkpoints (``tests/goldens/tiny_checkpoints.py``). The tests rebuild those
+checkpoints from the same seeds, check that they hash as recorded, run ``shoal merge`` through
+the CLI on the same recipe and compare. mergekit is not needed.
+
+How outputs are compared:
+
+- the set of tensor names, each tensor's dtype and shape, the shard count, the config's layer
+  count and vocabulary size, the output vocabulary and chat template when mergekit wrote them;
+- deterministic methods: each tensor bitwise (sha256), or else *within rounding*: elementwise
+  ``|shoal - mergekit| <= 2 eps |mergekit| + eps max|mergekit|`` with ``eps`` the output
+  dtype's machine epsilon (bf16 2^-7, fp16 2^-10, fp32 2^-23), about two units in the last
+  place: mergekit computes half-precision merges in the half dtype and shoal in float32;
+  for magnitude-trimming methods (TIES, Breadcrumbs) entries whose task-vector magnitude in
+  some model equals the magnitude at a trim cut-off are excepted: which of equal magnitudes a
+  top-k keeps is sort order, not definition (bf16 task vectors have many equal magnitudes);
+- random methods (DARE, DELLA): the task vector ``out - base`` over the whole model, by its
+  share of non-zero entries (within 0.03) and its norm (ratio within [0.9, 1.1]);
+- recipes mergekit refuses: shoal must refuse too (exit 2, nothing written).
+
+Every recipe runs plain (as a mergekit user would run it); recipes whose method has a
+``compat`` switch also run with ``compat: mergekit`` appended. Where shoal differs today the case
+is ``xfail(strict=True)`` with the exact difference as reason (the audit,
+``benchmarks/mergekit_goldens/AUDIT.md``): a fix makes it pass, strict xfail then fails, and the
+fixer removes the mark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import lzma
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load, load_file
+
+from shoal.cli.main import cli
+
+GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "mergekit"
+ROUNDING_ULPS = 2.0
+SHARE_TOLERANCE = 0.03
+NORM_RATIO = (0.9, 1.1)
+# methods whose shoal definition has a ``compat`` switch: these recipes also run under compat: mergekit
+COMPAT_METHODS = {"ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+                  "breadcrumbs_ties", "model_stock"}
+
+
+def _load_builder():  # type: ignore[no-untyped-def]
+    """``tests/goldens/tiny_checkpoints.py``, the builder the generator used (not a package module)."""
+    name = "shoal_golden_tiny_checkpoints"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, GOLDENS.parent / "tiny_checkpoints.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+def _goldens() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(GOLDENS.glob("*.json")) if p.name != "checkpoints.json"]
+
+
+def _method(golden: dict) -> str:
+    docs = [d for d in yaml.safe_load_all(golden["recipe"]) if d]
+    return str(docs[-1].get("merge_method", ""))
+
+
+# (recipe, variant) -> the difference shoal shows today (see benchmarks/mergekit_goldens/AUDIT.md).
+# Remove an entry when its fix lands: strict xfail then fails on the passing case.
+_ROUNDED = ("values rounded to the bf16 inputs' precision: methods compute in float32 but return "
+            "the inputs' dtype (merge/methods/_inputs.py check_tensors -> out_dtype, e.g. linear.py "
+            "total.to(out_dtype)) before the cast to the recipe's dtype; max |diff| = half a bf16 ulp")
+_HEAD = ("lm_head.weight and model.norm.weight come from the first slice's model; mergekit takes them "
+         "from the last slice's (merge/plan.py _plan_slices: passthrough copies non-layer tensors from "
+         "`reference` = slices[0].sources[0])")
+_GRADIENT = ("gradient on tensors outside the layers: lm_head/model.norm take the last anchor "
+             "(merge/params.py TensorPosition.fraction, after_stack -> 1.0); mergekit gives them the first")
+_TIES_PAPER = ("plain ties elects signs on unweighted deltas and keeps round(density*n) entries "
+               "(merge/methods/generalized.py elect_sign(deltas), sparsify.trim_count); mergekit elects on "
+               "weighted deltas and keeps int(density*n): 1-5% of entries differ by a whole task-vector entry")
+_REFUSED_METHOD = "shoal refuses: unknown merge method {!r} (missing method)"
+_IGNORED = "shoal refuses: unknown parameter {!r} for method {!r}; mergekit accepts and ignores it"
+XFAIL: dict[tuple[str, str], str] = {
+    ("ex_arcee_fusion", "plain"): _REFUSED_METHOD.format("arcee_fusion"),
+    ("t_arcee_fusion", "plain"): _REFUSED_METHOD.format("arcee_fusion"),
+    ("t_karcher", "plain"): _REFUSED_METHOD.format("karcher"),
+    ("f_karcher_three", "plain"): _REFUSED_METHOD.format("karcher"),
+    ("t_multislerp", "plain"): _REFUSED_METHOD.format("multislerp"),
+    ("f_multislerp_no_base", "plain"): _REFUSED_METHOD.format("multislerp"),
+    ("t_nearswap", "plain"): _REFUSED_METHOD.format("nearswap"),
+    ("f_nearswap_fp32", "plain"): _REFUSED_METHOD.format("nearswap"),
+    ("t_sce", "plain"): _REFUSED_METHOD.format("sce"),
+    ("f_sce_three", "plain"): _REFUSED_METHOD.format("sce"),
+    ("t_ram", "plain"): _REFUSED_METHOD.format("ram"),
+    ("t_ramplus_tl", "plain"): _REFUSED_METHOD.format("ramplus_tl"),
+    ("t_nuslerp_zero_sum", "plain"): _REFUSED_METHOD.format("nuslerp"),
+    **{(f"t_nuslerp_base-{b}_rows-{r}_flat-{f}", "plain"): _REFUSED_METHOD.format("nuslerp")
+       for b in ("none", "c") for r, f in (("false", "false"), ("false", "true"), ("true", "false"))},
+    ("ex_ties", "plain"): "shoal refuses: unknown parameter 'int8_mask' for method 'ties'",
+    ("ex_ties", "compat"): "shoal refuses: unknown parameter 'int8_mask' for method 'ties'",
+    ("ex_bio_merge", "plain"): "shoal refuses: unknown parameter 'int8_mask' for method 'ties'",
+    ("ex_bio_merge", "compat"): "shoal refuses: unknown parameter 'int8_mask' for method 'ties'",
+    ("f_int8_mask_dare", "plain"): "shoal refuses: unknown parameter 'int8_mask' for method 'dare_ties'",
+    ("f_int8_mask_dare", "compat"): "shoal refuses: unknown parameter 'int8_mask' for method 'dare_ties'",
+    ("t_slerp", "plain"): _IGNORED.format("weight", "slerp"),
+    ("t_qwen2_slerp", "plain"): _IGNORED.format("weight", "slerp"),
+    ("t_model_stock", "plain"): _IGNORED.format("weight", "model_stock"),
+    ("t_model_stock", "compat"): _IGNORED.format("weight", "model_stock"),
+    ("t_model_stock_filterwise", "plain"): _IGNORED.format("weight", "model_stock"),
+    ("t_model_stock_filterwise", "compat"): _IGNORED.format("weight", "model_stock"),
+    ("f_chat_template", "plain"): "shoal refuses: unknown key 'chat_template'",
+    ("f_modules", "plain"): "shoal refuses: unknown key 'modules'",
+    ("f_slice_base_model", "plain"): "shoal refuses: slices.0.base_model: unknown key 'base_model'",
+    ("f_multimerge", "plain"): "shoal refuses a multi-document (mergekit-multi) recipe: invalid YAML, found another document",
+    ("f_tokenizer_block", "plain"): "shoal refuses: unknown key 'tokenizer'",
+    ("f_tokenizer_source_union", "plain"): "shoal refuses tokenizer_source 'union' (recipe.py _models_or_slices)",
+    ("f_tokenizer_source_base", "plain"): "shoal refuses: shape mismatch for lm_head.weight [32,16] vs [36,16] (no vocabulary alignment)",
+    ("f_tokenizer_source_model", "plain"): "shoal refuses: shape mismatch for lm_head.weight [32,16] vs [36,16] (no vocabulary alignment)",
+    ("f_mergekit_flags", "plain"): "shoal refuses mergekit's flag: No such option '--out-shard-size'",
+    # silent differences (exit 0, other weights)
+    ("ex_orcamini_platy_44layer", "plain"): _HEAD + "; max |diff| 0.089 (lm_head), 0.063 (norm)",
+    ("f_stack_head_from_last", "plain"): _HEAD + "; max |diff| 0.099 (lm_head), 0.047 (norm)",
+    ("f_gradient_outside_layers", "plain"): _GRADIENT + " (lm_head max |diff| 0.038); plus " + _ROUNDED,
+    ("f_one_layer_slices", "plain"): ("one-layer slices take the first gradient anchor (params.py fraction: "
+                                      "num_layers <= 1 -> 0.0), mergekit the last (t 0.1 vs 0.9 on layers 0-1); "
+                                      "lm_head/norm: " + _GRADIENT),
+    ("f_gradient_density_ties", "plain"): _GRADIENT + " (lm_head: 53% of entries); " + _TIES_PAPER,
+    ("f_gradient_density_ties", "compat"): _GRADIENT + " (lm_head: 53% of entries, max |diff| 0.045); plus " + _ROUNDED,
+    ("f_filter_star", "plain"): ("filter '*' is taken literally (merge/params.py resolve_value: entry.filter in name), "
+                                 "so llama_a gets the default 1.0 instead of 0.25; max |diff| 0.035"),
+    ("f_out_shard_size_5B", "plain"): ("--shard-size 5B is 5 bytes in shoal (checkpoint parse_byte_size): 39 shards, "
+                                       "mergekit's --out-shard-size 5B is 5e9: 1 shard"),
+    ("t_dare_ties", "plain"): ("plain dare_ties normalizes by the agreeing weights (merge/methods/dare.py normalize "
+                               "None -> true for compat='paper'): task-vector norm 1.38x mergekit's"),
+    ("f_breadcrumbs_ties", "plain"): ("plain breadcrumbs_ties normalizes (methods/breadcrumbs.py normalize None -> true): "
+                                      "75% of entries differ, max |diff| 0.02; plus " + _ROUNDED),
+    ("f_breadcrumbs_ties", "compat"): _ROUNDED,
+    ("f_dtype_fp32_over_bf16", "plain"): _ROUNDED,
+    ("f_linear_no_normalize", "plain"): _ROUNDED,
+    ("f_task_arithmetic_lambda", "plain"): _ROUNDED,
+    ("ex_linear", "plain"): _ROUNDED.replace("recipe's dtype", "recipe's dtype (float16)"),
+    ("ex_gradient_slerp", "plain"): _ROUNDED.replace("recipe's dtype", "recipe's dtype (float16)"),
+    ("ex_gradient_slerp_models", "plain"): _ROUNDED.replace("recipe's dtype", "recipe's dtype (float16)"),
+    ("t_ties", "plain"): _TIES_PAPER,
+    ("f_ties_qwen2", "plain"): _TIES_PAPER,
+    ("f_fp32_inputs_ties", "plain"): _TIES_PAPER,
+}
+
+
+def _cases() -> list:  # type: ignore[type-arg]
+    cases = []
+    for golden in _goldens():
+        variants = ["plain"]
+        if golden["status"] == "ok" and _method(golden) in COMPAT_METHODS:
+            variants.append("compat")
+        for variant in variants:
+            marks = []
+            reason = XFAIL.get((golden["name"], variant))
+            if reason:
+                marks.append(pytest.mark.xfail(strict=True, reason=reason))
+            cases.append(pytest.param(golden, variant, id=f"{golden['name']}-{variant}", marks=marks))
+    return cases
+
+
+@pytest.fixture(scope="session")
+def golden_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tiny checkpoint, rebuilt from its seed; fails unless each hashes as recorded."""
+    builder = _load_builder()
+    root = tmp_path_factory.mktemp("golden_ckpt")
+    recorded = json.loads((GOLDENS / "checkpoints.json").read_text())["digests"]
+    digests = builder.build_all(root, list(recorded))
+    wrong = [name for name in recorded if digests[name] != recorded[name]]
+    assert not wrong, f"rebuilt checkpoints hash differently from the goldens' inputs: {wrong}"
+    return root
+
+
+def test_checkpoints_rebuild_bitwise(golden_checkpoints: Path) -> None:
+    builder = _load_builder()
+    recorded = json.loads((GOLDENS / "checkpoints.json").read_text())["digests"]
+    assert set(recorded) == set(builder.CHECKPOINTS)
+    for name in recorded:  # the folder holds exactly what the digest covers
+        assert builder.tensors_digest(load_file(golden_checkpoints / name / "model.safetensors")) == recorded[name]
+
+
+def test_goldens_stay_small() -> None:
+    total = sum(p.stat().st_size for p in GOLDENS.iterdir())
+    assert total < 1_500_000, f"tests/goldens/mergekit holds {total} bytes"
+
+
+def _run_shoal(golden: dict, variant: str, root: Path, tmp: Path):  # type: ignore[no-untyped-def]
+    text = golden["recipe"].replace("tiny/", f"{root}/")
+    if variant == "compat":
+        text = text.rstrip("\n") + "\ncompat: mergekit\n"
+    recipe = tmp / "recipe.yml"
+    recipe.write_text(text)
+    out = tmp / "out"
+    args = ["merge", str(recipe), str(out), "--quiet", *golden["shoal_args"]]
+    return CliRunner().invoke(cli, args), out
+
+
+def _read(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _entry(tensor: torch.Tensor, builder) -> str:  # type: ignore[no-untyped-def]
+    dtype = str(tensor.dtype).replace("torch.", "")
+    return f"{dtype} {'x'.join(map(str, tensor.shape))} {builder.tensor_digest(tensor)}"
+
+
+TRIM_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+
+
+def _mergekit_setting(value, name: str, t: float):  # type: ignore[no-untyped-def]
+    """A parameter's value for one tensor as mergekit resolves it (filters incl. "*", gradients)."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        for entry in value:
+            if entry.get("filter") in (None, "*") or entry["filter"] in name:
+                return _mergekit_setting(entry["value"], name, t)
+        return None
+    if isinstance(value, list):
+        scaled = t * (len(value) - 1)
+        low = int(scaled)
+        high = min(len(value) - 1, low + 1)
+        return (1 - (scaled - low)) * value[low] + (scaled - low) * value[high]
+    return value
+
+
+def _cutoff_ties(golden: dict, name: str, root: Path, layers: int) -> torch.Tensor | None:
+    """Entries whose task-vector magnitude, in some model, equals the magnitude at a trim cut-off.
+
+    Which of several equal magnitudes a top-k keeps is an implementation detail (sort order),
+    so such entries are excepted from the comparison of magnitude-trimming methods.
+    """
+    doc = yaml.safe_load(golden["recipe"])
+    if doc.get("merge_method") not in TRIM_METHODS or "models" not in doc:
+        return None
+    parts = name.split(".")
+    t = int(parts[2]) / max(layers - 1, 1) if len(parts) > 2 and parts[1] == "layers" else 0.0
+    base = load_file(root / doc["base_model"].removeprefix("tiny/") / "model.safetensors")[name]
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    for entry in doc["models"]:
+        params = {**doc.get("parameters", {}), **entry.get("parameters", {})}
+        density = _mergekit_setting(params.get("density", 1.0), name, t)
+        gamma = _mergekit_setting(params.get("gamma", 0.0), name, t) if "breadcrumbs" in doc["merge_method"] else 0.0
+        model = load_file(root / entry["model"].removeprefix("tiny/") / "model.safetensors")[name]
+        magnitude = (model - base).abs().float()  # in the checkpoints' dtype, as mergekit subtracts
+        ascending = magnitude.reshape(-1).sort().values
+        count = ascending.numel()
+        kept = int(density * count)
+        if "breadcrumbs" in doc["merge_method"]:  # drop the top gamma, then the smallest (mergekit's ranks)
+            dropped_low = max(0, count - kept - int(gamma * count))
+            boundaries = {dropped_low, dropped_low + kept}
+        else:
+            boundaries = {count - kept}
+        for boundary in boundaries:
+            for r in (boundary - 1, boundary):
+                if 0 <= r < count:
+                    tied |= magnitude == ascending[r]
+    return tied
+
+
+def _value_differences(golden: dict, got: dict[str, torch.Tensor], builder, root: Path,  # type: ignore[no-untyped-def]
+                       layers: int) -> list[str]:
+    """One line per tensor that is neither bitwise equal nor within rounding."""
+    stored = {}
+    if golden.get("tensor_file"):
+        stored = load(lzma.decompress((GOLDENS / golden["tensor_file"]).read_bytes()))
+    problems = []
+    for name, expected_entry in golden["tensors"].items():
+        tensor = got[name]
+        entry = _entry(tensor, builder)
+        if entry == expected_entry:
+            continue
+        dtype, shape, _ = expected_entry.split(" ")
+        if entry.split(" ")[:2] != [dtype, shape]:
+            problems.append(f"{name}: shoal {' '.join(entry.split(' ')[:2])}, mergekit {dtype} {shape}")
+            continue
+        if name not in stored:
+            problems.append(f"{name}: bytes differ (no stored values to compare)")
+            continue
+        expected = stored[name].to(torch.float64)
+        actual = tensor.to(torch.float64)
+        eps = torch.finfo(stored[name].dtype).eps
+        allowed = ROUNDING_ULPS * eps * expected.abs() + eps * float(expected.abs().max())
+        diff = (actual - expected).abs()
+        beyond = diff > allowed
+        if bool(beyond.any()):
+            tied = _cutoff_ties(golden, name, root, layers)
+            if tied is not None:
+                beyond &= ~tied
+        if bool(beyond.any()):
+            diff = torch.where(beyond, diff, torch.zeros_like(diff))
+            share = float(beyond.double().mean())
+            problems.append(f"{name}: max |diff| {float(diff.max()):.3g} (max |value| "
+                            f"{float(expected.abs().max()):.3g}), {share:.0%} of entries beyond rounding")
+    return problems
+
+
+def _stat_differences(golden: dict, got: dict[str, torch.Tensor], root: Path) -> list[str]:
+    expected = golden["random"]
+    base = load_file(root / expected["base"] / "model.safetensors")
+    nonzero = total = 0
+    norm_sq = 0.0
+    for name, tensor in got.items():
+        if name in base and base[name].shape == tensor.shape:
+            delta = tensor.to(torch.float64) - base[name].to(torch.float64)
+            nonzero += int(torch.count_nonzero(delta))
+            total += delta.numel()
+            norm_sq += float((delta * delta).sum())
+    problems = []
+    share = nonzero / total
+    if abs(share - expected["nonzero_share"]) > SHARE_TOLERANCE:
+        problems.append(f"task-vector non-zero share {share:.3f}, mergekit {expected['nonzero_share']:.3f}")
+    ratio = norm_sq ** 0.5 / expected["norm"]
+    if not NORM_RATIO[0] <= ratio <= NORM_RATIO[1]:
+        problems.append(f"task-vector norm {ratio:.3f}x mergekit's")
+    return problems
+
+
+@pytest.mark.parametrize(("golden", "variant"), _cases())
+def test_shoal_matches_mergekit(golden: dict, variant: str, golden_checkpoints: Path, tmp_path: Path) -> None:
+    result, out = _run_shoal(golden, variant, golden_checkpoints, tmp_path)
+    output = (result.output or "").strip()
+    if golden["status"] == "refused":
+        assert result.exit_code == 2, (f"mergekit refuses ({golden['error']}); shoal exit {result.exit_code}: "
+                                       f"{output[-300:] or result.exception!r}")
+        assert not out.exists(), "shoal refused but left an output folder"
+        return
+    assert result.exit_code == 0, f"mergekit runs it; shoal exit {result.exit_code}: {output[-300:] or result.exception!r}"
+    builder = _load_builder()
+    got = _read(out)
+    missing = sorted(set(golden["tensors"]) - set(got))
+    extra = sorted(set(got) - set(golden["tensors"]))
+    assert not missing and not extra, f"tensor names differ: missing {missing[:5]}, extra {extra[:5]}"
+    files = golden["files"]
+    shards = len(list(out.glob("*.safetensors")))
+    problems = []
+    if shards != files["shards"]:
+        problems.append(f"{shards} shards, mergekit {files['shards']}")
+    config = json.loads((out / "config.json").read_text())
+    for key in ("num_hidden_layers", "vocab_size"):
+        if config.get(key) != files["config"].get(key):
+            problems.append(f"config {key} {config.get(key)}, mergekit {files['config'].get(key)}")
+    if files.get("vocab") is not None:
+        tok = out / "tokenizer.json"
+        if not tok.exists():
+            problems.append("no tokenizer.json written")
+        else:
+            data = json.loads(tok.read_text())
+            vocab = dict(data["model"]["vocab"])
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+            ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+            if ordered != files["vocab"]:
+                problems.append(f"vocabulary of {len(ordered)} tokens, mergekit's has {len(files['vocab'])}")
+    if files.get("chat_template"):
+        template = None
+        if (out / "chat_template.jinja").exists():
+            template = (out / "chat_template.jinja").read_text()
+        elif (out / "tokenizer_config.json").exists():
+            template = json.loads((out / "tokenizer_config.json").read_text()).get("chat_template")
+        if template != files["chat_template"]:
+            problems.append("chat template differs")
+    if "random" in golden:
+        problems += _stat_differences(golden, got, golden_checkpoints)
+    else:
+        problems += _value_differences(golden, got, builder, golden_checkpoints,
+                                       int(files["config"].get("num_hidden_layers") or 1))
+    assert not problems, f"{len(problems)} differences from mergekit:\n" + "\n".join(problems[:12])
