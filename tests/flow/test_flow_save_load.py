@@ -190,3 +190,18 @@ def test_shoal_eval_scores_a_loaded_path_model(word_sources, tmp_path):
     assert evaluate(model, tokenizer, task, "test", batch_size=2).score == 1.0
     model, tokenizer = load_model(other)
     assert evaluate(model, tokenizer, task, "test", batch_size=2).score < 1.0
+
+
+def test_the_standalone_runtime_names_arguments_as_the_callee_declares():
+    """What lets the folder's code run on transformers before and after 5.24 (checked by hand on
+    4.57 and 5.23): the cache and the embeddings go under the name the callee declares."""
+    from shoal.flow.modeling_layer_path import cache_keyword, embeds_keyword
+
+    def layer_524(hidden, cache=None, **kwargs): ...
+    def layer_523(hidden, past_key_values=None, **kwargs): ...
+    def mask_4x(config, input_embeds, attention_mask, cache_position, past_key_values, position_ids=None): ...
+    def mask_5x(config, inputs_embeds, attention_mask, past_key_values, position_ids=None): ...
+
+    assert cache_keyword(layer_524) == "cache" and cache_keyword(layer_523) == "past_key_values"
+    assert embeds_keyword(mask_4x) == "input_embeds" and embeds_keyword(mask_5x) == "inputs_embeds"
+    assert cache_keyword(mask_4x) == cache_keyword(mask_5x) == "past_key_values"

@@ -4,7 +4,7 @@ Hop ``k`` runs stored layer ``(model, layer)`` on ``scale_k * h`` (config.json's
 Embeddings, final norm, head and rotary embedding come from the first source model. Each hop
 has its own KV-cache slot (slot ``k`` of a ``DynamicCache``), also when the path runs the same
 stored layer several times, so ``generate``, batched left-padded generation and
-:func:`shoal.eval.evaluate` work as with any decoder.
+evaluation loops work as with any decoder.
 
 Supported sources: the Llama family of transformers decoders (Llama, Mistral, Qwen2, Qwen3)
 without sliding-window attention, all of one hidden size and head size.
@@ -44,17 +44,19 @@ def cache_field() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _declared_cache_keyword(fn: Callable[..., Any]) -> str:
+def _declared(fn: Callable[..., Any], names: tuple[str, ...]) -> str | None:
     parameters = inspect.signature(fn).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    return cache_field()
+    return next((name for name in names if name in parameters), None)
 
 
 def cache_keyword(fn: Callable[..., Any]) -> str:
     """The name ``fn`` declares for the cache; a decoder layer called directly ignores the other."""
-    return _declared_cache_keyword(getattr(fn, "__func__", fn))
+    return _declared(getattr(fn, "__func__", fn), ("cache", "past_key_values")) or cache_field()
+
+
+def embeds_keyword(fn: Callable[..., Any]) -> str:
+    """``create_causal_mask`` takes ``inputs_embeds`` in transformers 5, ``input_embeds`` in 4.x."""
+    return _declared(fn, ("inputs_embeds", "input_embeds")) or "inputs_embeds"
 
 
 # model_type -> (module, class-name prefix) of the transformers decoders a path may use.
@@ -217,13 +219,18 @@ class LayerPathModel(LayerPathPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         if use_cache and past_key_values is None:
             past_key_values = _new_cache(self.config)
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen)[None]
+        if "cache_position" not in kwargs and _declared(create_causal_mask, ("cache_position",)):
+            # transformers 4.x masks and caches by absolute positions; 5.x dropped the argument
+            kwargs["cache_position"] = torch.arange(seen, seen + inputs_embeds.shape[1], device=inputs_embeds.device)
         self._sync_attention()
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, position_ids=position_ids,
-                                  **{cache_keyword(create_causal_mask): past_key_values})
+        masking = {embeds_keyword(create_causal_mask): inputs_embeds, cache_keyword(create_causal_mask): past_key_values}
+        if "cache_position" in kwargs and _declared(create_causal_mask, ("cache_position",)):
+            masking["cache_position"] = kwargs["cache_position"]
+        mask = create_causal_mask(config=self.config, attention_mask=attention_mask, position_ids=position_ids,
+                                  **masking)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for hop, (block, scale) in enumerate(self.hops):
