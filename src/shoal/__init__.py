@@ -8,8 +8,8 @@ from shoal.errors import ShoalError
 from shoal.flow.registration import register_if_transformers_loaded as _register_layer_path
 
 # Plain AutoModelForCausalLM.from_pretrained loads layer-path folders after `import shoal` when
-# transformers is already loaded; otherwise import shoal stays free of torch and transformers
-# (see shoal.flow.registration for the trade-off).
+# transformers' Auto model classes are already loaded; otherwise `import shoal` stays free of
+# torch and transformers (see shoal.flow.registration for the trade-off).
 _register_layer_path()
 
 __version__ = "0.1.0"

@@ -112,9 +112,9 @@ def test_the_folder_loads_with_remote_code_where_shoal_is_not_importable(word_so
 
 
 def test_plain_from_pretrained_after_import_shoal(word_sources, word_tokenizer, tmp_path):
-    """No remote code: `import shoal` registers the architecture when transformers is loaded,
-    and shoal.flow.register() does where shoal came first; `import shoal` alone loads neither
-    torch nor transformers."""
+    """No remote code: `import shoal` registers the architecture when transformers' Auto classes
+    are loaded, and shoal.flow.register() does where shoal came first; `import shoal` and
+    `import shoal.flow` load no torch."""
     a, b = word_sources
     out = write_path_model([a, b], make_path(PATH), tmp_path / "path_model")
     ids = word_tokenizer("what is two plus two ?", return_tensors="pt")["input_ids"]
@@ -122,9 +122,10 @@ def test_plain_from_pretrained_after_import_shoal(word_sources, word_tokenizer, 
         expected = build_path_model([a, b], make_path(PATH))(input_ids=ids).logits[0, -1]
     load = LOGITS.format(folder=str(out), extra="", ids=ids[0].tolist())
     orders = {
-        "transformers first": "import transformers\nimport shoal\n",
-        "shoal first": "import sys\nimport shoal\nassert 'torch' not in sys.modules and "
-                       "'transformers' not in sys.modules\nimport shoal.flow\nshoal.flow.register()\n",
+        "Auto classes first": "from transformers import AutoModelForCausalLM\nimport shoal\n",
+        "shoal first": "import sys\nimport shoal\nassert 'torch' not in sys.modules and 'transformers' not in "
+                       "sys.modules\nimport transformers\nimport shoal.flow\nassert 'torch' not in sys.modules\n"
+                       "shoal.flow.register()\n",
     }
     modules = tmp_path / "modules"
     tested = Path(shoal.__file__).parents[1]  # this shoal, not another install's

@@ -7,18 +7,22 @@ trust_remote_code=True)`` loads it anywhere. Loading it *without* remote code ne
 ``AutoConfig`` and ``AutoModelForCausalLM`` to know ``model_type: shoal_layer_path``, which is
 what :func:`register` does (idempotent). It runs
 
-- at ``import shoal`` when transformers is already imported;
-- whenever shoal itself builds, saves or loads a path model (every :mod:`shoal.flow` entry
-  point that touches the runtime calls it);
+- at ``import shoal`` when the process has already imported transformers' model machinery
+  (its Auto model classes or ``modeling_utils``);
+- whenever shoal itself builds, saves or loads a path model (the :mod:`shoal.flow` entry
+  points that touch the runtime call it);
 - when a program calls ``shoal.flow.register()``.
 
-The trade-off: registering needs transformers' Auto modules, which import torch (seconds), and
-``import shoal`` must stay cheap for the CLI, so ``import shoal`` registers only where that
-cost is already paid. The one order this does not cover is ``import shoal`` first and then a
-direct ``AutoModelForCausalLM.from_pretrained(folder)``: such a program calls
-``shoal.flow.register()`` once, or passes ``trust_remote_code=True``. The alternative, a
-``sys.meta_path`` finder that registers when transformers is imported, covered that order too,
-but changed every import of the process for a library that may never load a path model.
+The trade-off: registering imports the runtime, which needs transformers' ``modeling_utils``
+and torch (seconds), and ``import shoal`` must stay cheap for the CLI (tens of milliseconds,
+no torch). So ``import shoal`` registers only where a process has shown it loads models
+through transformers (the cost is then only shifted: its first ``from_pretrained`` would pay
+it), and not after a bare ``import transformers`` (a program that only tokenizes). The order
+this leaves out is ``import shoal`` before transformers' Auto classes, then a direct
+``AutoModelForCausalLM.from_pretrained(folder)``: such a program calls ``shoal.flow.register()``
+once, or passes ``trust_remote_code=True``. A ``sys.meta_path`` finder that registers when
+transformers is imported covered that order too, but it intercepted every import of the
+process for a library that may never load a path model.
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ def register() -> None:
     _registered = True
 
 
+# Modules whose presence shows the process loads models through transformers.
+MODEL_MACHINERY = ("transformers.modeling_utils", "transformers.models.auto.modeling_auto")
+
+
 def register_if_transformers_loaded() -> None:
-    """:func:`register` if the process has imported transformers already (what ``import shoal`` runs)."""
-    if "transformers" in sys.modules:
+    """:func:`register` if transformers' model machinery is already imported (what ``import shoal`` runs)."""
+    if any(name in sys.modules for name in MODEL_MACHINERY):
         register()
