@@ -5,11 +5,12 @@ self-adaptation (arXiv 2501.06252), on any Hugging Face causal LM.
 """
 
 from shoal.errors import ShoalError
-from shoal.flow.registration import install as _install_layer_path_architecture
+from shoal.flow.registration import register_if_transformers_loaded as _register_layer_path
 
-# transformers' AutoConfig / AutoModelForCausalLM learn the layer-path architecture
-# (model_type "shoal_layer_path") when they are imported; this imports neither torch nor transformers.
-_install_layer_path_architecture()
+# Plain AutoModelForCausalLM.from_pretrained loads layer-path folders after `import shoal` when
+# transformers' Auto model classes are already loaded; otherwise `import shoal` stays free of
+# torch and transformers (see shoal.flow.registration for the trade-off).
+_register_layer_path()
 
 __version__ = "0.1.0"
 __all__ = ["ShoalError", "__version__"]

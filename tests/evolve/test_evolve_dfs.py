@@ -15,11 +15,11 @@ from shoal.evolve.run import evolve, load_run_study, search
 LIMIT = 16
 
 
-def dfs_data(models: list[str], trials: int) -> dict:
+def dfs_data(models: list[str], trials: int, **dfs: object) -> dict:
     return {
         "kind": "dfs",
         "models": models,
-        "dfs": {"repeats": 2, "max_hops": 6, "scaling": "per_slot"},
+        "dfs": {"repeats": 2, "max_hops": 6, **dfs},
         "fitness": {"task": "math_b", "split": "fitness", "limit": LIMIT},
         "validation": {"task": "math_b", "split": "validation", "limit": LIMIT, "top_k": 2},
         "report": {"tasks": ["math_b"], "split": "test", "limit": LIMIT},
@@ -60,6 +60,36 @@ def test_dfs_run_resumes_and_writes_a_loadable_path_model(tmp_path: Path, micro_
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     evolved = next(s for s in result.scores if s.model == "evolved")
     assert evolved.n == LIMIT and (run_dir / "report.html").exists() and (run_dir / "genome.png").exists()
+    # the default genome is the paper's: T = M r indicators and the M x M scaling matrix W
+    m = layer_total(models)
+    assert first.dfs.scaling == "matrix"
+    assert gene_counts(after[0][1]) == {"I": m * 2, "W": m * m}
+
+
+def layer_total(models: list[str]) -> int:
+    """M: the decoder layers of all sources together."""
+    return sum(json.loads((Path(s) / "config.json").read_text())["num_hidden_layers"] for s in models)
+
+
+def gene_counts(params: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in params:
+        counts[key[0]] = counts.get(key[0], 0) + 1
+    return counts
+
+
+def test_per_slot_scaling_is_an_option(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    models = [str(micro_world.model("lang")), str(micro_world.model("math"))]
+    run_dir = tmp_path / "per_slot"
+    evolve(parse_evolve_config(dfs_data(models, trials=2, scaling="per_slot")), run_dir, report=False)
+    trials = completed(run_dir)
+    m = layer_total(models)
+    assert len(trials) == 2 and all(gene_counts(p) == {"I": m * 2, "S": m * 2} for _, p in trials.values())
+    hops = json.loads((run_dir / "best_path.json").read_text())["path"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert model.config.path == hops and hops[-1][2] == 1.0  # per slot, the fixed last hop keeps scale 1
 
 
 def test_ps_then_dfs_takes_a_ps_run_as_a_source(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import shoal  # noqa: F401  (registers the architecture)
 from shoal.errors import MergeError, RecipeError
 from shoal.flow.build import build_path_model, save_path_model
 from shoal.flow.export import export_path, export_path_model
@@ -58,6 +57,45 @@ def test_all_ones_export_equals_the_runtime(word_sources, word_tokenizer, tmp_pa
     # the folder carries the equivalent passthrough recipe, which describes the same path
     recipe = load_recipe(out / "shoal_recipe.yaml")
     assert path_from_slices(recipe) == ([str(a), str(b)], path)
+
+
+def stacked_by_hand(sources, hops):
+    """What an export holds: the first source's tensors outside the layers, and as layer i the
+    tensors of hop i's source layer."""
+    source = [tensors(s) for s in sources]
+    out = {n: t for n, t in source[0].items() if ".layers." not in n}
+    for i, (m, layer) in enumerate(hops):
+        prefix = f"model.layers.{layer}."
+        out.update({f"model.layers.{i}." + n[len(prefix):]: t for n, t in source[m].items() if n.startswith(prefix)})
+    return out
+
+
+@pytest.mark.parametrize("hops", [PATH, [(1, 0), (1, 1), (0, 2), (0, 0), (0, 1)], [(0, 0), (0, 2)]])
+def test_both_exports_hold_the_stacked_tensors_and_the_first_config(word_sources, tmp_path, hops):
+    """From the sources and from a saved folder (pruned, or holding every layer): the tensors
+    are the hops' source layers bit for bit, the config the first source's with the hop count."""
+    from shoal.flow.configuration_layer_path import MODEL_TYPE
+
+    a, b = word_sources
+    path = make_path(hops)
+    want = stacked_by_hand([a, b], hops)
+    config = json.loads((a / "config.json").read_text()) | {"num_hidden_layers": len(hops)}
+    resident = build_path_model([a, b], path, keep="all")
+    unpruned = tmp_path / "unpruned"
+    resident.save_pretrained(unpruned)  # every stored layer, not only those the path runs
+    assert json.loads((unpruned / "config.json").read_text())["model_type"] == MODEL_TYPE
+    outs = [export_path([a, b], path, tmp_path / "from_sources"),
+            export_path_model(save_path_model(resident, tmp_path / "saved"), tmp_path / "from_saved"),
+            export_path_model(unpruned, tmp_path / "from_unpruned")]
+    for out in outs:
+        have = tensors(out)
+        assert set(have) == set(want), out.name
+        assert all(torch.equal(have[k], want[k]) and have[k].dtype == want[k].dtype for k in want), out.name
+        got = json.loads((out / "config.json").read_text())
+        skip = ("transformers_version", "torch_dtype")  # a saved folder's dtype is written both ways
+        assert {k: v for k, v in got.items() if k not in skip} == \
+            {k: v for k, v in config.items() if k not in skip}, out.name
+        assert not list(out.glob("*.py")) and path_from_slices(load_recipe(out / "shoal_recipe.yaml"))[1] == path
 
 
 def test_export_refuses_scaled_paths(word_sources, tmp_path):

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from shoal.errors import ConfigError
-from shoal.flow.genome import DfsLayout, DfsSpace, gene_to_scale, scale_to_gene
+from shoal.flow.genes import from_range, to_range
+from shoal.flow.genome import DfsLayout, DfsSpace
 from shoal.flow.path import Hop, identity_path, make_path
 
 COUNTS = (4, 3)  # model 0 has 4 layers, model 1 has 3: M = 7
@@ -42,7 +43,10 @@ def by_hand(genome, counts, repeats, limit, scaling, low=0.0, high=2.0):
 
 def test_gene_counts_and_names():
     space = DfsSpace(DfsLayout(COUNTS, repeats=3))
+    assert space.layout.scaling == "matrix"  # the paper's M x M scaling matrix is the default
     assert space.num_slots == 21 and space.size == 21 + 49
+    assert sorted(k for k in space.default_genome() if k.startswith("W")) == \
+        sorted(f"W{i}.{j}" for i in range(7) for j in range(7))
     compact = DfsSpace(DfsLayout(COUNTS, repeats=3, scaling="per_slot"))
     assert compact.size == 42 and compact.keys[21] == "S0"
 
@@ -98,8 +102,8 @@ def test_encode_a_hand_written_path():
     # M = 7. (0,1) is global layer 1 -> slot 1; (1,2) is global 6 -> slot 6; (1,0) is global 4,
     # first slot after 6 holding it -> 11; (0,1) again -> 15.
     assert [t for t in range(space.num_slots) if genome[f"I{t}"] > 0.5] == [1, 6, 11, 15]
-    assert gene_to_scale(genome["S6"], 0.0, 2.0) == pytest.approx(0.5)
-    assert gene_to_scale(genome["S11"], 0.0, 2.0) == pytest.approx(1.5)
+    assert to_range(genome["S6"], 0.0, 2.0) == pytest.approx(0.5)
+    assert to_range(genome["S11"], 0.0, 2.0) == pytest.approx(1.5)
     decoded = space.decode(genome)
     assert [h.key for h in decoded] == [h.key for h in path]
     assert [h.scale for h in decoded] == pytest.approx([h.scale for h in path])
@@ -122,7 +126,7 @@ def test_paths_the_genome_cannot_hold():
 
 def test_scale_gene_transform_round_trips():
     for value in (0.0, 0.3, 1.0, 1.7, 2.0):
-        assert gene_to_scale(scale_to_gene(value, 0.0, 2.0), 0.0, 2.0) == pytest.approx(value, abs=1e-12)
+        assert to_range(from_range(value, 0.0, 2.0), 0.0, 2.0) == pytest.approx(value, abs=1e-12)
     for scale_range in ((0.0, 2.0), (0.25, 3.0), (1.0, 4.0)):
         space = DfsSpace(DfsLayout(COUNTS, scale_range=scale_range))
         assert space.decode(space.default_genome()) == identity_path(4)  # scales exactly 1

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-import shoal  # noqa: F401  (registers the architecture)
+import shoal
+
 from shoal.flow.build import build_path_model, save_path_model, write_path_model
 from shoal.flow.path import identity_path, make_path
 
@@ -48,30 +51,89 @@ def test_save_then_auto_load_gives_the_same_logits(word_sources, word_tokenizer,
     assert AutoTokenizer.from_pretrained(out)("cat dog")["input_ids"] == word_tokenizer("cat dog")["input_ids"]
 
 
-def test_a_fresh_process_loads_the_folder_after_import_shoal(word_sources, word_tokenizer, tmp_path):
-    """`import shoal` alone (no torch, no transformers yet) teaches AutoModelForCausalLM the
-    architecture; no trust_remote_code."""
+def run_fresh(parts: list[str], cwd, **env_updates) -> list[str]:
+    """Run the script ``parts`` in a fresh interpreter; its last stdout line, split.
+
+    PYTHONPATH is cleared unless given (the shoal under test lives on it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({k: str(v) for k, v in env_updates.items()})
+    script = "".join(textwrap.dedent(part) for part in parts)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().split("\n")[-1].split()
+
+
+LOGITS = """
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32{extra})
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([{ids}])).logits[0, -1]
+    print(type(model).__module__, type(model).__name__, " ".join(repr(float(x)) for x in logits))
+"""
+
+
+def logits_of(words: list[str]) -> torch.Tensor:
+    return torch.tensor([float(v) for v in words])
+
+
+def test_the_folder_loads_with_remote_code_where_shoal_is_not_importable(word_sources, word_tokenizer,
+                                                                         tmp_path):
+    """config.json's auto_map and the two modeling files in the folder are all a process without
+    shoal needs; the code in the folder computes what the in-library class computes."""
+    a, b = word_sources
+    model = build_path_model([a, b], make_path(PATH))
+    out = save_path_model(model, tmp_path / "path_model")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_layer_path.LayerPathConfig",
+                                  "AutoModelForCausalLM": "modeling_layer_path.LayerPathForCausalLM"}
+    for name in ("configuration_layer_path.py", "modeling_layer_path.py"):
+        assert "shoal" not in "".join(l for l in (out / name).read_text().splitlines()
+                                      if l.startswith(("import ", "from ")))
+    ids = word_tokenizer("what is two plus two ?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[0, -1]
+    script = """
+        import sys
+        from pathlib import Path
+        sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "shoal").is_dir()]
+        try:
+            import shoal
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit(f"shoal is importable from {shoal.__file__}")
+    """
+    load = LOGITS.format(folder=str(out), extra=", trust_remote_code=True", ids=ids[0].tolist())
+    module, name, *values = run_fresh([script, load], tmp_path, HF_MODULES_CACHE=tmp_path / "modules")
+    assert module.startswith("transformers_modules.") and name == "LayerPathForCausalLM"
+    assert torch.equal(logits_of(values), expected)
+
+
+def test_plain_from_pretrained_after_import_shoal(word_sources, word_tokenizer, tmp_path):
+    """No remote code: `import shoal` registers the architecture when transformers' Auto classes
+    are loaded, and shoal.flow.register() does where shoal came first; `import shoal` and
+    `import shoal.flow` load no torch."""
     a, b = word_sources
     out = write_path_model([a, b], make_path(PATH), tmp_path / "path_model")
     ids = word_tokenizer("what is two plus two ?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = build_path_model([a, b], make_path(PATH))(input_ids=ids).logits[0, -1]
-    script = textwrap.dedent(f"""
-        import sys
-        import shoal
-        assert "torch" not in sys.modules and "transformers" not in sys.modules
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([{ids[0].tolist()}])).logits[0, -1]
-        print(type(model).__name__, " ".join(repr(float(x)) for x in logits))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    name, *values = done.stdout.split("\n")[-2].split()
-    assert name == "LayerPathForCausalLM"
-    assert torch.allclose(torch.tensor([float(v) for v in values]), expected, atol=0, rtol=0)
+    load = LOGITS.format(folder=str(out), extra="", ids=ids[0].tolist())
+    orders = {
+        "Auto classes first": "from transformers import AutoModelForCausalLM\nimport shoal\n",
+        "shoal first": "import sys\nimport shoal\nassert 'torch' not in sys.modules and 'transformers' not in "
+                       "sys.modules\nimport transformers\nimport shoal.flow\nassert 'torch' not in sys.modules\n"
+                       "shoal.flow.register()\n",
+    }
+    modules = tmp_path / "modules"
+    tested = Path(shoal.__file__).parents[1]  # this shoal, not another install's
+    for order, prefix in orders.items():
+        module, name, *values = run_fresh([prefix, load], tmp_path, HF_MODULES_CACHE=modules, PYTHONPATH=tested)
+        assert (module, name) == ("shoal.flow.modeling_layer_path", "LayerPathForCausalLM"), order
+        assert torch.equal(logits_of(values), expected), order
+    assert not modules.exists()  # transformers ran no code from the folder
 
 
 def test_tied_embeddings_of_the_first_model(tiny_model_dir, tmp_path):
@@ -129,3 +191,18 @@ def test_shoal_eval_scores_a_loaded_path_model(word_sources, tmp_path):
     assert evaluate(model, tokenizer, task, "test", batch_size=2).score == 1.0
     model, tokenizer = load_model(other)
     assert evaluate(model, tokenizer, task, "test", batch_size=2).score < 1.0
+
+
+def test_the_standalone_runtime_names_arguments_as_the_callee_declares():
+    """What lets the folder's code run on transformers before and after 5.24 (checked by hand on
+    4.57 and 5.23): the cache and the embeddings go under the name the callee declares."""
+    from shoal.flow.modeling_layer_path import cache_keyword, embeds_keyword
+
+    def layer_524(hidden, cache=None, **kwargs): ...
+    def layer_523(hidden, past_key_values=None, **kwargs): ...
+    def mask_4x(config, input_embeds, attention_mask, cache_position, past_key_values, position_ids=None): ...
+    def mask_5x(config, inputs_embeds, attention_mask, past_key_values, position_ids=None): ...
+
+    assert cache_keyword(layer_524) == "cache" and cache_keyword(layer_523) == "past_key_values"
+    assert embeds_keyword(mask_4x) == "input_embeds" and embeds_keyword(mask_5x) == "inputs_embeds"
+    assert cache_keyword(mask_4x) == cache_keyword(mask_5x) == "past_key_values"

@@ -88,11 +88,11 @@ class SearchSpec(_Strict):
 
 class DfsSpec(_Strict):
     """Data-flow space (arXiv 2403.13187, section 3.2): the indicator array over T = M * r slots
-    and the scaling (the full M x M matrix W, or one scale per slot)."""
+    and the scaling: the paper's M x M matrix W on transitions (the default), or one scale per slot."""
 
     repeats: int = 3
     max_hops: int | None = None
-    scaling: Literal["matrix", "per_slot"] = "per_slot"
+    scaling: Literal["matrix", "per_slot"] = "matrix"
     scale_range: tuple[float, float] = (0.0, 2.0)
 
 

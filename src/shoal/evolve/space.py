@@ -17,7 +17,6 @@ builds exactly the candidate the search evaluated.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -25,24 +24,13 @@ from typing import Iterable, Mapping, Sequence
 from shoal.checkpoint import describe_tensor
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig
+from shoal.flow.genes import from_range, to_range
 from shoal.merge.recipe import FilterValue, ModelEntry, Recipe
 from shoal.merge.registry import MethodSpec, get_method
 
 GLOBAL = "*"  # the "model" of a gene for a whole-merge parameter such as lambda
 
 _ROLE_TO_MODULE = {"attention": "attention", "mlp": "mlp", "norm": "norm"}
-
-
-def to_range(x: float, low: float, high: float) -> float:
-    """Map a gene in [0, 1] onto [low, high] smoothly (zero slope at both ends)."""
-    x = min(max(x, 0.0), 1.0)
-    return low + (high - low) * (1.0 - math.cos(math.pi * x)) / 2.0
-
-
-def from_range(value: float, low: float, high: float) -> float:
-    """The inverse of :func:`to_range`."""
-    u = min(max((value - low) / (high - low), 0.0), 1.0)
-    return math.acos(1.0 - 2.0 * u) / math.pi
 
 
 @dataclass(frozen=True)

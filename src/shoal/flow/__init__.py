@@ -2,9 +2,13 @@
 
 - :mod:`shoal.flow.path`: hops ``(model, layer, scale)`` and their validation;
 - :mod:`shoal.flow.genome`: the DFS genome of arXiv 2403.13187 (indicator array, scaling) <-> path;
-- :mod:`shoal.flow.modeling`: the transformers runtime (``model_type: shoal_layer_path``);
+- :mod:`shoal.flow.genes`: the gene transform every search space (PS and DFS) decodes through;
+- :mod:`shoal.flow.modeling_layer_path`, :mod:`shoal.flow.configuration_layer_path`: the
+  transformers runtime (``model_type: shoal_layer_path``), standalone files that every saved
+  folder carries (see :mod:`shoal.flow.registration`);
 - :mod:`shoal.flow.build`: assemble and save a path model from source folders;
-- :mod:`shoal.flow.export`: an all-ones path as a plain checkpoint of the source architecture;
+- :mod:`shoal.flow.export`: an all-ones path as a plain checkpoint (a passthrough merge);
+- :mod:`shoal.flow.registration`: :func:`register`, the Auto-class registration (no import hook);
 - :mod:`shoal.flow.slices`: passthrough ``slices`` recipes as paths.
 
 Submodules load on first use: importing this package pulls in neither torch nor transformers.
@@ -18,8 +22,9 @@ from typing import Any
 _EXPORTS = {
     "Hop": "path", "LayerPath": "path", "check_path": "path", "identity_path": "path", "make_path": "path",
     "DfsLayout": "genome", "DfsSpace": "genome",
-    "LayerPathConfig": "configuration",
-    "LayerPathForCausalLM": "modeling", "LayerPathModel": "modeling",
+    "LayerPathConfig": "configuration_layer_path",
+    "LayerPathForCausalLM": "modeling_layer_path", "LayerPathModel": "modeling_layer_path",
+    "register": "registration",
     "build_path_model": "build", "prune_path_model": "build", "save_path_model": "build",
     "source_layer_counts": "build", "write_path_model": "build",
     "export_path": "export", "export_path_model": "export",

@@ -17,7 +17,8 @@ import torch
 from shoal.checkpoint import CheckpointReader, num_layers, open_checkpoint, staged_output
 from shoal.checkpoint.support_files import SUPPORT_FILES
 from shoal.errors import CheckpointError, ConfigError
-from shoal.flow.path import LayerPath, check_path
+from shoal.flow.path import LayerPath, check_path, make_path
+from shoal.flow.registration import register
 from shoal.progress import ProgressFn, no_progress
 
 OUTER_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -25,13 +26,11 @@ PATH_FILENAME = "layer_path.json"
 
 
 def resolve_source(name: str | Path) -> str:
-    """A source's folder: ``zoo:SIZE/NAME`` names a model of the miniature world."""
-    text = str(name)
-    if text.startswith("zoo:"):
-        from shoal.checkpoint.references import resolve_model_ref
+    """A source's folder or file: every reference (``zoo:SIZE/NAME``, run folders, hub ids) goes
+    through the one resolver."""
+    from shoal.checkpoint.references import resolve_model_ref
 
-        return resolve_model_ref(text)
-    return text
+    return resolve_model_ref(name)
 
 
 def open_sources(sources: Sequence[str | Path], stack: ExitStack) -> list[CheckpointReader]:
@@ -49,9 +48,7 @@ def open_sources(sources: Sequence[str | Path], stack: ExitStack) -> list[Checkp
 
 def check_sources(readers: Sequence[CheckpointReader], names: Sequence[str]) -> list[int]:
     """Layer counts of the sources; raises unless they share hidden and head sizes."""
-    from shoal.flow.modeling import source_config
-
-    configs = [source_config(r.config or {}, source=n) for r, n in zip(readers, names)]
+    configs = [_source_config(r.config or {}, n) for r, n in zip(readers, names)]
     base = configs[0]
     for name, cfg in zip(names[1:], configs[1:]):
         for key, size in (("hidden_size", lambda c: c.hidden_size), ("head size", _head_size)):
@@ -69,6 +66,16 @@ def source_layer_counts(sources: Sequence[str | Path]) -> tuple[int, ...]:
         return tuple(check_sources(open_sources(sources, stack), names))
 
 
+def _source_config(data: dict, name: str) -> Any:
+    """The runtime's config object for one source; what it cannot run is a :class:`ConfigError`."""
+    from shoal.flow.modeling_layer_path import LayerPathError, source_config
+
+    try:
+        return source_config(data, source=name)
+    except LayerPathError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _head_size(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -84,7 +91,7 @@ def layer_table(path: LayerPath, layer_counts: Sequence[int], keep: Literal["use
 
 def path_config(names: Sequence[str], source_configs: Sequence[dict], layers: list[list[int]],
                 path: LayerPath, dtype: torch.dtype) -> Any:
-    from shoal.flow.configuration import LayerPathConfig
+    from shoal.flow.configuration_layer_path import LayerPathConfig
 
     config = LayerPathConfig(sources=list(names), source_configs=[_clean(c) for c in source_configs],
                              layers=layers, path=path.to_list(), dtype=dtype)
@@ -110,8 +117,9 @@ def build_path_model(sources: Sequence[str | Path], path: LayerPath, *, keep: Li
     ``keep="all"`` stores every layer of every source, so that :meth:`set_path` can switch
     to any other path without reading weights again (what a search over paths wants).
     """
-    from shoal.flow.modeling import LayerPathForCausalLM
+    from shoal.flow.modeling_layer_path import LayerPathForCausalLM
 
+    register()
     names = [str(s) for s in sources]
     with ExitStack() as stack:
         readers = open_sources(sources, stack)
@@ -140,7 +148,7 @@ def build_path_model(sources: Sequence[str | Path], path: LayerPath, *, keep: Li
 
 def _fill(model: Any, state: dict[str, torch.Tensor], device: str | torch.device) -> None:
     """Give a model built on the meta device its tensors (by reference) and a fresh rotary embedding."""
-    from shoal.flow.modeling import family_classes
+    from shoal.flow.modeling_layer_path import family_classes
 
     tied = model.config.tie_word_embeddings
     model.load_state_dict(state, strict=not tied, assign=True)
@@ -156,9 +164,9 @@ def _fill(model: Any, state: dict[str, torch.Tensor], device: str | torch.device
 def prune_path_model(model: Any) -> Any:
     """``model`` with only the layers its current path uses (tensors shared, not copied);
     ``model`` itself when it stores nothing else."""
-    from shoal.flow.configuration import LayerPathConfig
+    from shoal.flow.configuration_layer_path import LayerPathConfig
 
-    used = [list(k) for k in model.path.distinct_layers()]
+    used = [list(k) for k in make_path(model.config.path).distinct_layers()]
     if used == [list(k) for k in model.config.layers]:
         return model
     config = LayerPathConfig.from_dict(model.config.to_dict())

@@ -10,8 +10,8 @@ and repeat that sequence ``r`` times: ``T = M * r`` slots; slot ``t`` holds glob
 - scaling, ``scaling="matrix"``: ``W<i>.<j>`` (``M * M`` genes), the paper's scaling matrix: the
   input travelling from global layer ``i`` into global layer ``j`` is scaled by ``W_ij``;
   ``scaling="per_slot"`` (compact): ``S<t>`` (``T`` genes), the scale of the hop that slot ``t``
-  becomes. A gene maps onto ``scale_range`` by ``low + (high - low) (1 - cos(pi x)) / 2``
-  (the middle of the default range (0, 2) is 1).
+  becomes. A gene maps onto ``scale_range`` by :func:`shoal.flow.genes.to_range`, the
+  transform of every search space (the middle of the default range (0, 2) is 1).
 
 Fixed endpoints: the path starts with model 0's first layer (scale 1, fed by model 0's
 embeddings) and ends with model 0's last layer; model 0 also gives the final norm, head and
@@ -25,30 +25,14 @@ is 1, so the starting path is model 0 itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
 from shoal.errors import ConfigError
+from shoal.flow.genes import from_range, to_range
 from shoal.flow.path import Hop, LayerPath
 
 Scaling = Literal["matrix", "per_slot"]
-
-
-def gene_to_scale(x: float, low: float, high: float) -> float:
-    """A gene in [0, 1] onto [low, high], smoothly (zero slope at both ends).
-
-    Rounded to 12 decimals, so that the gene of scale 1 gives exactly 1 back (an all-ones path
-    exports to the source architecture)."""
-    x = min(max(x, 0.0), 1.0)
-    # (1 - cos(pi x)) / 2, written so that x = 1/2 gives exactly 1/2
-    return round(low + (high - low) * (0.5 - 0.5 * math.sin(math.pi * (0.5 - x))), 12)
-
-
-def scale_to_gene(value: float, low: float, high: float) -> float:
-    """The inverse of :func:`gene_to_scale` (values outside the range are clamped)."""
-    u = min(max((value - low) / (high - low), 0.0), 1.0)
-    return math.acos(1.0 - 2.0 * u) / math.pi
 
 
 @dataclass(frozen=True)
@@ -152,12 +136,12 @@ class DfsSpace:
         genome = {f"I{t}": 0.5 - margin for t in range(self.num_slots)}
         for t in range(1, self.end_index):
             genome[f"I{t}"] = 0.5 + margin
-        one = scale_to_gene(1.0, *self.layout.scale_range)
+        one = from_range(1.0, *self.layout.scale_range)
         genome.update({key: one for key in self.scale_keys()})
         return genome
 
     def _scale(self, genome: Mapping[str, float], key: str) -> float:
-        return gene_to_scale(float(genome[key]), *self.layout.scale_range)
+        return to_range(float(genome[key]), *self.layout.scale_range)
 
     def selected_slots(self, genome: Mapping[str, float]) -> list[int]:
         """The slots on the path, in slot order, after the path-length limit."""
@@ -207,7 +191,7 @@ class DfsSpace:
         low, high = self.layout.scale_range
         margin = self.layout.init_margin
         genome = {f"I{t}": 0.5 - margin for t in range(self.num_slots)}
-        one = scale_to_gene(1.0, low, high)
+        one = from_range(1.0, low, high)
         genome.update({key: one for key in self.scale_keys()})
         assigned: dict[str, float] = {}
         m = self.num_layers
@@ -239,7 +223,7 @@ class DfsSpace:
             else:
                 assigned[f"S{t}"] = hop.scale
             previous = index
-        genome.update({key: scale_to_gene(value, low, high) for key, value in assigned.items()})
+        genome.update({key: from_range(value, low, high) for key, value in assigned.items()})
         return genome
 
     def describe(self, path: LayerPath, names: Sequence[str] | None = None) -> str:

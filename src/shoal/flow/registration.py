@@ -1,99 +1,57 @@
-"""Make transformers' Auto classes know the layer-path architecture, without slowing ``import shoal``.
+"""Teach transformers' Auto classes the layer-path architecture, without an import hook.
 
-``import shoal`` must stay cheap (no torch, no transformers), yet after it
-``AutoModelForCausalLM.from_pretrained(folder)`` must load a layer-path folder. So registration
-happens when transformers' Auto modules are imported: a finder on ``sys.meta_path`` watches for
-``transformers.models.auto.configuration_auto`` and ``...modeling_auto`` and registers the
-config and the model class right after each has run. When they were already imported before
-shoal, registration happens at once.
+A saved layer-path folder is self-contained: config.json's ``auto_map`` names
+``configuration_layer_path.py`` and ``modeling_layer_path.py``, which ``save_pretrained``
+writes into the folder, so ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` loads it anywhere. Loading it *without* remote code needs
+``AutoConfig`` and ``AutoModelForCausalLM`` to know ``model_type: shoal_layer_path``, which is
+what :func:`register` does (idempotent). It runs
+
+- at ``import shoal`` when the process has already imported transformers' model machinery
+  (its Auto model classes or ``modeling_utils``);
+- whenever shoal itself builds, saves or loads a path model (the :mod:`shoal.flow` entry
+  points that touch the runtime call it);
+- when a program calls ``shoal.flow.register()``.
+
+The trade-off: registering imports the runtime, which needs transformers' ``modeling_utils``
+and torch (seconds), and ``import shoal`` must stay cheap for the CLI (tens of milliseconds,
+no torch). So ``import shoal`` registers only where a process has shown it loads models
+through transformers (the cost is then only shifted: its first ``from_pretrained`` would pay
+it), and not after a bare ``import transformers`` (a program that only tokenizes). The order
+this leaves out is ``import shoal`` before transformers' Auto classes, then a direct
+``AutoModelForCausalLM.from_pretrained(folder)``: such a program calls ``shoal.flow.register()``
+once, or passes ``trust_remote_code=True``. A ``sys.meta_path`` finder that registers when
+transformers is imported covered that order too, but it intercepted every import of the
+process for a library that may never load a path model.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
 import sys
-from types import ModuleType
-from typing import Any, Callable, Sequence
 
-CONFIG_AUTO = "transformers.models.auto.configuration_auto"
-MODELING_AUTO = "transformers.models.auto.modeling_auto"
-
-_done: set[str] = set()
+_registered = False
 
 
-def register_config() -> None:
-    """Register the config with ``AutoConfig`` (idempotent)."""
-    if CONFIG_AUTO in _done:
+def register() -> None:
+    """Register the layer-path config and model with ``AutoConfig`` / ``AutoModelForCausalLM``."""
+    global _registered
+    if _registered:
         return
-    _done.add(CONFIG_AUTO)
-    from shoal.flow.configuration import MODEL_TYPE, LayerPathConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    _module(CONFIG_AUTO).AutoConfig.register(MODEL_TYPE, LayerPathConfig, exist_ok=True)
+    from shoal.flow.configuration_layer_path import MODEL_TYPE, LayerPathConfig
+    from shoal.flow.modeling_layer_path import LayerPathForCausalLM
 
-
-def register_model() -> None:
-    """Register the model with ``AutoModelForCausalLM`` (idempotent)."""
-    if MODELING_AUTO in _done:
-        return
-    register_config()
-    _done.add(MODELING_AUTO)
-    from shoal.flow.configuration import LayerPathConfig
-    from shoal.flow.modeling import LayerPathForCausalLM
-
-    _module(MODELING_AUTO).AutoModelForCausalLM.register(LayerPathConfig, LayerPathForCausalLM,
-                                                          exist_ok=True)
+    AutoConfig.register(MODEL_TYPE, LayerPathConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LayerPathConfig, LayerPathForCausalLM, exist_ok=True)
+    _registered = True
 
 
-def _module(name: str) -> ModuleType:
-    # the module whose import triggered the hook is complete, though its package may still be loading
-    return sys.modules[name] if name in sys.modules else importlib.import_module(name)
+# Modules whose presence shows the process loads models through transformers.
+MODEL_MACHINERY = ("transformers.modeling_utils", "transformers.models.auto.modeling_auto")
 
 
-_HOOKS: dict[str, Callable[[], None]] = {CONFIG_AUTO: register_config, MODELING_AUTO: register_model}
-
-
-class _Loader(importlib.abc.Loader):
-    """Runs the real loader, then the registration hook."""
-
-    def __init__(self, loader: Any, hook: Callable[[], None]):
-        self.loader = loader
-        self.hook = hook
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self.loader.exec_module(module)
-        self.hook()
-
-
-class _AutoFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-                  ) -> importlib.machinery.ModuleSpec | None:
-        hook = _HOOKS.get(fullname)
-        if hook is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, hook)
-                return spec
-        return None
-
-
-_FINDER = _AutoFinder()
-
-
-def install() -> None:
-    """Register now if transformers' Auto modules are loaded; otherwise when they get loaded."""
-    if _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
-    if CONFIG_AUTO in sys.modules:
-        register_config()
-    if MODELING_AUTO in sys.modules:
-        register_model()
+def register_if_transformers_loaded() -> None:
+    """:func:`register` if transformers' model machinery is already imported (what ``import shoal`` runs)."""
+    if any(name in sys.modules for name in MODEL_MACHINERY):
+        register()

@@ -1,20 +1,27 @@
 """The layer-path runtime: a transformers causal LM whose decoder runs a path of hops.
 
-Hop ``k`` runs stored layer ``(model, layer)`` on ``scale_k * h`` (see :mod:`shoal.flow.path`).
+Hop ``k`` runs stored layer ``(model, layer)`` on ``scale_k * h`` (config.json's ``path``).
 Embeddings, final norm, head and rotary embedding come from the first source model. Each hop
 has its own KV-cache slot (slot ``k`` of a ``DynamicCache``), also when the path runs the same
 stored layer several times, so ``generate``, batched left-padded generation and
-:func:`shoal.eval.evaluate` work as with any decoder.
+evaluation loops work as with any decoder.
 
 Supported sources: the Llama family of transformers decoders (Llama, Mistral, Qwen2, Qwen3)
 without sliding-window attention, all of one hidden size and head size.
+
+This file is written into every saved layer-path folder (``auto_map`` names it), so it loads
+with ``trust_remote_code=True`` where shoal is not installed: it imports only torch,
+transformers and its sibling ``configuration_layer_path``, and it tolerates the transformers
+releases before and after 5.24's renaming of ``past_key_values`` to ``cache``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,10 +30,34 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from shoal.errors import ConfigError
-from shoal.flow.configuration import LayerPathConfig
-from shoal.flow.path import LayerPath, make_path
-from shoal.hf_compat import cache_field, cache_keyword
+from .configuration_layer_path import LayerPathConfig
+
+
+class LayerPathError(ValueError):
+    """A layer-path config or path this runtime cannot run (shoal reports it as a ConfigError)."""
+
+
+@functools.lru_cache(maxsize=1)
+def cache_field() -> str:
+    """The field of model outputs that holds the KV cache: ``cache`` from transformers 5.24 on."""
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _declared(fn: Callable[..., Any], names: tuple[str, ...]) -> str | None:
+    parameters = inspect.signature(fn).parameters
+    return next((name for name in names if name in parameters), None)
+
+
+def cache_keyword(fn: Callable[..., Any]) -> str:
+    """The name ``fn`` declares for the cache; a decoder layer called directly ignores the other."""
+    return _declared(getattr(fn, "__func__", fn), ("cache", "past_key_values")) or cache_field()
+
+
+def embeds_keyword(fn: Callable[..., Any]) -> str:
+    """``create_causal_mask`` takes ``inputs_embeds`` in transformers 5, ``input_embeds`` in 4.x."""
+    return _declared(fn, ("inputs_embeds", "input_embeds")) or "inputs_embeds"
+
 
 # model_type -> (module, class-name prefix) of the transformers decoders a path may use.
 FAMILIES = {
@@ -47,8 +78,8 @@ class FamilyClasses:
 def family_classes(model_type: str, *, source: str = "source") -> FamilyClasses:
     """The decoder-layer, norm and rotary-embedding classes of a supported ``model_type``."""
     if model_type not in FAMILIES:
-        raise ConfigError(f"{source}: model_type {model_type!r} cannot be used in a layer path "
-                          f"(supported: {', '.join(FAMILIES)})")
+        raise LayerPathError(f"{source}: model_type {model_type!r} cannot be used in a layer path "
+                              f"(supported: {', '.join(FAMILIES)})")
     module_name, prefix = FAMILIES[model_type]
     module = importlib.import_module(module_name)
     return FamilyClasses(getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RMSNorm"),
@@ -59,14 +90,21 @@ def source_config(data: dict, *, source: str = "source") -> Any:
     """A transformers config object for one source's config dict."""
     model_type = data.get("model_type")
     if not isinstance(model_type, str):
-        raise ConfigError(f"{source}: config has no model_type")
+        raise LayerPathError(f"{source}: config has no model_type")
     family_classes(model_type, source=source)
     fields = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
     config = AutoConfig.for_model(model_type, **fields)
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        raise ConfigError(f"{source}: sliding-window attention is not supported in a layer path "
-                          f"(sliding_window={config.sliding_window})")
+        raise LayerPathError(f"{source}: sliding-window attention is not supported in a layer path "
+                              f"(sliding_window={config.sliding_window})")
     return config
+
+
+def _new_cache(config: LayerPathConfig) -> Cache:
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # pragma: no cover - releases whose DynamicCache takes no config
+        return DynamicCache()
 
 
 class _HopCache:
@@ -90,6 +128,15 @@ class _HopCache:
         return getattr(self.cache, name)
 
 
+def _as_hop(hop: Any) -> tuple[int, int, float]:
+    if hasattr(hop, "model") and hasattr(hop, "layer"):
+        return int(hop.model), int(hop.layer), float(getattr(hop, "scale", 1.0))
+    items = list(hop)
+    if len(items) not in (2, 3):
+        raise LayerPathError(f"a hop is [model, layer] or [model, layer, scale], got {items}")
+    return int(items[0]), int(items[1]), (float(items[2]) if len(items) == 3 else 1.0)
+
+
 class LayerPathPreTrainedModel(PreTrainedModel):
     config: LayerPathConfig
     config_class = LayerPathConfig
@@ -108,7 +155,7 @@ class LayerPathModel(LayerPathPreTrainedModel):
     def __init__(self, config: LayerPathConfig):
         super().__init__(config)
         if not config.source_configs or not config.layers or not config.path:
-            raise ConfigError("a layer-path config needs 'source_configs', 'layers' and 'path'")
+            raise LayerPathError("a layer-path config needs 'source_configs', 'layers' and 'path'")
         names = config.sources or [f"model {i}" for i in range(len(config.source_configs))]
         self.source_configs = [source_config(c, source=names[i]) for i, c in enumerate(config.source_configs)]
         base = self.source_configs[0]
@@ -118,31 +165,33 @@ class LayerPathModel(LayerPathPreTrainedModel):
         for model, layer in config.layers:
             cfg = self.source_configs[model]
             if cfg.hidden_size != base.hidden_size:
-                raise ConfigError(f"{names[model]}: hidden size {cfg.hidden_size} differs from "
-                                  f"{names[0]}'s {base.hidden_size}")
+                raise LayerPathError(f"{names[model]}: hidden size {cfg.hidden_size} differs from "
+                                      f"{names[0]}'s {base.hidden_size}")
             blocks.append(family_classes(cfg.model_type).decoder_layer(cfg, layer))
         self.blocks = nn.ModuleList(blocks)
         self.norm = classes.norm(base.hidden_size, eps=base.rms_norm_eps)
         self.rotary_emb = classes.rotary(config=base)
         self.table = {(int(m), int(layer)): k for k, (m, layer) in enumerate(config.layers)}
-        self.set_path(make_path(config.path))
+        self.set_path(config.path)
         self.post_init()
 
-    def set_path(self, path: LayerPath) -> None:
-        """Run ``path`` from now on; every hop's layer must be in the stored table."""
-        if len(path) == 0:
-            raise ConfigError("a layer path needs at least one hop")
-        missing = [h.key for h in path if h.key not in self.table]
+    def set_path(self, path: Iterable[Any]) -> None:
+        """Run ``path`` from now on: hops as ``[model, layer, scale]`` lists or objects with
+        ``model``, ``layer`` and ``scale`` (shoal's ``Hop``); every hop's layer must be stored."""
+        hops = [_as_hop(h) for h in path]
+        if not hops:
+            raise LayerPathError("a layer path needs at least one hop")
+        missing = [[m, layer] for m, layer, _ in hops if (m, layer) not in self.table]
         if missing:
-            raise ConfigError(f"path uses layers that are not stored in this model: "
-                              f"{[list(k) for k in missing[:5]]}")
-        self.hops = tuple((self.table[h.key], float(h.scale)) for h in path)
-        self.config.path = path.to_list()
-        self.config.num_hidden_layers = len(path)
+            raise LayerPathError(f"path uses layers that are not stored in this model: {missing[:5]}")
+        self.hops = tuple((self.table[(m, layer)], scale) for m, layer, scale in hops)
+        self.config.path = [[m, layer, scale] for m, layer, scale in hops]
+        self.config.num_hidden_layers = len(hops)
 
     @property
-    def path(self) -> LayerPath:
-        return make_path(self.config.path)
+    def path(self) -> list[list[Any]]:
+        """The hops, ``[[model, layer, scale], ...]``."""
+        return [list(h) for h in self.config.path]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -169,14 +218,19 @@ class LayerPathModel(LayerPathPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = _new_cache(self.config)
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen)[None]
+        if "cache_position" not in kwargs and _declared(create_causal_mask, ("cache_position",)):
+            # transformers 4.x masks and caches by absolute positions; 5.x dropped the argument
+            kwargs["cache_position"] = torch.arange(seen, seen + inputs_embeds.shape[1], device=inputs_embeds.device)
         self._sync_attention()
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, position_ids=position_ids,
-                                  **{cache_keyword(create_causal_mask): past_key_values})
+        masking = {embeds_keyword(create_causal_mask): inputs_embeds, cache_keyword(create_causal_mask): past_key_values}
+        if "cache_position" in kwargs and _declared(create_causal_mask, ("cache_position",)):
+            masking["cache_position"] = kwargs["cache_position"]
+        mask = create_causal_mask(config=self.config, attention_mask=attention_mask, position_ids=position_ids,
+                                  **masking)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for hop, (block, scale) in enumerate(self.hops):
@@ -193,7 +247,10 @@ class LayerPathModel(LayerPathPreTrainedModel):
 
 
 class LayerPathForCausalLM(LayerPathPreTrainedModel, GenerationMixin):
-    """A causal LM over a layer path; ``AutoModelForCausalLM`` loads it once shoal is imported."""
+    """A causal LM over a layer path."""
+
+    # save_pretrained copies this file (and the config's) into the folder and writes auto_map
+    _auto_class = "AutoModelForCausalLM"
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -205,10 +262,11 @@ class LayerPathForCausalLM(LayerPathPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @property
-    def path(self) -> LayerPath:
+    def path(self) -> list[list[Any]]:
+        """The hops, ``[[model, layer, scale], ...]``."""
         return self.model.path
 
-    def set_path(self, path: LayerPath) -> None:
+    def set_path(self, path: Iterable[Any]) -> None:
         """Switch to another path over the stored layers (no weights are copied)."""
         self.model.set_path(path)
 
