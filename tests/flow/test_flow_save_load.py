@@ -206,3 +206,22 @@ def test_the_standalone_runtime_names_arguments_as_the_callee_declares():
     assert cache_keyword(layer_524) == "cache" and cache_keyword(layer_523) == "past_key_values"
     assert embeds_keyword(mask_4x) == "input_embeds" and embeds_keyword(mask_5x) == "inputs_embeds"
     assert cache_keyword(mask_4x) == cache_keyword(mask_5x) == "past_key_values"
+
+
+def test_shoal_eval_cli_loads_a_path_folder_in_a_fresh_process(word_sources, tmp_path):
+    """`shoal eval FOLDER` in a new process (shoal imported before transformers, no remote
+    code): the loader registers the layer-path type the folder's config names."""
+    import json
+    import subprocess
+    import sys
+
+    a, b = word_sources
+    out = write_path_model([a, b], identity_path(3), tmp_path / "same")
+    task = tmp_path / "copy.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": p, "target": "x"}) for p in ["cat", "red blue"]) + "\n")
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-m", "shoal.cli.main", "eval", str(out), "--task",
+                             f"jsonl:{task}", "--json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 2, result.stdout
+    assert not (tmp_path / "modules").exists()  # no remote code ran

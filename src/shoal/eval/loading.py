@@ -10,7 +10,9 @@ language models are registered today; a vision-language or diffusion kind regist
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +46,29 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
                 "an eos token; set one of them in tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+MODEL_TYPE_GROUP = "shoal.model_types"
+
+
+def register_model_type(source: str) -> None:
+    """Teach transformers a model type that a shoal package provides, before loading ``source``.
+
+    Packages above eval (``shoal.flow``'s layer-path models) declare an entry point in the group
+    ``shoal.model_types`` named after the ``model_type`` they register; it is called when a local
+    folder's config.json names that type, so such folders load without remote code and eval
+    never imports the package that provides them.
+    """
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports an unreadable config with its own message
+    for entry in entry_points(group=MODEL_TYPE_GROUP):
+        if entry.name == model_type:
+            entry.load()()
 
 
 def _causal_lm(source: str, revision: str | None, dtype: torch.dtype) -> Any:
@@ -94,7 +119,11 @@ def locate_model(reference: str | Path | ModelLocation, *, revision: str | None 
 
 
 def _source(location: ModelLocation) -> str:
-    return str(location.path) if location.path is not None else str(location.hub_id)
+    """What transformers opens for ``location``, with any model type shoal provides registered."""
+    if location.path is not None:
+        register_model_type(str(location.path))
+        return str(location.path)
+    return str(location.hub_id)
 
 
 def load_network(reference: str | Path | ModelLocation, *, device: str | torch.device = "cpu",
