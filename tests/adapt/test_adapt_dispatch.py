@@ -110,7 +110,8 @@ def test_few_shot_mixture_finds_the_useful_expert(trained, word_tokenizer, toy_t
     base = adapt_evaluate(model, word_tokenizer, task, "test", [paths["ay"], paths["bee"]], strategy="base",
                           cache_dir=trained["svd"])
     result = adapt_evaluate(model, word_tokenizer, task, "test", [paths["ay"], paths["bee"]], strategy="few-shot",
-                            n_shots=6, cem_iterations=3, cem_population=8, cache_dir=trained["svd"])
+                            n_shots=6, cem_iterations=3, cem_population=8, per_matrix=False,
+                            cache_dir=trained["svd"])
     assert base.score == 0.0 and result.score == 1.0
     assert result.categories == {"mixture": 16}
     alpha = torch.tensor(result.alpha)

@@ -6,8 +6,8 @@ deviation of half the box width. Each iteration samples ``population`` points fr
 diagonal Gaussian, clamps them into ``bounds``, and replaces the first point by the best
 point so far (re-evaluated); the best point of the population becomes the new best, and the
 Gaussian's mean and (unbiased) standard deviation are refitted to the ``int(elite_ratio *
-population)`` highest-scoring points. Defaults: population 32, elite ratio 0.2 (6 elites),
-50 iterations, bounds [0, 1].
+population)`` highest-scoring points (at least one). Defaults: population 32, elite ratio
+0.2 (6 elites), 50 iterations, bounds [0, 1].
 
 The objective returns a score or a pair (score, tie-break): the best point is the one with
 the highest score, and among equal scores the highest tie-break (the reference breaks ties
@@ -52,10 +52,10 @@ def cem(objective: Callable[[torch.Tensor], Fitness], dim: int, *, population: i
         progress: ProgressFn = no_progress) -> CEMResult:
     """Maximize ``objective`` over the box ``bounds`` (``None``: all of R^dim); see the module
     docstring. ``init_std`` defaults to half the box width (required when ``bounds`` is None)."""
-    n_elite = int(elite_ratio * population)
-    if dim < 1 or population < 2 or iterations < 1 or not 1 <= n_elite <= population:
+    n_elite = max(1, int(elite_ratio * population))  # int(0.2 * 32) = 6 as in the reference
+    if dim < 1 or population < 2 or iterations < 1 or not 0 < elite_ratio <= 1:
         raise ConfigError("cem needs dim >= 1, population >= 2, iterations >= 1 and "
-                          "1 <= int(elite_ratio * population) <= population")
+                          "0 < elite_ratio <= 1")
     if bounds is not None and not bounds[0] < bounds[1]:
         raise ConfigError(f"cem bounds {bounds} must be (low, high) with low < high")
     if init_std is None:
