@@ -95,7 +95,7 @@ def test_two_pass_generation_recomposes_once_per_group(trained, word_tokenizer, 
     assert result.pass1_seconds > 0 and result.pass2_seconds > 0
     # reference: each prompt alone, with its chosen expert, through transformers' generate
     factors = load_or_compute_svd(model, cache_dir=trained["svd"])
-    adapter = SVFAdapter(model, factors)
+    adapter = SVFAdapter(model, factors, parametrization="direct")  # the fixture experts are direct
     experts = {name: load_expert(paths[name], factors).z for name in ("ay", "bee")}
     for prompt, category, output in zip(prompts[::-1] + prompts, result.categories, result.outputs):
         ids = torch.tensor([word_tokenizer(prompt)["input_ids"]])
