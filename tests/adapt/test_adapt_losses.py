@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.adapt import kl_divergence, reference_row_losses, reinforce_loss, sequence_kl, sequence_logprobs, sft_loss
-from shoal.adapt.reinforce import rewards_from_scores
+from shoal.adapt.reinforce import rewards_from_scores, shape_rewards
 
 # two rows, three positions, vocabulary of two; the completion is the last token of row 0 and
 # the last two tokens of row 1
@@ -97,3 +97,12 @@ def test_sequence_kl_is_the_reference_kl_div_call():
         expected = F.kl_div(input=logp, target=logq, log_target=True, reduction="sum")
         torch.testing.assert_close(sequence_kl(LOGITS, REF, MASK)[row], expected)
     assert float(sequence_kl(LOGITS, REF, MASK)[0]) != float(kl_divergence(LOGITS, REF, MASK))  # not the old form
+
+
+def test_reward_normalisation_by_hand():
+    rewards = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    mean, std = -0.5, math.sqrt((1.5 ** 2 + 3 * 0.5 ** 2) / 4)  # population std, as np.std
+    expected = [(r - mean) / std for r in rewards.tolist()]
+    torch.testing.assert_close(shape_rewards(rewards, normalize=True), torch.tensor(expected))
+    assert torch.equal(shape_rewards(rewards), rewards)
+    assert torch.equal(shape_rewards(-torch.ones(3), normalize=True), torch.zeros(3))  # std clipped to 1e-7

@@ -3,10 +3,12 @@ accumulate over chunks exactly, runs resume."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
-from adapt_toys import load
+from adapt_toys import ToyTask, load
 
 from shoal.adapt import SVFAdapter, load_expert, load_or_compute_svd, train_svf
 from shoal.adapt.train import _accumulate, _Settings, initial_parameters, state_path, svf_step_loss, to_z
@@ -139,19 +141,40 @@ def test_reference_initial_logits():
     assert torch.equal(initial_parameters(factors, "direct")["w"], torch.ones(4000))
 
 
-def test_gradient_accumulation_equals_the_whole_batch(llama, word_tokenizer, toy_tasks, svd_dir):
-    """Chunks of 3 give the gradient of the 8-example REINFORCE (+ KL) loss taken at once."""
-    task = toy_tasks["first"]
+@dataclass(frozen=True)
+class MixedRewards:
+    """A toy task whose score depends on the example only, so a batch has both rewards."""
+
+    inner: ToyTask
+    kind: str = "generate"
+    max_new_tokens: int = 2
+    name: str = "mixed"
+
+    def examples(self, split):
+        return self.inner.examples(split)
+
+    def score(self, output, example) -> float:
+        return float(example.target in "cde")
+
+
+@pytest.mark.parametrize("reward_norm", [False, True])
+def test_gradient_accumulation_equals_the_whole_batch(llama, word_tokenizer, toy_tasks, svd_dir, reward_norm):
+    """Chunks of 3 give the gradient of the 8-example REINFORCE (+ KL) loss taken at once (with
+    rewards normalised over the whole batch, not per chunk)."""
+    task = MixedRewards(toy_tasks["first"])
     batch = list(task.examples("train")[:8])
     factors = load_or_compute_svd(llama, cache_dir=svd_dir)
     adapter = SVFAdapter(llama, factors)
     params = initial_parameters(factors, "reference", seed=0)
     whole = {n: v.clone().requires_grad_() for n, v in params.items()}
     svf_step_loss(adapter, word_tokenizer, task, batch, to_z(whole, "reference"), objective="reinforce", kl=0.2,
-                  sample=False, generator=torch.Generator()).backward()
+                  sample=False, generator=torch.Generator(), reward_norm=reward_norm).backward()
     chunked = {n: v.clone().requires_grad_() for n, v in params.items()}
-    settings = _Settings("reinforce", "reference", 0.2, 2e-3, 1, 8, 3, 1e-3, 1, False, 0, False, 0.1, None)
+    settings = _Settings("reinforce", "reference", 0.2, 2e-3, 1, 8, 3, 1e-3, 1, False, 0, False, 0.1, None,
+                         reward_norm)
     _accumulate(adapter, word_tokenizer, task, batch, chunked, settings, torch.Generator())
+    scores = [task.score("", ex) for ex in batch]
+    assert 0 < sum(scores) < len(scores)  # both rewards in the batch, and chunks of 3 differ in their mix
     for n in factors.names:
         assert whole[n].grad.abs().sum() > 0
         torch.testing.assert_close(chunked[n].grad, whole[n].grad, atol=1e-8, rtol=1e-4)

@@ -76,6 +76,14 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: tor
     return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def shape_rewards(rewards: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
+    """The reference's ``rw_norm``: (r - mean) / max(std, 1e-7) over the batch (population std);
+    the rewards unchanged when ``normalize`` is False (its default)."""
+    if not normalize:
+        return rewards
+    return (rewards - rewards.mean()) / rewards.std(unbiased=False).clamp(min=1e-7)
+
+
 def rewards_from_scores(scores: torch.Tensor) -> torch.Tensor:
     """Map task scores in [0, 1] to rewards in [-1, 1] (1 -> +1, 0 -> -1)."""
     return 2.0 * scores.to(torch.float32) - 1.0

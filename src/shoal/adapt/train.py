@@ -33,7 +33,7 @@ from torch import nn
 from shoal.adapt import _lm
 from shoal.adapt.expert import make_meta, save_expert
 from shoal.adapt.reinforce import (reference_row_losses, rewards_from_scores, sequence_kl, sequence_logprobs,
-                                   sft_loss)
+                                   sft_loss, shape_rewards)
 from shoal.adapt.svd_cache import SVDFactors, load_or_compute_svd
 from shoal.adapt.svf import Parametrization, SVFAdapter, check_parametrization
 from shoal.errors import ConfigError
@@ -92,38 +92,58 @@ def to_z(params: dict[str, torch.Tensor], parametrization: Parametrization) -> d
     return {n: torch.sigmoid(v) for n, v in params.items()}
 
 
-def svf_step_loss(adapter: SVFAdapter, tokenizer: object, task: Task, batch: Sequence[Example],
-                  z: dict[str, torch.Tensor], *, objective: Objective, kl: float, sample: bool,
-                  generator: torch.Generator) -> torch.Tensor:
-    """The differentiable loss of one batch (the model's weights must be the base weights).
+@torch.no_grad()
+def rollouts(adapter: SVFAdapter, tokenizer: object, task: Task, batch: Sequence[Example],
+             z: dict[str, torch.Tensor], *, sample: bool, generator: torch.Generator,
+             chunk: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Completions (token ids) of the adapted model for ``batch``, and their task scores (B,)."""
+    completions: list[list[int]] = []
+    scores: list[float] = []
+    with adapter.applied({n: v.detach() for n, v in z.items()}):
+        for start in range(0, len(batch), chunk):
+            rows = batch[start: start + chunk]
+            outputs, ids = _lm.generate(adapter.model, tokenizer, [ex.prompt for ex in rows],
+                                        max_new_tokens=task.max_new_tokens, batch_size=len(rows), sample=sample,
+                                        generator=generator)
+            completions.extend(ids)
+            scores.extend(float(task.score(out, ex)) for out, ex in zip(outputs, rows))
+    return completions, torch.tensor(scores)
 
-    REINFORCE: (1/len(batch)) * sum of :func:`reference_row_losses` over completions generated
-    by the adapted model (greedy, or sampled with ``sample``). SFT: the mean next-token loss."""
-    model = adapter.model
+
+def reinforce_rows(adapter: SVFAdapter, tokenizer: object, batch: Sequence[Example], completions: list[list[int]],
+                   rewards: torch.Tensor, z: dict[str, torch.Tensor], *, kl: float) -> torch.Tensor:
+    """Differentiable :func:`reference_row_losses` of given completions and rewards -> (B,)."""
     pad = _lm.pad_id(tokenizer)
     prompts = [_lm.encode(tokenizer, ex.prompt, special=True) for ex in batch]
-    if objective == "sft":
-        completions = [_lm.encode(tokenizer, ex.reference, special=False) for ex in batch]
-        packed = _lm.pack(prompts, completions, pad, adapter.device)
-        logits = adapter.forward(z, input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-        return sft_loss(logits, packed.input_ids, packed.completion_mask)
-    detached = {n: v.detach() for n, v in z.items()}
-    with adapter.applied(detached):
-        outputs, completions = _lm.generate(model, tokenizer, [ex.prompt for ex in batch],
-                                            max_new_tokens=task.max_new_tokens, batch_size=len(batch),
-                                            sample=sample, generator=generator)
-    scores = torch.tensor([task.score(out, ex) for out, ex in zip(outputs, batch)])
-    completions = [c if c else [pad] for c in completions]
-    packed = _lm.pack(prompts, completions, pad, adapter.device)
+    packed = _lm.pack(prompts, [c if c else [pad] for c in completions], pad, adapter.device)
     logits = adapter.forward(z, input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
     logp = sequence_logprobs(logits, packed.input_ids, packed.completion_mask)
     seq_kl = None
     if kl > 0:
         with torch.no_grad():
-            ref = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+            ref = adapter.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
         seq_kl = sequence_kl(logits, ref, packed.completion_mask)
-    rows = reference_row_losses(logp, rewards_from_scores(scores).to(logp.device), kl, seq_kl)
-    return rows.sum() / len(batch)
+    return reference_row_losses(logp, rewards.to(logp.device), kl, seq_kl)
+
+
+def svf_step_loss(adapter: SVFAdapter, tokenizer: object, task: Task, batch: Sequence[Example],
+                  z: dict[str, torch.Tensor], *, objective: Objective, kl: float, sample: bool,
+                  generator: torch.Generator, reward_norm: bool = False) -> torch.Tensor:
+    """The differentiable loss of one batch (the model's weights must be the base weights).
+
+    REINFORCE: (1/len(batch)) * sum of :func:`reference_row_losses` over completions generated
+    by the adapted model (greedy, or sampled with ``sample``). SFT: the mean next-token loss."""
+    if objective == "sft":
+        pad = _lm.pad_id(tokenizer)
+        prompts = [_lm.encode(tokenizer, ex.prompt, special=True) for ex in batch]
+        completions = [_lm.encode(tokenizer, ex.reference, special=False) for ex in batch]
+        packed = _lm.pack(prompts, completions, pad, adapter.device)
+        logits = adapter.forward(z, input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+        return sft_loss(logits, packed.input_ids, packed.completion_mask)
+    completions, scores = rollouts(adapter, tokenizer, task, batch, z, sample=sample, generator=generator,
+                                   chunk=len(batch))
+    rewards = shape_rewards(rewards_from_scores(scores), normalize=reward_norm)
+    return reinforce_rows(adapter, tokenizer, batch, completions, rewards, z, kl=kl).sum() / len(batch)
 
 
 def validation_score(adapter: SVFAdapter, tokenizer: object, task: Task, examples: Sequence[Example],
@@ -137,7 +157,8 @@ def train_svf(model: nn.Module, tokenizer: object, task: Task, *, out: Path, obj
               parametrization: Parametrization = "reference", kl: float = 0.0, lr: float = 2e-3, steps: int = 300,
               batch_size: int = 256, micro_batch_size: int = 16, clip: float = 1e-3, eval_every: int = 10,
               validation_limit: int | None = 200, resume: bool = True, seed: int = 0, sample: bool = False,
-              init_value: float = 0.1, label: str | None = None, factors: SVDFactors | None = None,
+              init_value: float = 0.1, reward_norm: bool = False, label: str | None = None,
+              factors: SVDFactors | None = None,
               patterns: Sequence[str] | None = None, cache_dir: Path | None = None,
               progress: ProgressFn = no_progress) -> TrainResult:
     """Train an SVF expert for ``task`` on ``model`` (see the module docstring); writes ``out``.
@@ -146,7 +167,9 @@ def train_svf(model: nn.Module, tokenizer: object, task: Task, *, out: Path, obj
     adapted model (sampled at temperature 1 with ``sample=True``), plus ``kl`` times
     KL(base || adapted) summed over the completion. ``objective="sft"``: next-token loss on
     each example's reference completion (an ablation; the paper trains SVF by REINFORCE).
-    ``init_value`` is the initial logit of the reference parametrization.
+    ``init_value`` is the initial logit of the reference parametrization. ``reward_norm``
+    standardises the rewards over each batch (the reference's ``rw_norm`` option, off there by
+    default): a baseline, without which a model that is almost always wrong only gets -1s.
     """
     if objective not in ("reinforce", "sft"):
         raise ConfigError(f"unknown SVF objective {objective!r}; use 'reinforce' or 'sft'")
@@ -166,7 +189,7 @@ def train_svf(model: nn.Module, tokenizer: object, task: Task, *, out: Path, obj
     model.requires_grad_(False)
     model.eval()  # no dropout: the loss must be a function of z only
     settings = _Settings(objective, parametrization, kl, lr, steps, batch_size, micro_batch_size, clip, eval_every,
-                         resume, seed, sample, init_value, label)
+                         resume, seed, sample, init_value, label, reward_norm)
     try:
         return _run(adapter, tokenizer, task, train, val, out=out, s=settings, progress=progress)
     finally:
@@ -192,17 +215,35 @@ class _Settings:
     sample: bool
     init_value: float
     label: str | None
+    reward_norm: bool = False
 
 
 def _accumulate(adapter: SVFAdapter, tokenizer: object, task: Task, batch: list[Example],
                 params: dict[str, torch.Tensor], s: _Settings, generator: torch.Generator) -> float:
-    """Backward of the batch loss chunk by chunk (gradients add up in ``params``); returns the loss."""
+    """Backward of the batch loss chunk by chunk (gradients add up in ``params``); returns the loss.
+
+    REINFORCE: every completion is generated first (the weights do not change within a step),
+    so rewards can be normalised over the whole batch; then each chunk adds sum(rows) / B."""
     total = 0.0
-    for start in range(0, len(batch), s.micro_batch_size):
+    chunks = range(0, len(batch), s.micro_batch_size)
+    if s.objective == "reinforce":
+        with torch.no_grad():
+            z = to_z(params, s.parametrization)
+        completions, scores = rollouts(adapter, tokenizer, task, batch, z, sample=s.sample, generator=generator,
+                                       chunk=s.micro_batch_size)
+        rewards = shape_rewards(rewards_from_scores(scores), normalize=s.reward_norm)
+        for start in chunks:
+            end = start + s.micro_batch_size
+            rows = reinforce_rows(adapter, tokenizer, batch[start:end], completions[start:end], rewards[start:end],
+                                  to_z(params, s.parametrization), kl=s.kl)
+            loss = rows.sum() / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+    for start in chunks:
         chunk = batch[start: start + s.micro_batch_size]
-        z = to_z(params, s.parametrization)
-        loss = svf_step_loss(adapter, tokenizer, task, chunk, z, objective=s.objective, kl=s.kl, sample=s.sample,
-                             generator=generator) * (len(chunk) / len(batch))
+        loss = svf_step_loss(adapter, tokenizer, task, chunk, to_z(params, s.parametrization), objective=s.objective,
+                             kl=s.kl, sample=s.sample, generator=generator) * (len(chunk) / len(batch))
         loss.backward()
         total += float(loss.detach())
     return total

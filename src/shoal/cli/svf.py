@@ -44,6 +44,7 @@ def command() -> None:
               help="continue from <out>.train-state.pt when it exists")
 @click.option("--sample/--greedy", default=False, show_default=True,
               help="REINFORCE on sampled (temperature 1) or greedy completions")
+@click.option("--reward-norm", is_flag=True, help="REINFORCE: standardise the rewards over each batch (a baseline)")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
 @click.option("--task-seed", type=int, default=0, show_default=True, help="seed of zoo task splits")
 @click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -54,8 +55,9 @@ def command() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train(model: str, task_name: str, objective: str, parametrization: str, kl: float, steps: int, lr: float,
           batch_size: int, micro_batch_size: int, clip: float, eval_every: int, validation_limit: int,
-          patterns: tuple[str, ...], label: str | None, out: Path | None, resume: bool, sample: bool, seed: int,
-          task_seed: int, svd_cache: Path | None, device: str, dtype: str, as_json: bool, quiet: bool) -> None:
+          patterns: tuple[str, ...], label: str | None, out: Path | None, resume: bool, sample: bool,
+          reward_norm: bool, seed: int, task_seed: int, svd_cache: Path | None, device: str, dtype: str,
+          as_json: bool, quiet: bool) -> None:
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
 
@@ -72,6 +74,7 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
                            kl=kl, lr=lr, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                            clip=clip, eval_every=eval_every,
                            validation_limit=validation_limit, resume=resume, seed=seed, sample=sample,
+                           reward_norm=reward_norm,
                            label=label, patterns=list(patterns) or None, cache_dir=svd_cache, progress=progress)
     summary = {"expert": str(result.path), "task": task.name, "objective": objective,
                "parametrization": parametrization, "steps": result.steps,
