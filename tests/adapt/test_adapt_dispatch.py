@@ -95,7 +95,7 @@ def test_two_pass_generation_recomposes_once_per_group(trained, word_tokenizer, 
     assert result.pass1_seconds > 0 and result.pass2_seconds > 0
     # reference: each prompt alone, with its chosen expert, through transformers' generate
     factors = load_or_compute_svd(model, cache_dir=trained["svd"])
-    adapter = SVFAdapter(model, factors)
+    adapter = SVFAdapter(model, factors, parametrization="direct")  # the fixture experts are direct
     experts = {name: load_expert(paths[name], factors).z for name in ("ay", "bee")}
     for prompt, category, output in zip(prompts[::-1] + prompts, result.categories, result.outputs):
         ids = torch.tensor([word_tokenizer(prompt)["input_ids"]])
@@ -110,7 +110,8 @@ def test_few_shot_mixture_finds_the_useful_expert(trained, word_tokenizer, toy_t
     base = adapt_evaluate(model, word_tokenizer, task, "test", [paths["ay"], paths["bee"]], strategy="base",
                           cache_dir=trained["svd"])
     result = adapt_evaluate(model, word_tokenizer, task, "test", [paths["ay"], paths["bee"]], strategy="few-shot",
-                            n_shots=6, cem_iterations=3, cem_population=8, cache_dir=trained["svd"])
+                            n_shots=6, cem_iterations=3, cem_population=8, per_matrix=False,
+                            cache_dir=trained["svd"])
     assert base.score == 0.0 and result.score == 1.0
     assert result.categories == {"mixture": 16}
     alpha = torch.tensor(result.alpha)

@@ -40,8 +40,9 @@ def test_strategy_scores_each_example_with_its_expert(micro_world, micro_experts
     adapter = SVFAdapter(model, factors)
     zs = {name: load_expert(path, factors).z for name, path in experts.items()}
     if strategy == "few-shot":
-        alpha = torch.tensor(result.alpha)
-        zs["mixture"] = {n: alpha[0] * zs["many"][n] + alpha[1] * zs["sort"][n] for n in factors.names}
+        alpha = torch.tensor(result.alpha)  # (experts, matrices in sorted name order): one alpha per matrix
+        zs["mixture"] = {n: alpha[0, j] * zs["many"][n] + alpha[1, j] * zs["sort"][n]
+                         for j, n in enumerate(sorted(factors.names))}
     if strategy in ("prompt", "classifier"):  # pass 1: the argmax of the label scores
         labels = ["many", "sort", OTHER]
         contexts = [routing_prompt(ex.prompt, labels, TEMPLATE) for ex in task.examples("test")[:12]]

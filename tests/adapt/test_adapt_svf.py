@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from shoal.adapt import SVFAdapter, load_or_compute_svd, model_fingerprint, select_matrices
+from shoal.adapt import SVFAdapter, load_or_compute_svd, model_fingerprint, recompose, select_matrices
 from shoal.adapt.svd_cache import compute_svd
+from shoal.errors import ConfigError
 
 from adapt_toys import load
 
@@ -39,28 +41,65 @@ def test_identity_z_reproduces_logits(tiny_model_dir, svd_dir):
         torch.testing.assert_close(adapted, base, atol=1e-5, rtol=1e-4)
 
 
-def test_apply_matches_reference_and_restore_is_bitwise(llama, svd_dir):
+def expected_weight(weight: torch.Tensor, z: torch.Tensor, parametrization: str) -> torch.Tensor:
+    """Independent float64 reference: U diag(S z) Vh, times sum(S) / sum(S z) for ``reference``
+    (SakanaAI/self-adaptive-llms utils.compose_new_params, with torch.svd's V)."""
+    u, s, v = torch.svd(weight.double())
+    out = u @ torch.diag(s * z.double()) @ v.T
+    return out * (s.sum() / (s * z.double()).sum()) if parametrization == "reference" else out
+
+
+@pytest.mark.parametrize("parametrization", ["reference", "direct"])
+def test_apply_matches_reference_and_restore_is_bitwise(llama, svd_dir, parametrization):
     original = {k: v.clone() for k, v in llama.state_dict().items()}
     factors = load_or_compute_svd(llama, cache_dir=svd_dir)
-    adapter = SVFAdapter(llama, factors)
+    adapter = SVFAdapter(llama, factors, parametrization=parametrization)
     gen = torch.Generator().manual_seed(0)
-    z = {n: 1 + 0.5 * torch.randn(factors.rank(n), generator=gen) for n in factors.names}
+    z = {n: torch.rand(factors.rank(n), generator=gen) for n in factors.names}
     adapter.apply(z)
     for n in factors.names:
-        w = original[n].double()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        expected = u @ torch.diag(s * z[n].double()) @ vh  # independent float64 reference
+        expected = expected_weight(original[n], z[n], parametrization)
         torch.testing.assert_close(llama.state_dict()[n].double(), expected, atol=1e-5, rtol=1e-5)
     adapter.restore()
     for k, v in llama.state_dict().items():
         assert torch.equal(v, original[k]), k
 
 
+def test_reference_z_one_gives_w_and_the_rescale_keeps_the_singular_value_sum(llama, svd_dir):
+    original = {k: v.clone() for k, v in llama.state_dict().items()}
+    factors = load_or_compute_svd(llama, cache_dir=svd_dir)
+    adapter = SVFAdapter(llama, factors)  # the reference parametrization is the default
+    assert adapter.parametrization == "reference"
+    adapter.apply(factors.ones())
+    for n in factors.names:  # z = 1: W back within float32 rounding
+        torch.testing.assert_close(adapter.params[n], original[n], atol=2e-6, rtol=1e-5)
+    # any constant z is the base too (the reference starts near sigmoid(0.1) = 0.525)
+    adapter.apply({n: torch.full((factors.rank(n),), 0.525) for n in factors.names})
+    for n in factors.names:
+        torch.testing.assert_close(adapter.params[n], original[n], atol=2e-6, rtol=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    z = {n: torch.rand(factors.rank(n), generator=gen) for n in factors.names}
+    adapter.apply(z)
+    for n in factors.names:
+        before = torch.linalg.svdvals(original[n].double())
+        after = torch.linalg.svdvals(adapter.params[n].double())
+        assert not torch.allclose(after, before, atol=1e-3)  # the spectrum changed ...
+        torch.testing.assert_close(after.sum(), before.sum(), atol=1e-5, rtol=1e-5)  # ... its sum did not
+    adapter.restore()
+
+
+def test_recompose_with_an_all_zero_z_is_zero_not_nan():
+    U, S, Vh = torch.linalg.svd(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), full_matrices=False)
+    assert torch.equal(recompose(U, S, Vh, torch.zeros(4), rescale=True), torch.zeros(5, 4))
+    with pytest.raises(ConfigError, match="parametrization"):
+        SVFAdapter(torch.nn.Linear(2, 2), None, parametrization="sigmoid")  # type: ignore[arg-type]
+
+
 def test_restore_is_bitwise_in_bfloat16(tiny_model_dir, svd_dir):
     model = load(tiny_model_dir("adapt-llama", "llama", seed=1), torch.bfloat16)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     factors = load_or_compute_svd(model, cache_dir=svd_dir)
-    adapter = SVFAdapter(model, factors)
+    adapter = SVFAdapter(model, factors, parametrization="direct")
     with adapter.applied({n: torch.full((factors.rank(n),), 1.3) for n in factors.names}):
         assert all(model.state_dict()[n].dtype == torch.bfloat16 for n in factors.names)
         assert not torch.equal(model.state_dict()[factors.names[0]], original[factors.names[0]])
@@ -69,7 +108,7 @@ def test_restore_is_bitwise_in_bfloat16(tiny_model_dir, svd_dir):
 
 def test_partial_expert_leaves_other_matrices_original(llama, svd_dir):
     factors = load_or_compute_svd(llama, cache_dir=svd_dir)
-    adapter = SVFAdapter(llama, factors)
+    adapter = SVFAdapter(llama, factors, parametrization="direct")
     first, second = factors.names[0], factors.names[1]
     adapter.apply({n: torch.full((factors.rank(n),), 2.0) for n in factors.names})
     adapter.apply({first: torch.full((factors.rank(first),), 0.5)})  # switch: second must be original again
@@ -82,7 +121,7 @@ def test_functional_forward_matches_in_place_and_has_gradients(llama, svd_dir):
     factors = load_or_compute_svd(llama, cache_dir=svd_dir)
     adapter = SVFAdapter(llama, factors)
     gen = torch.Generator().manual_seed(1)
-    z = {n: (1 + 0.3 * torch.randn(factors.rank(n), generator=gen)).requires_grad_() for n in factors.names}
+    z = {n: torch.rand(factors.rank(n), generator=gen).requires_grad_() for n in factors.names}
     logits = adapter.forward(z, input_ids=_ids()).logits
     assert all(torch.equal(adapter.params[n], adapter.originals[n]) for n in factors.names)  # untouched
     with adapter.applied({n: v.detach() for n, v in z.items()}), torch.no_grad():

@@ -6,10 +6,10 @@ Strategies (Transformer², arXiv 2501.06252, section 3.2):
   and "other" (base weights); the category is read off by log-likelihood of the labels
   (``first-token``: one forward pass, the labels' first tokens must differ; ``loglik``: the
   whole label, one pass per label) or by generating the label (``generate``).
-- ``classifier``: the same, with an SVF expert trained (next-token loss, :func:`routing_task`)
-  to answer with the category label.
+- ``classifier``: the same, with an SVF expert trained (by REINFORCE, as the reference
+  trains it, on :func:`routing_task`) to answer with the category label.
 - ``few-shot``: no per-prompt choice; z' = sum_k alpha_k z_k with alpha found by CEM on a few
-  labelled examples of the new task (:func:`few_shot_mixture`).
+  labelled examples of the new task (:func:`shoal.adapt.few_shot.few_shot_mixture`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ import torch
 from torch import nn
 
 from shoal.adapt import _lm
-from shoal.adapt.cem import CEMResult, cem
 from shoal.adapt.expert import Expert
+from shoal.adapt.few_shot import FewShotMixture, few_shot_mixture  # noqa: F401 (re-exported)
 from shoal.adapt.reinforce import sequence_logprobs
-from shoal.adapt.svf import SVFAdapter, mix_experts
+from shoal.adapt.svf import SVFAdapter
 from shoal.errors import ConfigError, TaskError
 from shoal.eval.generation import generate_greedy
 from shoal.eval.loglik import loglik
 from shoal.eval.scoring import normalize_words
 from shoal.eval.task import SPLITS, Example, Task
-from shoal.progress import ProgressFn, no_progress
 
 OTHER = "other"
 DEFAULT_TEMPLATE = "Classify the request into one of: {labels}.\nRequest: {prompt}\nCategory:"
@@ -145,7 +144,8 @@ class RoutingTask:
 
     Built from the expert tasks (and optionally tasks that should map to "other"); each split
     interleaves the same number of examples from every source task. Train a classifier expert
-    on it with ``train_svf(..., objective="sft")``.
+    on it with ``train_svf`` (REINFORCE by default, as the reference does; ``objective="sft"``
+    is the next-token ablation).
     """
 
     sources: tuple[tuple[str, Task], ...]  # (label, task)
@@ -189,62 +189,3 @@ def routing_task(experts_tasks: Sequence[tuple[str, Task]], *, other_tasks: Sequ
     prompts should be classified as "other"."""
     sources = tuple(experts_tasks) + tuple((OTHER, t) for t in other_tasks)
     return RoutingTask(sources, template, per_task)
-
-
-@dataclass(frozen=True)
-class FewShotMixture:
-    alpha: torch.Tensor  # (K,) or (K, M)
-    z: dict[str, torch.Tensor]
-    shots_score: float  # mean task score on the shots with z
-    base_score: float  # mean task score on the shots with the base weights
-    search: CEMResult
-
-
-def few_shot_mixture(adapter: SVFAdapter, tokenizer: object, experts: Sequence[Expert], task: Task,
-                     shots: Sequence[Example], *, per_matrix: bool = False, iterations: int = 20,
-                     population: int = 32, elite_frac: float = 0.2, init_std: float = 0.5,
-                     fitness: Literal["score", "score+loglik"] = "score+loglik", seed: int = 0,
-                     batch_size: int = 16, progress: ProgressFn = no_progress) -> FewShotMixture:
-    """alpha maximizing the task score on ``shots`` of z' = sum_k alpha_k z_k, found by CEM.
-
-    The search starts at alpha = 1/K for every expert (the average expert). ``fitness``
-    ``score+loglik`` adds 1e-3 times the mean per-token log-likelihood of the reference
-    completions, which only breaks ties between equal scores (ten shots give few distinct
-    scores). ``per_matrix`` searches one alpha per expert and matrix (K * M values)."""
-    if not experts:
-        raise ConfigError("few-shot adaptation needs at least one expert")
-    if not shots:
-        raise ConfigError(f"few-shot adaptation needs labelled examples of task {task.name}")
-    names = sorted(experts[0].z)
-    for e in experts[1:]:
-        if sorted(e.z) != names:
-            raise ConfigError(f"experts {experts[0].name} and {e.name} adapt different matrices")
-    zs = [{n: v.to(adapter.device) for n, v in e.z.items()} for e in experts]
-    shape = (len(experts), len(names)) if per_matrix else (len(experts),)
-    pad = _lm.pad_id(tokenizer)
-    prompts = [_lm.encode(tokenizer, ex.prompt, special=True) for ex in shots]
-    refs = [_lm.encode(tokenizer, ex.reference, special=False) for ex in shots]
-    packed = _lm.pack(prompts, refs, pad, adapter.device)
-    n_tokens = float(packed.completion_mask[:, 1:].sum().clamp(min=1))
-
-    def evaluate(z: dict[str, torch.Tensor] | None) -> tuple[float, float]:
-        with adapter.applied(z):
-            scores = _lm.score_examples(adapter.model, tokenizer, task, shots, batch_size=batch_size)
-            mean_loglik = 0.0
-            if fitness == "score+loglik":
-                with torch.no_grad():
-                    logits = adapter.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-                mean_loglik = float(sequence_logprobs(logits, packed.input_ids,
-                                                      packed.completion_mask).sum()) / n_tokens
-        return sum(scores) / len(scores), mean_loglik
-
-    def objective(alpha: torch.Tensor) -> float:
-        score, mean_loglik = evaluate(mix_experts(zs, alpha.float().reshape(shape).to(adapter.device)))
-        return score + 1e-3 * mean_loglik
-
-    dim = int(torch.tensor(shape).prod())
-    result = cem(objective, dim, population=population, elite_frac=elite_frac, iterations=iterations,
-                 init_mean=1.0 / len(experts), init_std=init_std, seed=seed, progress=progress)
-    alpha = result.best.reshape(shape)
-    z = {n: v.cpu() for n, v in mix_experts(zs, alpha.to(adapter.device)).items()}
-    return FewShotMixture(alpha, z, evaluate(z)[0], evaluate(None)[0], result)

@@ -3,7 +3,9 @@
 Tensors: one float32 vector per adapted matrix, keyed by the weight name
 (``model.layers.0.mlp.gate_proj.weight``). Header metadata: a single key ``shoal.expert``
 holding the JSON of :class:`ExpertMeta` (base fingerprint, matrices and their shapes, task,
-category label, objective, steps, KL weight, learning rate, scores, shoal version).
+category label, objective, steps, KL weight, learning rate, scores, shoal version, and the
+SVF parametrization: ``reference`` or ``direct``, see :mod:`shoal.adapt.svf`; files written
+before the field existed are ``direct``).
 
 Loading against a base checks the fingerprint and the shapes. A different fingerprint is
 refused unless ``transfer=True`` (z vectors moved to another base of the same shapes);
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -50,6 +52,7 @@ class ExpertMeta(BaseModel):
     scores: dict[str, float] = {}
     shoal_version: str = shoal.__version__
     base_model: str | None = None
+    parametrization: Literal["reference", "direct"] = "direct"  # absent in older files, which are direct
 
     @property
     def category(self) -> str:

@@ -1,5 +1,14 @@
 """Singular Value Fine-tuning: W' = U diag(S * z) Vh, applied in place or differentiably.
 
+Two parametrizations of an expert's z vectors (the expert file records which):
+
+- ``reference`` (the default; Sakana's self-adaptive-llms ``utils.compose_new_params``):
+  W' = U diag(S * z) Vh * sum(S) / sum(S * z). The rescale keeps the sum of the singular
+  values, so z = c * 1 gives W back for any c > 0 and only the relative sizes of z matter.
+  Training learns a logit p with z = sigmoid(p) (see :mod:`shoal.adapt.train`).
+- ``direct`` (shoal's first form, and what expert files without the field hold):
+  W' = U diag(S * z) Vh, z trained as is from 1.
+
 :class:`SVFAdapter` keeps a copy of the original matrices so that :meth:`SVFAdapter.restore`
 gives them back bitwise (recomposing with z = 1 would only be close, not equal), and applies
 an expert in place with one matrix product per matrix, cheap enough to switch per batch.
@@ -9,7 +18,7 @@ an expert in place with one matrix product per matrix, cheap enough to switch pe
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -19,11 +28,28 @@ from shoal.adapt.svd_cache import SVDFactors
 from shoal.errors import ConfigError
 
 ZVectors = Mapping[str, torch.Tensor]
+Parametrization = Literal["reference", "direct"]
+PARAMETRIZATIONS: tuple[str, ...] = ("reference", "direct")
 
 
-def recompose(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """U diag(S * z) Vh in float32, differentiable in ``z``. U (m, k), S (k,), Vh (k, n), z (k,)."""
-    return (U * (S * z.to(S.dtype))) @ Vh  # (m, n)
+def check_parametrization(parametrization: str) -> Parametrization:
+    if parametrization not in PARAMETRIZATIONS:
+        raise ConfigError(f"unknown SVF parametrization {parametrization!r}; use 'reference' or 'direct'")
+    return parametrization  # type: ignore[return-value]
+
+
+def recompose(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor, *,
+              rescale: bool = False) -> torch.Tensor:
+    """U diag(S * z) Vh in float32, differentiable in ``z``; with ``rescale`` times
+    sum(S) / sum(S * z). U (m, k), S (k,), Vh (k, n), z (k,)."""
+    scaled = S * z.to(S.dtype)  # (k,)
+    weight = (U * scaled) @ Vh  # (m, n)
+    if not rescale:
+        return weight
+    total = scaled.sum()
+    # z = 0 everywhere (e.g. every mixing weight of a matrix clamped to 0) has no scale to
+    # restore; the reference divides by zero (NaN weights), here the matrix is simply zero.
+    return weight * torch.where(total == 0, torch.ones_like(total), S.sum() / total)
 
 
 def check_z(factors: SVDFactors, z: ZVectors, *, source: str = "expert") -> None:
@@ -41,10 +67,14 @@ class SVFAdapter:
 
     Build it on the base weights (the factors' fingerprint is checked). It holds a copy of
     each adapted matrix (extra memory: the size of those matrices) and the factors on the
-    model's device.
+    model's device. ``parametrization`` says how the z vectors it is given are applied (see
+    the module docstring); every expert applied through one adapter must share it.
     """
 
-    def __init__(self, model: nn.Module, factors: SVDFactors) -> None:
+    def __init__(self, model: nn.Module, factors: SVDFactors, *,
+                 parametrization: Parametrization = "reference") -> None:
+        self.parametrization = check_parametrization(parametrization)
+        self.rescale = parametrization == "reference"
         found = model_fingerprint(model, factors.names)
         if found != factors.fingerprint:
             raise ConfigError(f"model matrices have fingerprint {found}, the SVD factors were "
@@ -66,7 +96,7 @@ class SVFAdapter:
 
     @torch.no_grad()
     def apply(self, z: ZVectors | None) -> None:
-        """Set each matrix in ``z`` to U diag(S*z) Vh (cast to the weight dtype); every other
+        """Set each matrix in ``z`` to its recomposition (cast to the weight dtype); every other
         adapted matrix gets its original back. ``None`` restores everything."""
         if z is None:
             self.restore()
@@ -74,7 +104,8 @@ class SVFAdapter:
         check_z(self.factors, z)
         for name, param in self.params.items():
             if name in z:
-                weight = recompose(self.U[name], self.S[name], self.Vh[name], z[name].to(self.device))
+                weight = recompose(self.U[name], self.S[name], self.Vh[name], z[name].to(self.device),
+                                   rescale=self.rescale)
                 param.copy_(weight.to(param.dtype))
             else:
                 param.copy_(self.originals[name])
@@ -97,8 +128,9 @@ class SVFAdapter:
             self.restore()
 
     def adapted_weights(self, z: ZVectors) -> dict[str, torch.Tensor]:
-        """Differentiable U diag(S*z) Vh for every matrix in ``z``, in the weight dtype."""
-        return {name: recompose(self.U[name], self.S[name], self.Vh[name], vector).to(self.params[name].dtype)
+        """Differentiable recomposition of every matrix in ``z``, in the weight dtype."""
+        return {name: recompose(self.U[name], self.S[name], self.Vh[name], vector,
+                                rescale=self.rescale).to(self.params[name].dtype)
                 for name, vector in z.items()}
 
     def forward(self, z: ZVectors, **inputs: Any) -> Any:
@@ -110,7 +142,9 @@ class SVFAdapter:
 
 def mix_experts(experts: list[ZVectors], alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     """z' = sum_k alpha_k z_k. ``alpha`` is (K,) (one weight per expert) or (K, M) (one weight per
-    expert and matrix, matrices in the sorted order of the first expert's names)."""
+    expert and matrix, matrices in the sorted order of the first expert's names). As in the
+    reference (``policy.WeightedCombination``), the z vectors are mixed, not the weights; the
+    ``reference`` rescale is applied to the mixture when it is recomposed."""
     names = sorted(experts[0])
     if alpha.ndim == 1:
         alpha = alpha[:, None].expand(len(experts), len(names))

@@ -82,7 +82,10 @@ def prepare(model: nn.Module, experts: Sequence[Expert | Path], *, classifier: E
     labels = [e.name for e in loaded]
     if len(set(labels)) != len(labels) or OTHER in labels:
         raise ConfigError(f"expert categories must be distinct and not {OTHER!r}: {labels}")
-    return SVFAdapter(model, factors), loaded, clf
+    kinds = {e.meta.parametrization for e in everyone}
+    if len(kinds) > 1:
+        raise ConfigError(f"the experts mix SVF parametrizations {sorted(kinds)}; use experts of one kind")
+    return SVFAdapter(model, factors, parametrization=kinds.pop()), loaded, clf
 
 
 def _route(adapter: SVFAdapter, tokenizer: object, prompts: Sequence[str], experts: Sequence[Expert],
@@ -142,8 +145,8 @@ def _pass2(adapter: SVFAdapter, categories: Sequence[str], weights: dict[str, ZV
 def adapt_generate(model: nn.Module, tokenizer: object, prompts: Sequence[str], experts: Sequence[Expert | Path], *,
                    strategy: Strategy = "prompt", classifier: Expert | Path | None = None,
                    max_new_tokens: int = 32, mode: LabelMode = "first-token", template: str = DEFAULT_TEMPLATE,
-                   task: Task | None = None, shots: Sequence[Example] | None = None, per_matrix: bool = False,
-                   cem_iterations: int = 20, cem_population: int = 32, seed: int = 0, transfer: bool = False,
+                   task: Task | None = None, shots: Sequence[Example] | None = None, per_matrix: bool = True,
+                   cem_iterations: int = 50, cem_population: int = 32, seed: int = 0, transfer: bool = False,
                    batch_size: int = 16, cache_dir: Path | None = None,
                    progress: ProgressFn = no_progress) -> TwoPassResult:
     """Greedy answers to ``prompts`` with two-pass self-adaptation (see the module docstring).
@@ -171,7 +174,7 @@ def adapt_generate(model: nn.Module, tokenizer: object, prompts: Sequence[str], 
 def adapt_evaluate(model: nn.Module, tokenizer: object, task: Task, split: str, experts: Sequence[Expert | Path], *,
                    strategy: Strategy = "prompt", classifier: Expert | Path | None = None, limit: int | None = None,
                    mode: LabelMode = "first-token", template: str = DEFAULT_TEMPLATE, n_shots: int = 10,
-                   shots_split: str = "fitness", per_matrix: bool = False, cem_iterations: int = 20,
+                   shots_split: str = "fitness", per_matrix: bool = True, cem_iterations: int = 50,
                    cem_population: int = 32, seed: int = 0, transfer: bool = False, batch_size: int = 16,
                    cache_dir: Path | None = None, progress: ProgressFn = no_progress) -> AdaptResult:
     """Score ``task`` on ``split`` with two-pass self-adaptation.

@@ -53,8 +53,9 @@ class _VariadicCommand(click.Command):
 @click.option("--shots", type=click.IntRange(min=1), default=10, show_default=True,
               help="labelled examples of the task for few-shot")
 @click.option("--shots-split", default="fitness", show_default=True)
-@click.option("--per-matrix", is_flag=True, help="few-shot: one alpha per expert and matrix")
-@click.option("--cem-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--per-matrix/--per-expert", default=True, show_default=True,
+              help="few-shot: one alpha per expert and matrix (the reference), or one per expert")
+@click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--cem-population", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--transfer", is_flag=True, help="accept experts trained on another base of the same shapes")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)

@@ -20,14 +20,19 @@ def command() -> None:
 @click.option("--task", "task_name", required=True, help="zoo task name, jsonl:<path> or lmeval:<task>")
 @click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="reinforce", show_default=True,
               help="REINFORCE with +-1 rewards, or next-token loss on the reference completions")
+@click.option("--parametrization", type=click.Choice(["reference", "direct"]), default="reference",
+              show_default=True, help="z = sigmoid(p) with the sum(S) rescale (Sakana's code), or z trained as is")
 @click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="weight of the KL(adapted || base) penalty (REINFORCE)")
+              help="weight of the KL(base || adapted) penalty summed over the completion (REINFORCE)")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="examples per step (at most the train split), drawn without replacement")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="examples per forward/backward; gradients accumulate over the batch")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="gradient norm clipping")
-@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="score the validation split every N steps; the best expert is kept")
 @click.option("--validation-limit", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--matrices", "patterns", multiple=True,
@@ -37,7 +42,9 @@ def command() -> None:
               help="expert file (default: <task>-<objective>.safetensors)")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from <out>.train-state.pt when it exists")
-@click.option("--greedy", is_flag=True, help="REINFORCE on greedy instead of sampled completions")
+@click.option("--sample/--greedy", default=False, show_default=True,
+              help="REINFORCE on sampled (temperature 1) or greedy completions")
+@click.option("--reward-norm", is_flag=True, help="REINFORCE: standardise the rewards over each batch (a baseline)")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
 @click.option("--task-seed", type=int, default=None,
               help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
@@ -47,10 +54,11 @@ def command() -> None:
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr: float, batch_size: int,
-          clip: float, eval_every: int, validation_limit: int, patterns: tuple[str, ...], label: str | None,
-          out: Path | None, resume: bool, greedy: bool, seed: int, task_seed: int | None, svd_cache: Path | None,
-          device: str, dtype: str, as_json: bool, quiet: bool) -> None:
+def train(model: str, task_name: str, objective: str, parametrization: str, kl: float, steps: int, lr: float,
+          batch_size: int, micro_batch_size: int, clip: float, eval_every: int, validation_limit: int,
+          patterns: tuple[str, ...], label: str | None, out: Path | None, resume: bool, sample: bool,
+          reward_norm: bool, seed: int, task_seed: int | None, svd_cache: Path | None, device: str, dtype: str,
+          as_json: bool, quiet: bool) -> None:
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
 
@@ -65,10 +73,14 @@ def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr:
     loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
     with progress_bars(enabled=not quiet and not as_json) as progress:
         result = train_svf(loaded, tokenizer, task, out=out, objective=objective,  # type: ignore[arg-type]
-                           kl=kl, lr=lr, steps=steps, batch_size=batch_size, clip=clip, eval_every=eval_every,
-                           validation_limit=validation_limit, resume=resume, seed=seed, sample=not greedy,
+                           parametrization=parametrization,  # type: ignore[arg-type]
+                           kl=kl, lr=lr, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                           clip=clip, eval_every=eval_every,
+                           validation_limit=validation_limit, resume=resume, seed=seed, sample=sample,
+                           reward_norm=reward_norm,
                            label=label, patterns=list(patterns) or None, cache_dir=svd_cache, progress=progress)
-    summary = {"expert": str(result.path), "task": task.name, "objective": objective, "steps": result.steps,
+    summary = {"expert": str(result.path), "task": task.name, "objective": objective,
+               "parametrization": parametrization, "steps": result.steps,
                "best_step": result.best_step, "validation": result.best_score, "base_validation": result.base_score,
                "parameters": result.num_parameters, "seconds_per_step": round(result.seconds_per_step, 4)}
     if as_json:
@@ -87,7 +99,10 @@ def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr:
 @click.option("--transfer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="a second world of the same size (another seed): apply the experts to its base")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="sft", show_default=True)
+@click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="reinforce", show_default=True,
+              help="for the experts and the classifier expert")
+@click.option("--parametrization", type=click.Choice(["reference", "direct"]), default="reference",
+              show_default=True)
 @click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -97,13 +112,14 @@ def train(model: str, task_name: str, objective: str, kl: float, steps: int, lr:
 @click.option("--lora-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per task")
-@click.option("--cem-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--matrices", "matrices", multiple=True,
               help="regex of the weight names SVF and LoRA adapt (repeatable); default: the MLP matrices")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
-          kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float, lora_rank: int, lora_lr: float,
-          eval_every: int, limit: int, cem_iterations: int, matrices: tuple[str, ...], quiet: bool) -> None:
+          parametrization: str, kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float,
+          lora_rank: int, lora_lr: float, eval_every: int, limit: int, cem_iterations: int,
+          matrices: tuple[str, ...], quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
@@ -121,7 +137,8 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
         other = load_zoo(size, _manifest_seed(transfer_root), root=transfer_root)
         if other is None:
             raise ConfigError(f"no built {size} world at {transfer_root}")
-    settings = StudySettings(objective=objective, kl=kl, steps=steps, batch_size=batch_size, lr=lr,
+    settings = StudySettings(objective=objective, parametrization=parametrization, kl=kl, steps=steps,
+                             batch_size=batch_size, lr=lr,
                              classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, eval_every=eval_every,
                              limit=limit, cem_iterations=cem_iterations, matrices=list(matrices) or None)
     with progress_bars(enabled=not quiet) as progress:
@@ -136,3 +153,8 @@ def _manifest_seed(root: Path) -> int:
         return int(json.loads((root / "manifest.json").read_text())["seed"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+from shoal.cli.svf_import import import_expert  # noqa: E402 (the command lives in its own module)
+
+command.add_command(import_expert)

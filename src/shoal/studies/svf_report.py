@@ -41,8 +41,10 @@ def markdown_tables(results: dict[str, Any]) -> str:
     held = results["two_pass"].get(s["held_out"], {}).get("few-shot")
     if held and held.get("alpha") is not None:
         labels = list(s["labels"].values())
-        alpha = ", ".join(f"{label} {a:+.2f}" for label, a in zip(labels, held["alpha"]))
-        lines += ["", f"Few-shot alpha on {s['held_out']}: {alpha}."]
+        per_matrix = isinstance(held["alpha"][0], list)  # (experts, matrices): report each expert's mean
+        means = [sum(a) / len(a) if per_matrix else a for a in held["alpha"]]
+        alpha = ", ".join(f"{label} {a:+.2f}" for label, a in zip(labels, means))
+        lines += ["", f"Few-shot alpha on {s['held_out']}: {alpha}{' (means over matrices)' if per_matrix else ''}."]
     routes = []
     for task, rows in results["two_pass"].items():
         for name in ("prompt", "prompt-generate", "classifier"):

@@ -1,6 +1,6 @@
 """The Transformer² study on a zoo world: the numbers behind the adapt report.
 
-1. One SVF expert per skill task (next-token objective by default) and a LoRA baseline with
+1. One SVF expert per skill task (REINFORCE, reference parametrization by default) and a LoRA baseline with
    the same matrices, data, steps and objective: test scores vs the base, trainable parameters.
 2. A classifier expert trained to name the skill of a prompt.
 3. Two-pass inference on every skill task and on the held-out task with each strategy:
@@ -45,7 +45,8 @@ class StudySettings(BaseModel):
     labels: dict[str, str] = DEFAULT_LABELS  # skill task -> category label
     held_out: str = "math_b"
     template: str = DEFAULT_TEMPLATE
-    objective: str = "sft"
+    objective: str = "reinforce"  # experts and the classifier expert, as in the reference
+    parametrization: str = "reference"
     steps: int = 300
     batch_size: int = 32
     lr: float = 2e-3
@@ -58,7 +59,7 @@ class StudySettings(BaseModel):
     validation_limit: int = 200
     limit: int | None = 500  # test examples per task
     shots: int = 10
-    cem_iterations: int = 20
+    cem_iterations: int = 50
     cem_population: int = 32
     seed: int = 0
     eval_batch_size: int = 64
@@ -87,7 +88,7 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     svd_dir = out / "svd"
     s = settings
     factors = load_or_compute_svd(model, patterns=s.matrices, cache_dir=svd_dir)
-    adapter = SVFAdapter(model, factors)
+    adapter = SVFAdapter(model, factors, parametrization=s.parametrization)  # type: ignore[arg-type]
     train_args = dict(objective=s.objective, steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
                       validation_limit=s.validation_limit, seed=s.seed)
     results: dict[str, Any] = {"settings": s.model_dump(), "world": str(world.root), "experts": {}}
@@ -95,7 +96,8 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     for i, (task_name, label) in enumerate(s.labels.items()):
         task = world.task(task_name)
         svf = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
-                        label=label, factors=factors, resume=False, **train_args)  # type: ignore[arg-type]
+                        label=label, factors=factors, resume=False, parametrization=s.parametrization,
+                        **train_args)  # type: ignore[arg-type]
         paths[task_name] = svf.path
         lora = train_lora(model, tokenizer, task, out=out / f"lora-{task_name}", rank=s.lora_rank, lr=s.lora_lr,
                           kl=s.kl, patterns=s.matrices, **train_args)  # type: ignore[arg-type]
@@ -116,7 +118,8 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     routing = routing_task([(label, world.task(t)) for t, label in s.labels.items()], template=s.template)
     began = time.perf_counter()
     clf = train_svf(model, tokenizer, routing, out=out / "classifier.safetensors", lr=s.classifier_lr,
-                    label="router", factors=factors, resume=False, **{**train_args, "objective": "sft"})
+                    label="router", factors=factors, resume=False, parametrization=s.parametrization,
+                    **train_args)  # type: ignore[arg-type]
     results["classifier"] = {"validation": clf.best_score, "base_validation": clf.base_score,
                              "best_step": clf.best_step, "seconds": time.perf_counter() - began}
     experts = [paths[t] for t in s.labels]
@@ -152,7 +155,7 @@ def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, t
 
     model, tokenizer = load_model(world.model("base"))
     factors = load_or_compute_svd(model, patterns=s.matrices, cache_dir=out / "svd")
-    adapter = SVFAdapter(model, factors)
+    adapter = SVFAdapter(model, factors, parametrization=s.parametrization)  # type: ignore[arg-type]
     rows = {}
     for i, (task_name, path) in enumerate(paths.items()):
         task = world.task(task_name)
@@ -160,7 +163,8 @@ def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, t
         with adapter.applied(expert.z):
             moved = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
         own = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
-                        label=s.labels[task_name], factors=factors, resume=False, **train_args)
+                        label=s.labels[task_name], factors=factors, resume=False,
+                        parametrization=s.parametrization, **train_args)  # type: ignore[arg-type]
         with adapter.applied(load_expert(own.path, factors).z):
             own_test = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
         rows[task_name] = {"base": _test_score(model, tokenizer, task, s.limit, s.eval_batch_size),
