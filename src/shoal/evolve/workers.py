@@ -147,6 +147,7 @@ def apply_worker_settings(settings: WorkerSettings) -> None:
     import torch
 
     die_with_parent(settings.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's: it stops the workers
     torch.set_num_threads(settings.threads)
     if not settings.progress_bars:
         from huggingface_hub.utils import disable_progress_bars
