@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -36,6 +37,19 @@ def config_data(world, trials: int = 6, sampler: str = "cmaes", **extra: object)
     }
     data.update(extra)
     return data
+
+
+def trial_states(run_dir: Path) -> list[str]:
+    """The trials' states in number order, read without Optuna: opening an Optuna storage
+    creates its tables, racing the run that does, and is too slow to catch a running trial."""
+    db = run_dir / "study.db"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            return [row[0] for row in connection.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.Error:
+        return []
 
 
 def complete(study) -> list:  # type: ignore[no-untyped-def]
@@ -108,6 +122,10 @@ def test_failed_candidates_are_recorded_and_the_run_goes_on(tmp_path: Path, micr
 
 
 def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    import optuna
+
+    from shoal.evolve.search import INTERRUPTED
+
     trials = 14
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config_data(micro_world, trials=trials)))
@@ -117,16 +135,11 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_wor
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     deadline = time.time() + 480
-    before: list = []
     while time.time() < deadline:
-        time.sleep(0.5)
-        if (run_dir / "study.db").exists():
-            try:
-                before = complete(load_run_study(run_dir))
-            except Exception:
-                continue
-            if len(before) >= 3:
-                break
+        time.sleep(0.05)
+        states = trial_states(run_dir)
+        if states.count("COMPLETE") >= 3 and states[-1:] == ["RUNNING"]:  # a candidate is being evaluated
+            break
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     else:
         proc.kill()
@@ -135,6 +148,8 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_wor
     proc.wait()
     before = complete(load_run_study(run_dir))
     assert 3 <= len(before) < trials
+    killed = [t.number for t in load_run_study(run_dir).trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1
     snapshot = {t.number: (t.value, t.params) for t in before}
     result = CliRunner().invoke(cli, ["evolve", str(config_path), "--run-dir", str(run_dir), "-q",
                                       "--resume", "--no-model"])
@@ -146,6 +161,10 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path, micro_wor
         if trial.number in snapshot:
             assert (trial.value, trial.params) == snapshot[trial.number]
     assert set(snapshot) <= {t.number for t in after}
+    # the killed trial is failed as interrupted and its budget slot is run again
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.number for t in failed] == killed and failed[0].user_attrs["error"] == INTERRUPTED
+    assert len(study.trials) == trials + 1
     # a fresh start on the same folder without --resume is refused, and the study is kept
     again = CliRunner().invoke(cli, ["evolve", str(config_path), "--run-dir", str(run_dir), "-q"])
     assert again.exit_code == 2 and "--resume" in again.stderr
@@ -156,8 +175,8 @@ def test_two_local_workers_share_one_study(tmp_path: Path, micro_world) -> None:
     evaluator, study = search(config, tmp_path / "run", workers=2)
     evaluator.close()
     done = complete(study)
-    assert len(done) >= 6
-    assert len({t.number for t in done}) == len(done)
+    assert len(done) == 6 and len(study.trials) == 6  # exactly the budget, never one more
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 6  # no worker repeats another
 
 
 def test_ray_local_cluster(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
@@ -169,4 +188,4 @@ def test_ray_local_cluster(tmp_path: Path, micro_world) -> None:  # type: ignore
         evaluator.close()
     finally:
         ray.shutdown()
-    assert len(complete(study)) >= 4
+    assert len(complete(study)) == 4 and len(study.trials) == 4

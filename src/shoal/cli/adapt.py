@@ -95,12 +95,12 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
     task = get_task(task_name, seed=task_seed_for(model, task_seed)) if task_name is not None else None
     if strategy == "few-shot" and task is None:
         raise ConfigError("--strategy few-shot needs --task T for its labelled shots")
-    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
     common: dict[str, Any] = dict(strategy=strategy, classifier=classifier, mode=mode,
                                   template=template or DEFAULT_TEMPLATE, per_matrix=per_matrix,
                                   cem_iterations=cem_iterations, cem_population=cem_population, seed=seed,
                                   transfer=transfer, batch_size=batch_size, cache_dir=svd_cache)
-    with progress_bars(enabled=not quiet and not as_json) as progress:
+    with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
         if prompts:
             shot_examples = list(task.examples(shots_split))[:shots] if task is not None else None
             result = adapt_generate(loaded, tokenizer, list(prompts), list(experts), max_new_tokens=max_new_tokens,

@@ -14,27 +14,37 @@ import click
 @click.option("--resume", is_flag=True, help="Continue the study in the run folder.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--trials", type=int, default=None, help="Override search.trials.")
+@click.option("--trials", type=int, default=None, help="Override search.trials (completed candidates).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per evaluator process (default: the config's threads, 1).")
 @click.option("--storage", default=None, help="Optuna storage URL (sqlite:///, postgresql://, journal:PATH).")
 @click.option("--no-model", is_flag=True, help="Do not write the final merged model.")
 @click.option("--quiet", "-q", is_flag=True)
 def command(config: Path, run_dir: Path | None, resume: bool, workers: int, executor: str,
-            trials: int | None, storage: str | None, no_model: bool, quiet: bool) -> None:
-    """Evolve a merge recipe on a fitness task; pick on validation; report test scores."""
+            trials: int | None, threads: int | None, storage: str | None, no_model: bool,
+            quiet: bool) -> None:
+    """Evolve a merge recipe on a fitness task; pick on validation; report test scores.
+
+    The config is checked as a whole (tasks, models, method, parameters, ranges) before the
+    run folder is written; a second process on a running folder is refused."""
     from shoal.cli._progress import progress_bars, stdout
-    from shoal.evolve import load_evolve_config
+    from shoal.errors import ConfigError
+    from shoal.evolve import load_evolve_config, parse_evolve_config
     from shoal.evolve.report import markdown_table
     from shoal.evolve.run import evolve
 
+    for flag, value in (("--trials", trials), ("--workers", workers), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     parsed = load_evolve_config(config)
-    updates: dict = {}
+    data = parsed.model_dump(mode="json")
     if trials is not None:
-        updates["search"] = parsed.search.model_copy(update={"trials": trials})
+        data["search"]["trials"] = trials
+    if threads is not None:
+        data["threads"] = threads
     if storage is not None:
-        updates["storage"] = storage
-    parsed = parsed.model_copy(update=updates) if updates else parsed
-    if workers < 1:
-        raise click.BadParameter("--workers must be at least 1")
+        data["storage"] = storage
+    parsed = parse_evolve_config(data, where=str(config))
     run_dir = run_dir or Path("runs") / config.stem
     with progress_bars(enabled=not quiet) as progress:
         result = evolve(parsed, run_dir, resume=resume, workers=workers, executor=executor,

@@ -70,8 +70,8 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 
     task = get_task(task_name, seed=task_seed_for(model, task_seed))
     out = out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors")
-    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
-    with progress_bars(enabled=not quiet and not as_json) as progress:
+    with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
         result = train_svf(loaded, tokenizer, task, out=out, objective=objective,  # type: ignore[arg-type]
                            parametrization=parametrization,  # type: ignore[arg-type]
                            kl=kl, lr=lr, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,

@@ -15,11 +15,13 @@ Example::
     validation: {task: math_b, split: validation, limit: 500, top_k: 5}
     report: {tasks: [math_b, math_a, lang_b], split: test}
     search: {sampler: cmaes, trials: 200, seed: 0}
+    threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +51,8 @@ class SpaceConfig(_Strict):
         if self.layer_group_size is not None and self.layer_group_size < 1:
             raise ValueError("layer_group_size must be >= 1 (or null for one gene per model)")
         for name, (low, high) in self.ranges.items():
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"range of {name!r} must be finite, got [{low}, {high}]")
             if not low < high:
                 raise ValueError(f"range of {name!r} must satisfy low < high, got [{low}, {high}]")
         return self
@@ -59,7 +63,13 @@ class EvalSpec(_Strict):
 
     task: str | list[str]
     split: Literal["train", "fitness", "validation", "test"]
-    limit: int | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "EvalSpec":
+        if not self.tasks or any(not name.strip() for name in self.tasks):
+            raise ValueError("task must name at least one task, and no name may be empty")
+        return self
 
     @property
     def tasks(self) -> list[str]:
@@ -68,21 +78,21 @@ class EvalSpec(_Strict):
 
 class ValidationSpec(EvalSpec):
     split: Literal["train", "fitness", "validation", "test"] = "validation"
-    top_k: int = 5
+    top_k: int = Field(default=5, ge=1)
 
 
 class ReportSpec(_Strict):
     tasks: list[str] = Field(default_factory=list)
     split: Literal["validation", "test"] = "test"
-    limit: int | None = None
+    limit: int | None = Field(default=None, ge=1)
 
 
 class SearchSpec(_Strict):
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
-    trials: int = 100
+    trials: int = Field(default=100, ge=1)  # completed candidates: failed and killed ones are re-run
     seed: int = 0
-    population: int | None = None  # default: Optuna's 4 + floor(3 ln n)
-    sigma0: float | None = None  # in gene units; default: 1/6 of the gene range (the paper)
+    population: int | None = Field(default=None, ge=2)  # default: Optuna's 4 + floor(3 ln n)
+    sigma0: float | None = Field(default=None, gt=0)  # in gene units; default: 1/6 of the range (the paper)
     with_margin: bool = False
 
 
@@ -90,10 +100,17 @@ class DfsSpec(_Strict):
     """Data-flow space (arXiv 2403.13187, section 3.2): the indicator array over T = M * r slots
     and the scaling: the paper's M x M matrix W on transitions (the default), or one scale per slot."""
 
-    repeats: int = 3
-    max_hops: int | None = None
+    repeats: int = Field(default=3, ge=1)
+    max_hops: int | None = Field(default=None, ge=1)
     scaling: Literal["matrix", "per_slot"] = "matrix"
     scale_range: tuple[float, float] = (0.0, 2.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "DfsSpec":
+        low, high = self.scale_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"scale_range must be finite with low < high, got [{low}, {high}]")
+        return self
 
 
 class EvolveConfig(_Strict):
@@ -112,8 +129,9 @@ class EvolveConfig(_Strict):
     report: ReportSpec = Field(default_factory=ReportSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     storage: str | None = None
-    batch_size: int = 128
+    batch_size: int = Field(default=128, ge=1)
     device: str = "cpu"
+    threads: int = Field(default=1, ge=1)  # torch threads per evaluator process (not part of the run)
     seed: int = 0  # the merge's seed (DARE's random draws)
     # the seed that fixes the task splits (zoo tasks); None: the seed of the zoo world the
     # models come from, else 0 -- a world's held-out splits are held out only from its own data

@@ -1,54 +1,82 @@
 """Evaluate candidates on a Ray cluster (extra ``ray``).
 
-Each Ray task is one worker process running trials of the same Optuna study, so the storage
-URL must be reachable from every node (PostgreSQL, or a SQLite/journal file on a shared disk).
-On a cluster with GPUs every worker takes one GPU: one candidate per GPU at a time.
+Each worker is a Ray actor holding one resident candidate model; the coordinating process
+asks the Optuna sampler for candidates and tells the study their outcomes (see
+:mod:`shoal.evolve.workers`), so only the coordinator needs to reach the study's storage and
+the trial budget is met exactly. On a cluster with GPUs every actor takes one GPU: one
+candidate per GPU at a time.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig
-from shoal.progress import ProgressFn, no_progress
+from shoal.evolve.workers import Outcome, WorkerSettings, current_settings
 
 
-def run_on_ray(config: EvolveConfig, storage: str, workers: int, *,
-               progress: ProgressFn = no_progress) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("executor='ray' needs Ray: pip install 'shoal[ray]'") from None
-    from shoal.evolve.run import _worker
-    from shoal.evolve.search import finished_trials
+class RayEvaluator:
+    """The body of one Ray actor: a resident candidate that scores genomes."""
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    device = "cuda" if gpus else config.device
-    data = config.model_copy(update={"device": device}).model_dump(mode="json")
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_worker)
-    pending = [task.remote(data, storage, 1) for _ in range(max(1, workers))]
-    study = _load(storage)
-    total = config.search.trials
-    while pending:
-        done, pending = ray.wait(pending, timeout=1.0)
+    def __init__(self, config_data: dict, settings: WorkerSettings):
+        import torch
+
+        from shoal.evolve.config import parse_evolve_config
+        from shoal.evolve.evaluators import make_evaluator
+
+        torch.set_num_threads(settings.threads)  # the actor's own process
+        self.evaluator = make_evaluator(parse_evolve_config(config_data))
+
+    def evaluate(self, key: int, genome: dict[str, float]) -> Outcome:
+        from shoal.evolve.workers import evaluate
+
+        return evaluate(self.evaluator.fitness, key, genome)
+
+
+class RayWorkers:
+    """``workers`` Ray actors, one candidate each at a time."""
+
+    def __init__(self, config: EvolveConfig, workers: int, threads: int):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor='ray' needs Ray: pip install 'shoal[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     log_to_driver=False)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        device = "cuda" if gpus else config.device
+        data = config.model_copy(update={"device": device}).model_dump(mode="json")
+        actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(RayEvaluator)
+        settings = current_settings(threads)
+        self.capacity = max(1, workers)
+        self.actors = [actor.remote(data, settings) for _ in range(self.capacity)]
+        self.idle = list(range(self.capacity))
+        self.pending: dict[Any, tuple[int, int]] = {}  # object ref -> (actor index, key)
+
+    def submit(self, key: int, genome: dict[str, float]) -> None:
+        index = self.idle.pop(0)
+        self.pending[self.actors[index].evaluate.remote(key, genome)] = (index, key)
+
+    def collect(self) -> list[Outcome]:
+        done: list = []
+        while not done:
+            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+        outcomes = []
         for ref in done:
+            index, key = self.pending.pop(ref)
             try:
-                ray.get(ref)
-            except Exception as err:  # a worker died: report it, the study keeps its trials
-                raise ConfigError(f"a Ray worker failed: {str(err).splitlines()[0]}") from None
-        progress("evolve", min(finished_trials(study), total), total)
-        time.sleep(0.2)
+                outcomes.append(self.ray.get(ref))
+            except Exception as err:  # the actor died (or could not start)
+                raise ConfigError(f"Ray worker {index} failed while evaluating trial {key}: "
+                                  f"{str(err).strip().splitlines()[0]}") from None
+            self.idle.append(index)
+        return outcomes
 
-
-def _load(storage: str) -> Any:
-    import optuna
-
-    from shoal.evolve.search import STUDY_NAME, make_storage
-
-    return optuna.load_study(study_name=STUDY_NAME, storage=make_storage(storage))
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []

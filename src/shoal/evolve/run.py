@@ -1,29 +1,31 @@
 """An evolution run, start to finish: search on fitness, pick on validation, report on test.
 
 The run folder holds ``config.yaml`` (what was asked), ``study.db`` (every trial, unless an
-external storage URL is given), ``best_recipe.yaml``, ``model/`` (the final merge, a Hugging
+external storage URL is given), ``run.lock`` while a process runs the search, ``best_recipe.yaml``, ``model/`` (the final merge, a Hugging
 Face folder with its model card), ``scores.json`` and the report (``report.html`` + PNGs).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import time
+import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-import torch
 import yaml
 
 from shoal.checkpoint.references import resolve_model_ref
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
 from shoal.evolve.evaluators import make_evaluator, rows_for
+from shoal.evolve.lock import run_lock
+from shoal.evolve.preflight import check_config
 from shoal.evolve.references import CONFIG_FILE
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
+from shoal.evolve.workers import Evaluations, InProcess, LocalWorkers, evaluator_threads
 from shoal.progress import ProgressFn, no_progress
 
 SCORES_FILE = "scores.json"
@@ -81,21 +83,9 @@ def _resolve_source(ref: str, run_dir: Path | None) -> str:
     return resolve_model_ref(ref)
 
 
-def _worker(config_data: dict, storage: str, threads: int) -> None:
-    torch.set_num_threads(threads)
-    config = parse_evolve_config(config_data)
-    evaluator = make_evaluator(config)
-    try:
-        study = open_study(storage, evaluator.gene_keys, config.search, resume=True, recover=False,
-                           x0=evaluator.x0)
-        run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials)
-    finally:
-        evaluator.close()
-
-
 def _save_config(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
     """Write the run's config; a resumed run must ask for the same search (only the trial budget
-    may grow or shrink)."""
+    and the thread count may change)."""
     path = run_dir / CONFIG_FILE
     data = config.model_dump(mode="json")
     if path.exists():
@@ -105,53 +95,123 @@ def _save_config(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
         except ConfigError:
             pass
 
-        def without_budget(d: dict) -> dict:
-            return {**d, "search": {k: v for k, v in d.get("search", {}).items() if k != "trials"}}
+        def same_search(d: dict) -> dict:
+            search_keys = {k: v for k, v in d.get("search", {}).items() if k != "trials"}
+            return {**{k: v for k, v in d.items() if k != "threads"}, "search": search_keys}
 
-        if without_budget(saved) != without_budget(data):
+        if same_search(saved) != same_search(data):
             if not resume:
                 raise ConfigError(f"{run_dir} already holds a different run; use a new folder")
-            changed = sorted(k for k in data if saved.get(k) != data[k])
+            changed = sorted(k for k in data if k != "threads" and saved.get(k) != data[k])
             raise ConfigError(f"{path} differs from the config given (in {', '.join(changed)}); "
                               "resume with the same config (only search.trials may change)")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+@contextmanager
+def _removed_on_failure(run_dir: Path) -> Iterator[None]:
+    """Undo what the body creates in ``run_dir`` if it raises: a start that fails leaves the
+    folder as it was (absent, or holding only what it held), so the corrected rerun starts."""
+    existed = run_dir.exists()
+    before = set(os.listdir(run_dir)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if run_dir.is_dir():
+            for name in set(os.listdir(run_dir)) - before:
+                target = run_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+            if not existed and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+
+
+def _check_first_candidate(evaluator: Any) -> None:
+    """Plan the starting candidate's merge (headers only): a recipe every trial would fail on
+    (a parameter the method rejects, too many models for it) is refused before the study."""
+    space = getattr(evaluator, "space", None)
+    builder = getattr(evaluator, "builder", None)
+    if builder is None or not hasattr(space, "decode"):
+        return
+    from shoal.merge.plan import plan_merge
+
+    recipe = space.decode(evaluator.x0 or space.default_genome())
+    try:
+        plan_merge(recipe, builder.readers, seed=evaluator.config.seed)
+    except ShoalError as err:
+        raise ConfigError(f"the search's candidates cannot be merged: {err}") from None
+
+
+@dataclass
+class _Run:
+    config: EvolveConfig
+    evaluator: Any
+    study: Any = None
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+
+    def hand_over(self) -> Any:
+        """The evaluator, now the caller's to close."""
+        evaluator, self.evaluator = self.evaluator, None
+        return evaluator
+
+
+@contextmanager
+def _open_run(config: EvolveConfig, run_dir: Path, resume: bool) -> Iterator[_Run]:
+    """Check the config, lock the run folder, build the evaluator and open the study; the
+    lock is held and the caller's torch threads are set to ``config.threads`` until the end.
+
+    Nothing is written before the checks pass, and a start that fails after them removes what
+    it wrote."""
+    config = check_config(config)
+    with ExitStack() as stack:
+        stack.enter_context(evaluator_threads(config.threads))
+        with _removed_on_failure(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(run_lock(run_dir))
+            config = resolve_config(config, run_dir)
+            run = _Run(config, make_evaluator(config))
+            stack.callback(run.close)
+            _check_first_candidate(run.evaluator)
+            _save_config(run_dir, config, resume)
+            storage = config.storage or default_storage(run_dir)
+            run.study = open_study(storage, run.evaluator.gene_keys, config.search, resume=resume,
+                                   x0=run.evaluator.x0)
+        yield run
+
+
+def _run_search(run: _Run, workers: int, executor: str, progress: ProgressFn) -> None:
+    config = run.config
+    if executor == "ray":
+        from shoal.evolve.ray_executor import RayWorkers
+
+        evaluations: Evaluations = RayWorkers(config, workers, config.threads)
+    elif workers <= 1:
+        evaluations = InProcess(run.evaluator.fitness)
+    else:
+        evaluations = LocalWorkers(config.model_dump(mode="json"), workers, config.threads)
+    try:
+        run_trials(run.study, run.evaluator.gene_keys, evaluations, config.search.trials, progress=progress)
+    finally:
+        evaluations.close()
+
+
 def search(config: EvolveConfig, run_dir: Path, *, resume: bool = False, workers: int = 1,
            executor: str = "local", progress: ProgressFn = no_progress) -> tuple[Any, Any]:
-    """Run (or resume) the search; returns the evaluator and the Optuna study."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _save_config(run_dir, config, resume)
-    storage = config.storage or default_storage(run_dir)
-    evaluator = make_evaluator(config)
-    study = open_study(storage, evaluator.gene_keys, config.search, resume=resume, x0=evaluator.x0)
-    if executor == "ray":
-        from shoal.evolve.ray_executor import run_on_ray
+    """Run (or resume) the search; returns the evaluator (the caller closes it) and the study.
 
-        run_on_ray(config, storage, workers, progress=progress)
-    elif workers <= 1:
-        run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials, progress=progress)
-    else:
-        _run_local_workers(config, storage, workers, study, progress)
-    return evaluator, study
-
-
-def _run_local_workers(config: EvolveConfig, storage: str, workers: int, study: Any,
-                       progress: ProgressFn) -> None:
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    data = config.model_dump(mode="json")
-    processes = [context.Process(target=_worker, args=(data, storage, threads)) for _ in range(workers)]
-    for process in processes:
-        process.start()
-    total = config.search.trials
-    while any(p.is_alive() for p in processes):
-        progress("evolve", min(finished_trials(study), total), total)
-        time.sleep(1.0)
-    progress("evolve", min(finished_trials(study), total), total)
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise ConfigError(f"{len(failed)} of {workers} workers failed (exit codes {failed})")
+    ``workers`` candidates are evaluated at a time, in local processes (``executor="local"``)
+    or on Ray; each evaluator uses ``config.threads`` torch threads."""
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    with _open_run(config, Path(run_dir), resume) as run:
+        _run_search(run, workers, executor, progress)
+        return run.hand_over(), run.study
 
 
 def load_run_study(run_dir: Path, storage: str | None = None) -> Any:
@@ -212,14 +272,18 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
            executor: str = "local", write_model: bool = True, baseline: dict[str, float] | None = None,
            extra_rows: Sequence[tuple[str, Any]] = (), report: bool = True,
            progress: ProgressFn = no_progress) -> EvolveResult:
-    """Search, select on validation, write the best recipe, the model and the report."""
+    """Search, select on validation, write the best recipe, the model and the report.
+
+    The run folder is locked for the whole run: a second process on the same folder is
+    refused while this one lives (see :mod:`shoal.evolve.lock`)."""
     from shoal.evolve.report import write_report
 
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
     run_dir = Path(run_dir)
-    config = resolve_config(config, run_dir)
-    evaluator, study = search(config, run_dir, resume=resume, workers=workers, executor=executor,
-                              progress=progress)
-    try:
+    with _open_run(config, run_dir, resume) as run:
+        _run_search(run, workers, executor, progress)
+        evaluator, study = run.evaluator, run.study
         genome, fitness, validation = select_final(evaluator, study, progress=progress)
         model_dir = evaluator.save_best(genome, run_dir, write_model=write_model)
         if not report:
@@ -236,5 +300,3 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
         return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
                             best_fitness=fitness, best_validation=validation,
                             trials=finished_trials(study), model_dir=model_dir, scores=tuple(scores))
-    finally:
-        evaluator.close()

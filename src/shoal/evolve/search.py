@@ -1,16 +1,20 @@
-"""The search loop on Optuna: samplers, study storage, resume and failed candidates."""
+"""The search loop on Optuna: samplers, study storage, resume, the trial budget and failed
+candidates."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import SearchSpec
+from shoal.evolve.workers import Evaluations
 from shoal.progress import ProgressFn, no_progress
 
 STUDY_NAME = "shoal-evolve"
+INTERRUPTED = "interrupted (process killed)"
+MAX_FAILURES_IN_A_ROW = 20
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +70,30 @@ def make_sampler(spec: SearchSpec, x0: dict[str, float] | None = None) -> Any:
 
 
 def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
-               recover: bool = True, x0: dict[str, float] | None = None) -> Any:
+               x0: dict[str, float] | None = None) -> Any:
     """Create the study, or load it to resume.
 
-    With ``recover`` (the coordinating process, before any worker starts), trials left running
-    by a killed process are marked failed, so they are neither lost silently nor counted as done.
-    Workers joining a live study pass ``recover=False``: the running trials are their peers'."""
+    Trials left running by a killed process are marked failed ("interrupted"), so they are
+    neither lost silently nor counted as done: the search re-runs their budget slots. Only
+    the holder of the run folder's lock (:mod:`shoal.evolve.lock`) may call this, since a
+    live run's running trials would look the same."""
     optuna = _optuna()
-    storage = make_storage(storage_url)
-    existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    try:
+        storage = make_storage(storage_url)
+        existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    except ConfigError:
+        raise
+    except Exception as err:  # a malformed URL, an unreachable server, a file that is not a study
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot open the study storage {storage_url}: {first}") from None
     if STUDY_NAME in existing and not resume:
         raise ConfigError(f"a study already exists in {storage_url}; pass resume=True to continue it or "
                           "use a new run folder")
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                 sampler=make_sampler(spec, x0), load_if_exists=True)
     study.set_user_attr("genes", list(gene_keys))
-    if not recover:
-        return study
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (process killed)")
+        storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     return study
 
@@ -95,43 +104,56 @@ def finished_trials(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def run_trials(study: Any, gene_keys: list[str], score: Callable[[dict[str, float]], tuple[float, dict]],
-               trials: int, *, progress: ProgressFn = no_progress) -> None:
-    """Run until the study holds ``trials`` completed trials (across every worker and resume).
+def run_trials(study: Any, gene_keys: list[str], evaluations: Evaluations, trials: int, *,
+               progress: ProgressFn = no_progress) -> None:
+    """Run until the study holds ``trials`` completed trials (across every resume), never more.
 
-    ``score(genome) -> (fitness, extra user attributes)``. A candidate that raises (NaN weights,
-    an exception, out of memory) is recorded as a failed trial with its error and the search
-    goes on.
+    This process asks the sampler for each candidate and tells the study its outcome; the
+    candidates are scored by ``evaluations`` (in this process, local worker processes or Ray
+    actors), ``evaluations.capacity`` at a time. A new candidate is asked for only while
+    completed + running trials stay under the budget. A candidate that raises is recorded as
+    a failed trial with its error and its slot is run again; after ``min(20, trials)``
+    failures in a row the search stops with the first of their errors.
     """
     optuna = _optuna()
-    done_states = (optuna.trial.TrialState.COMPLETE,)
+    give_up_after = min(MAX_FAILURES_IN_A_ROW, trials)
+    running: dict[int, Any] = {}
+    failures: list[str] = []
+    done = finished_trials(study)
+    progress("evolve", min(done, trials), trials)
+    try:
+        while True:
+            while len(failures) < give_up_after and len(running) < evaluations.capacity \
+                    and done + len(running) < trials:
+                trial = study.ask()
+                genome = {key: trial.suggest_float(key, 0.0, 1.0) for key in gene_keys}
+                running[trial.number] = trial
+                evaluations.submit(trial.number, genome)
+            if not running:
+                break
+            for outcome in evaluations.collect():
+                trial = running.pop(outcome.key)
+                if outcome.error is None:
+                    for key, item in outcome.attrs.items():
+                        trial.set_user_attr(key, item)
+                    study.tell(trial, outcome.value)
+                    done += 1
+                    failures.clear()
+                else:
+                    log.warning("trial %d failed: %s", trial.number, _first_line(outcome.error))
+                    trial.set_user_attr("error", outcome.error[:500])
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    failures.append(outcome.error)
+                progress("evolve", min(done, trials), trials)
+    finally:  # interrupted (Ctrl-C, a dead worker): nothing stays "running"
+        for trial in running.values():
+            trial.set_user_attr("error", INTERRUPTED)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    if len(failures) >= give_up_after:
+        raise ConfigError(f"the last {len(failures)} candidates all failed; the first of them: "
+                          f"{_first_line(failures[0])}")
 
-    def objective(trial: Any) -> float:
-        genome = {key: trial.suggest_float(key, 0.0, 1.0) for key in gene_keys}
-        try:
-            value, attrs = score(genome)
-        except Exception as err:  # a failed candidate, recorded and skipped
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
-            raise
-        for key, item in attrs.items():
-            trial.set_user_attr(key, item)
-        return value
 
-    def report(study: Any, trial: Any) -> None:
-        progress("evolve", min(finished_trials(study), trials), trials)
-
-    progress("evolve", min(finished_trials(study), trials), trials)
-    while finished_trials(study) < trials:
-        remaining = trials - finished_trials(study)
-        study.optimize(objective, n_trials=remaining, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=done_states), report],
-                       gc_after_trial=False)
-        if _all_recent_failed(study, limit=20):
-            raise ConfigError("the last 20 candidates all failed; first error: "
-                              + str(study.trials[-1].user_attrs.get("error", "unknown")))
-
-
-def _all_recent_failed(study: Any, limit: int) -> bool:
-    optuna = _optuna()
-    recent = study.get_trials(deepcopy=False)[-limit:]
-    return len(recent) >= limit and all(t.state == optuna.trial.TrialState.FAIL for t in recent)
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else text
