@@ -88,6 +88,7 @@ CONTROL_STAGES = {"evolve": "control search (best source alone)", "validate": "c
                   "report": "control search: report"}
 MAIN_STAGES = {"evolve": "main search", "validate": "main search: validation pick",
                "report": "report: test scores"}
+PLOT_STAGE = "report: fitness curves"
 
 
 def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> tuple[dict[str, float], Recipe]:
@@ -158,6 +159,7 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
                 grid_recipe)
     evolved = evolve(config, out / "evolved", resume=resume, extra_rows=[grid_row, control_row],
                      progress=relabel(progress, MAIN_STAGES))
+    progress(PLOT_STAGE, 0, 1)
     plot_fitness({"evolved": trial_curve(load_run_study(out / "evolved")),
                   "single-source control": trial_curve(load_run_study(out / "control"))},
                  out / "fitness_runs.png", title=f"{CROSS_TASK} fitness per trial")
@@ -166,5 +168,6 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
         "evolved_recipe": str(out / "evolved" / "best_recipe.yaml"),
         "best_source": keep,
     }, indent=2))
+    progress(PLOT_STAGE, 1, 1)
     return DemoResult(out=out, scores=evolved.scores, evolved=evolved, control=control,
                       grid_best=grid_params)
