@@ -4,12 +4,14 @@ world (small budgets added), and every example file the tour names exists."""
 from __future__ import annotations
 
 import glob
+import json
 import re
 import shlex
 from pathlib import Path
 
 from click.testing import CliRunner
 
+from shoal.adapt import load_expert
 from shoal.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +59,14 @@ def test_transformer2_tour_runs_as_written(micro_world, tmp_path, monkeypatch):
     assert strategies == ["prompt", "classifier", "few-shot"]
     assert sorted(p.name for p in (tmp_path / "experts").iterdir() if p.suffix == ".safetensors") == [
         "lang_b.safetensors", "math_a.safetensors"]
+    # the classifier answers with the choice numbers pass 1 reads (the zoo cannot tell the names apart)
+    again = CliRunner().invoke(cli, ["svf", "train-classifier", str(micro_world.model("base")), "--experts",
+                                     "experts/math_a.safetensors", "experts/lang_b.safetensors", "--out", "c2.safetensors",
+                                     "--steps", "1", "--per-task", "4", "--validation-limit", "4", "--json", "-q",
+                                     "--svd-cache", str(tmp_path / "svd")])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["answers"] == {"lang_b": "1", "math_a": "2", "other": "3"}
+    assert load_expert(tmp_path / "c2.safetensors").meta.label == "router"
 
 
 def test_the_tour_names_only_files_that_exist():
