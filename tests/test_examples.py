@@ -23,7 +23,8 @@ def on_micro(text: str, world) -> str:  # type: ignore[no-untyped-def]
     return text
 
 
-@pytest.mark.parametrize("name", ["ties_zoo.yaml", "slerp_gradient.yaml", "frankenmerge.yaml"])
+@pytest.mark.parametrize("name", ["ties_zoo.yaml", "ties_gradient.yaml", "slerp_gradient.yaml",
+                                  "frankenmerge.yaml"])
 def test_example_recipes_plan(name: str, micro_world) -> None:  # type: ignore[no-untyped-def]
     text = on_micro((EXAMPLES / name).read_text(), micro_world)
     if name == "frankenmerge.yaml":  # the micro world has 2 layers, the small one 4
@@ -41,3 +42,17 @@ def test_example_evolve_configs_are_valid(name: str, micro_world) -> None:  # ty
     text = on_micro((EXAMPLES / name).read_text(), micro_world)
     config = parse_evolve_config(yaml.safe_load(text), where=name)
     assert config.fitness.split == "fitness" and config.search.sampler == "cmaes"
+
+
+def test_evolve_cross_is_the_demo_setup(micro_world) -> None:  # type: ignore[no-untyped-def]
+    """``shoal evolve examples/evolve_cross.yaml`` searches what ``shoal demo`` searches: the same
+    config apart from the model paths and the task seed (which the example takes from its
+    models' world, and the demo names)."""
+    from shoal.studies.evolve_demo import demo_config
+
+    text = on_micro((EXAMPLES / "evolve_cross.yaml").read_text(), micro_world)
+    example = parse_evolve_config(yaml.safe_load(text), where="evolve_cross.yaml").model_dump()
+    demo = demo_config(micro_world, trials=120, limit=None, seed=0).model_dump()
+    assert demo.pop("task_seed") == micro_world.seed and example.pop("task_seed") is None
+    assert example == demo
+    assert example["fixed"] == {"normalize": False}

@@ -29,7 +29,9 @@ def test_study_runs_and_writes_its_report(micro_world, tmp_path):
     assert f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['lora']:.3f} | 192 | 2,304 |" in table
     assert (f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['base']:.3f} | {sort['svf']:.3f} | "
             f"{sort['svf']:.3f} |") in table
-    assert "Few-shot alpha on math_b: sort" in table and "<pre>" in written["html"].read_text()
+    alpha = held["few-shot"]["alpha"]
+    assert (f"Few-shot alpha on math_b: sort expert (sort) {alpha[0]:+.2f}, count expert (count) {alpha[1]:+.2f}."
+            in table) and "<pre>" in written["html"].read_text()
 
 
 ALL_MATRICES = r"\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$"

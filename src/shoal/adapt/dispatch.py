@@ -3,9 +3,12 @@
 Strategies (Transformer², arXiv 2501.06252, section 3.2):
 
 - ``prompt``: the model itself reads a classification prompt listing the expert categories
-  and "other" (base weights); the category is read off by log-likelihood of the labels
-  (``first-token``: one forward pass, the labels' first tokens must differ; ``loglik``: the
-  whole label, one pass per label) or by generating the label (``generate``).
+  and "other" (base weights); the category is read off by log-likelihood of the answers
+  (``first-token``: one forward pass; ``loglik``: the whole answer, one pass per category) or
+  by generating the answer (``generate``). The answer of a category is its name when the
+  tokenizer gives every name a first token of its own, else its choice number
+  (:func:`category_choices`): expert names such as ``math_a`` and ``lang_b`` are both
+  ``<unk>`` to a word-level vocabulary like the zoo's.
 - ``classifier``: the same, with an SVF expert trained (by REINFORCE, as the reference
   trains it, on :func:`routing_task`) to answer with the category label.
 - ``few-shot``: no per-prompt choice; z' = sum_k alpha_k z_k with alpha found by CEM on a few
@@ -39,6 +42,53 @@ LabelMode = Literal["first-token", "loglik", "generate"]
 def routing_prompt(prompt: str, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
     """The pass-1 prompt: ``template`` with ``{prompt}`` and ``{labels}`` (comma-separated) filled in."""
     return template.format(prompt=prompt, labels=", ".join(labels))
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The categories of pass 1 in the order the prompt lists them ("other" last), and what the
+    model answers for each: the names themselves, or the choice numbers 1..K."""
+
+    categories: tuple[str, ...]
+    answers: tuple[str, ...]
+
+    @property
+    def numbered(self) -> bool:
+        return self.answers != self.categories
+
+    def listing(self) -> list[str]:
+        """What ``{labels}`` lists: the names, or ``"1 math_a"``-style number-name pairs."""
+        if not self.numbered:
+            return list(self.categories)
+        return [f"{answer} {category}" for answer, category in zip(self.answers, self.categories)]
+
+    def category_of(self, answer_index: int) -> str:
+        return self.categories[answer_index]
+
+
+def category_choices(tokenizer: object | None, labels: Sequence[str]) -> Choices:
+    """The pass-1 choices for expert ``labels`` plus "other".
+
+    Names are the answers when ``tokenizer`` (None: assume it can) encodes each one, with a
+    leading space, to a different first token. Otherwise the categories are numbered 1..K in
+    sorted order ("other" last), so that a classifier expert trained on one order of experts
+    routes the same way when given them in another; ConfigError when even the numbers share
+    a first token."""
+    names = list(dict.fromkeys(list(labels))) + ([OTHER] if OTHER not in labels else [])
+    if tokenizer is None or _distinct_first_tokens(tokenizer, names):
+        return Choices(tuple(names), tuple(names))
+    ordered = sorted(n for n in names if n != OTHER) + [OTHER]
+    numbers = [str(k) for k in range(1, len(ordered) + 1)]
+    if not _distinct_first_tokens(tokenizer, numbers):
+        label_token_ids(tokenizer, names)  # names the labels that collide
+        raise ConfigError(f"category labels {names} share a first token and the choice numbers "
+                          f"1..{len(numbers)} do too; choose labels the tokenizer tells apart")
+    return Choices(tuple(ordered), tuple(numbers))
+
+
+def _distinct_first_tokens(tokenizer: object, words: Sequence[str]) -> bool:
+    rows = [_lm.encode(tokenizer, " " + word, special=False) for word in words]
+    return all(rows) and len({row[0] for row in rows}) == len(rows)
 
 
 def label_token_ids(tokenizer: object, labels: Sequence[str]) -> list[list[int]]:
@@ -88,6 +138,7 @@ def label_scores(model: nn.Module, tokenizer: object, contexts: Sequence[str], l
 
 
 def _match_label(output: str, labels: Sequence[str]) -> int | None:
+    """Index of the label ``output`` starts with (word by word), or None."""
     words = normalize_words(output).split()
     if not words:
         return None
@@ -101,16 +152,19 @@ def _match_label(output: str, labels: Sequence[str]) -> int | None:
 def classify(model: nn.Module, tokenizer: object, prompts: Sequence[str], labels: Sequence[str], *,
              mode: LabelMode = "first-token", template: str = DEFAULT_TEMPLATE,
              batch_size: int = 16) -> list[str]:
-    """The category of each prompt, one of ``labels`` or :data:`OTHER`."""
-    categories = list(labels) + ([OTHER] if OTHER not in labels else [])
-    contexts = [routing_prompt(p, categories, template) for p in prompts]
+    """The category of each prompt, one of ``labels`` or :data:`OTHER` (read as in
+    :func:`category_choices`: by name, or by choice number when the tokenizer cannot tell the
+    names apart)."""
+    choices = category_choices(tokenizer, labels)
+    answers = list(choices.answers)
+    contexts = [routing_prompt(p, choices.listing(), template) for p in prompts]
     if mode == "generate":
-        budget = max(len(row) for row in label_token_ids(tokenizer, categories))
+        budget = max(len(row) for row in label_token_ids(tokenizer, answers))
         outputs = generate_greedy(model, tokenizer, contexts, max_new_tokens=budget, batch_size=batch_size)
-        picked = [_match_label(out, categories) for out in outputs]
-        return [categories[j] if j is not None else OTHER for j in picked]
-    scores = label_scores(model, tokenizer, contexts, categories, mode=mode, batch_size=batch_size)
-    return [categories[j] for j in scores.argmax(-1).tolist()]
+        picked = [_match_label(out, answers) for out in outputs]
+        return [choices.category_of(j) if j is not None else OTHER for j in picked]
+    scores = label_scores(model, tokenizer, contexts, answers, mode=mode, batch_size=batch_size)
+    return [choices.category_of(j) for j in scores.argmax(-1).tolist()]
 
 
 def dispatch_prompt(adapter: SVFAdapter, tokenizer: object, prompts: Sequence[str], experts: Sequence[Expert], *,
@@ -143,9 +197,11 @@ class RoutingTask:
     """Implements :class:`~shoal.eval.task.Task`: a task's prompt -> its category label.
 
     Built from the expert tasks (and optionally tasks that should map to "other"); each split
-    interleaves the same number of examples from every source task. Train a classifier expert
-    on it with ``train_svf`` (REINFORCE by default, as the reference does; ``objective="sft"``
-    is the next-token ablation).
+    interleaves the same number of examples from every source task. Each example's target is
+    the category's answer in ``choices`` (its name unless :func:`category_choices` numbered
+    them: pass ``routing_task(..., tokenizer=...)`` so training and dispatch agree). Train a
+    classifier expert on it with ``train_svf`` (REINFORCE by default, as the reference does;
+    ``objective="sft"`` is the next-token ablation).
     """
 
     sources: tuple[tuple[str, Task], ...]  # (label, task)
@@ -153,16 +209,29 @@ class RoutingTask:
     per_task: int | None = None
     name: str = "routing"
     kind: Literal["generate", "choice"] = "generate"
+    choices: Choices | None = None  # None: the labels themselves, in the order given
     categories: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        labels = [label for label, _ in self.sources]
-        object.__setattr__(self, "categories", tuple(dict.fromkeys(labels + [OTHER])))
+        labels = [label for label, _ in self.sources if label != OTHER]
+        choices = self.choices or category_choices(None, labels)
+        if set(choices.categories) != set(labels) | {OTHER}:
+            raise ConfigError(f"routing choices {list(choices.categories)} do not match the labels {labels}")
+        object.__setattr__(self, "choices", choices)
+        object.__setattr__(self, "categories", choices.categories)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        assert self.choices is not None
+        return self.choices.answers
+
+    def answer_of(self, label: str) -> str:
+        return self.answers[self.categories.index(label)]
 
     @property
     def max_new_tokens(self) -> int:
         # labels are words; a subword tokenizer may need a few tokens per word
-        return 4 * max(len(label.split()) for label in self.categories)
+        return 4 * max(len(answer.split()) for answer in self.answers)
 
     def examples(self, split: str) -> Sequence[Example]:
         if split not in SPLITS:
@@ -171,21 +240,28 @@ class RoutingTask:
         count = min(len(rows) for rows in per_source)
         if self.per_task is not None:
             count = min(count, self.per_task)
+        assert self.choices is not None
+        listing = self.choices.listing()
         out = []
         for i in range(count):
             for (label, _), rows in zip(self.sources, per_source):
-                out.append(Example(routing_prompt(rows[i].prompt, self.categories, self.template), label,
-                                   completion=" " + label))
+                answer = self.answer_of(label)
+                out.append(Example(routing_prompt(rows[i].prompt, listing, self.template), answer,
+                                   completion=" " + answer))
         return out
 
     def score(self, output: str, example: Example) -> float:
-        j = _match_label(output, self.categories)
-        return float(j is not None and self.categories[j] == example.target)
+        j = _match_label(output, self.answers)
+        return float(j is not None and self.answers[j] == example.target)
 
 
 def routing_task(experts_tasks: Sequence[tuple[str, Task]], *, other_tasks: Sequence[Task] = (),
-                 template: str = DEFAULT_TEMPLATE, per_task: int | None = None) -> RoutingTask:
+                 template: str = DEFAULT_TEMPLATE, per_task: int | None = None,
+                 tokenizer: object | None = None) -> RoutingTask:
     """The classification task for a classifier expert: (label, task) pairs, plus tasks whose
-    prompts should be classified as "other"."""
+    prompts should be classified as "other". With ``tokenizer``, the answers are the ones
+    :func:`classify` reads with that tokenizer (names, or choice numbers)."""
     sources = tuple(experts_tasks) + tuple((OTHER, t) for t in other_tasks)
-    return RoutingTask(sources, template, per_task)
+    choices = category_choices(tokenizer, [label for label, _ in experts_tasks])
+    return RoutingTask(sources, template, per_task, choices=choices)
+

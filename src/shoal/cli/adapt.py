@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from shoal.cli._options import hub_options, threads_option, verbosity
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _VARIADIC = ("--experts", "--prompt")
 
@@ -66,41 +68,49 @@ class _VariadicCommand(click.Command):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@hub_options
+@threads_option
+@verbosity
 def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Path | None, task_name: str | None,
             split: str, limit: int | None, prompts: tuple[str, ...], max_new_tokens: int, mode: str,
             template: str | None, shots: int, shots_split: str, per_matrix: bool, cem_iterations: int,
             cem_population: int, transfer: bool, batch_size: int, seed: int, task_seed: int | None,
-            svd_cache: Path | None, device: str, dtype: str, as_json: bool, quiet: bool) -> None:
+            svd_cache: Path | None, device: str, dtype: str, as_json: bool, revision: str | None,
+            token: str | None, threads: int, quiet: bool) -> None:
     """Answer with MODEL adapted by SVF EXPERTS, chosen per prompt (pass 1) before answering (pass 2).
 
     With --task, scores a split of the task; with --prompt, prints the answers. few-shot needs
     --task (its labelled --shots come from --shots-split)."""
     import torch
 
-    from shoal.adapt import adapt_evaluate, adapt_generate
+    from shoal.adapt import adapt_evaluate, adapt_generate, load_expert
     from shoal.adapt.dispatch import DEFAULT_TEMPLATE
+    from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
-    from shoal.errors import ConfigError
+    from shoal.cli._tasks import task_seed_for
     from shoal.eval import get_task, load_model
 
     if not prompts and task_name is None:
-        raise ConfigError("give --task T (evaluate) or --prompt TEXT ... (generate)")
+        raise click.UsageError("give --task T (evaluate) or --prompt TEXT ... (generate)")
     if prompts and task_name is not None and strategy != "few-shot":
-        raise ConfigError("--prompt and --task go together only with --strategy few-shot (the task gives the shots)")
+        raise click.UsageError("--prompt and --task go together only with --strategy few-shot "
+                               "(the task gives the shots)")
     if strategy == "classifier" and classifier is None:
-        raise ConfigError("--strategy classifier needs --classifier EXPERT")
-    from shoal.cli._tasks import task_seed_for
-
+        raise click.UsageError("--strategy classifier needs --classifier EXPERT "
+                               "(train one with `shoal svf train-classifier`)")
+    if strategy == "few-shot" and task_name is None:
+        raise click.UsageError("--strategy few-shot needs --task T for its labelled shots")
+    check_revision(model, revision)
+    use_threads(threads)
+    use_hub_token(token)
+    names = [load_expert(path).name for path in experts]
     task = get_task(task_name, seed=task_seed_for(model, task_seed)) if task_name is not None else None
-    if strategy == "few-shot" and task is None:
-        raise ConfigError("--strategy few-shot needs --task T for its labelled shots")
     common: dict[str, Any] = dict(strategy=strategy, classifier=classifier, mode=mode,
                                   template=template or DEFAULT_TEMPLATE, per_matrix=per_matrix,
                                   cem_iterations=cem_iterations, cem_population=cem_population, seed=seed,
                                   transfer=transfer, batch_size=batch_size, cache_dir=svd_cache)
     with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
-        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
         if prompts:
             shot_examples = list(task.examples(shots_split))[:shots] if task is not None else None
             result = adapt_generate(loaded, tokenizer, list(prompts), list(experts), max_new_tokens=max_new_tokens,
@@ -114,21 +124,33 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
         if as_json:
             click.echo(json.dumps({"outputs": list(result.outputs), "categories": list(result.categories),
                                    "pass1_seconds": result.pass1_seconds, "pass2_seconds": result.pass2_seconds,
-                                   "alpha": alpha}))
+                                   "alpha": alpha, "alpha_by_expert": _by_name(names, alpha)}))
             return
         for category, output in zip(result.categories, result.outputs):
             click.echo(f"[{category}] {output}")
         click.echo(f"pass 1 {result.pass1_seconds:.3f} s, pass 2 {result.pass2_seconds:.3f} s"
-                   + (f", alpha {alpha}" if alpha is not None else ""), err=True)
+                   + (f", alpha {_alpha_text(names, alpha)}" if alpha is not None else ""), err=True)
         return
     summary = {"task": evaluation.task, "split": evaluation.split, "strategy": evaluation.strategy,
                "score": evaluation.score, "n": evaluation.n, "categories": evaluation.categories,
                "pass1_seconds": evaluation.pass1_seconds, "pass2_seconds": evaluation.pass2_seconds,
-               "alpha": evaluation.alpha}
+               "alpha": evaluation.alpha, "alpha_by_expert": _by_name(names, evaluation.alpha)}
     if as_json:
         click.echo(json.dumps(summary))
         return
     click.echo(f"{evaluation.task} [{evaluation.split}] {evaluation.strategy}: {evaluation.score:.3f} "
                f"(n={evaluation.n}); experts chosen {evaluation.categories}; pass 1 {evaluation.pass1_seconds:.2f} s, "
                f"pass 2 {evaluation.pass2_seconds:.2f} s ({100 * evaluation.overhead:.0f}% overhead)"
-               + (f"; alpha {evaluation.alpha}" if evaluation.alpha is not None else ""))
+               + (f"; alpha {_alpha_text(names, evaluation.alpha)}" if evaluation.alpha is not None else ""))
+
+
+def _by_name(names: list[str], alpha: list | None) -> dict[str, Any] | None:
+    """Few-shot alpha keyed by expert name (a number each, or one per matrix with --per-matrix)."""
+    return None if alpha is None else dict(zip(names, alpha))
+
+
+def _alpha_text(names: list[str], alpha: list) -> str:
+    def value(a: Any) -> str:
+        return f"{a:+.2f}" if isinstance(a, float) else "[" + ", ".join(f"{v:+.2f}" for v in a) + "]"
+
+    return ", ".join(f"{name} {value(a)}" for name, a in zip(names, alpha))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._options import hub_options, threads_option, verbosity
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -27,10 +29,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--outputs", "outputs_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write prompt, target, output and score per example (JSONL)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@hub_options
+@threads_option
+@verbosity
 def command(model: str, task_name: str, split: str, limit: int | None, batch_size: int,
             device: str, dtype: str, seed: int | None, outputs_path: Path | None, as_json: bool,
-            quiet: bool) -> None:
+            revision: str | None, token: str | None, threads: int, quiet: bool) -> None:
     """Score MODEL (a Hugging Face folder or id) on one split of a task.
 
     Prints the score with its standard error and the number of examples.
@@ -38,14 +42,18 @@ def command(model: str, task_name: str, split: str, limit: int | None, batch_siz
     import torch
     from transformers.utils import logging as hf_logging
 
+    from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
     from shoal.eval import evaluate, get_task, load_model, select_examples
 
+    check_revision(model, revision)
+    use_threads(threads)
+    use_hub_token(token)
     task = get_task(task_name, seed=task_seed_for(model, seed))
     examples = select_examples(task, split, limit)  # fail on a bad split before loading
     hf_logging.disable_progress_bar()  # our own bars only
-    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
+    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
     started = time.perf_counter()
     with progress_bars(enabled=not quiet and not as_json) as progress:
         result = evaluate(loaded, tokenizer, task, split, limit=limit, batch_size=batch_size,
@@ -57,7 +65,7 @@ def command(model: str, task_name: str, split: str, limit: int | None, batch_siz
                 handle.write(json.dumps({"prompt": example.prompt, "target": example.target,
                                          "output": output, "score": score}) + "\n")
     if as_json:
-        click.echo(json.dumps({"model": model, "task": result.task, "split": result.split,
+        click.echo(json.dumps({"model": model, "revision": revision, "task": result.task, "split": result.split,
                                "score": result.score, "stderr": result.stderr, "n": result.n,
                                "correct": result.correct, "seconds": round(seconds, 3)}))
     else:

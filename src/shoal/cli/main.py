@@ -3,6 +3,12 @@
 Every module in ``shoal.cli`` that defines a click command named ``command`` becomes a
 subcommand. Modules import heavy dependencies inside their command functions, so ``shoal
 --help`` stays fast.
+
+Exit codes (the README's "Exit codes" paragraph): 0 success; 1 a bug (a traceback);
+2 bad data -- a file, recipe, config, model or task the command cannot use (a ``ShoalError``,
+one line on stderr); 64 a usage error -- an unknown option, a bad option value, options that do
+not go together (``EX_USAGE`` of sysexits.h; click's own default would be 2, the same as bad
+data); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,16 +24,32 @@ from shoal.cli._errors import cli_message
 from shoal.errors import ShoalError
 
 
+EXIT_BAD_DATA = 2
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+
+
 class _ShoalGroup(click.Group):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: object) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+        except click.UsageError as err:
+            err.exit_code = EXIT_USAGE
+            raise
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # raised while parsing a subcommand's arguments, or by a command
+            err.exit_code = EXIT_USAGE
+            raise
         except ShoalError as err:
             click.echo(f"error: {cli_message(str(err))}", err=True)
-            ctx.exit(2)
+            ctx.exit(EXIT_BAD_DATA)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_ShoalGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import click
 
+from shoal.cli._options import verbosity
+
 
 @click.command("methods")
-def command() -> None:
+@verbosity
+def command(quiet: bool) -> None:
     """List the registered merge methods, their parameters (default, evolvable range) and papers."""
     from shoal.merge.registry import all_methods
 

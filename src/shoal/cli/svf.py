@@ -1,4 +1,5 @@
-"""``shoal svf train MODEL --task T``: train a Transformer² SVF expert."""
+"""``shoal svf train MODEL --task T``: train a Transformer² SVF expert; ``shoal svf
+train-classifier`` (in ``_svf_classifier.py``): the classifier expert; ``shoal svf study``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 from pathlib import Path
 
 import click
+
+from shoal.cli._options import hub_options, threads_option, verbosity
+from shoal.cli._svf_classifier import train_classifier
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,25 +57,30 @@ def command() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@hub_options
+@threads_option
+@verbosity
 def train(model: str, task_name: str, objective: str, parametrization: str, kl: float, steps: int, lr: float,
           batch_size: int, micro_batch_size: int, clip: float, eval_every: int, validation_limit: int,
           patterns: tuple[str, ...], label: str | None, out: Path | None, resume: bool, sample: bool,
           reward_norm: bool, seed: int, task_seed: int | None, svd_cache: Path | None, device: str, dtype: str,
-          as_json: bool, quiet: bool) -> None:
+          as_json: bool, revision: str | None, token: str | None, threads: int, quiet: bool) -> None:
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
 
     from shoal.adapt import train_svf
+    from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
+    from shoal.cli._tasks import task_seed_for
     from shoal.eval import get_task, load_model
 
-    from shoal.cli._tasks import task_seed_for
-
+    check_revision(model, revision)
+    use_threads(threads)
+    use_hub_token(token)
     task = get_task(task_name, seed=task_seed_for(model, task_seed))
     out = out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors")
     with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
-        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype))
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
         result = train_svf(loaded, tokenizer, task, out=out, objective=objective,  # type: ignore[arg-type]
                            parametrization=parametrization,  # type: ignore[arg-type]
                            kl=kl, lr=lr, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
@@ -115,16 +124,18 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--matrices", "matrices", multiple=True,
               help="regex of the weight names SVF and LoRA adapt (repeatable); default: the MLP matrices")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@threads_option
+@verbosity
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
           parametrization: str, kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float,
           lora_rank: int, lora_lr: float, eval_every: int, limit: int, cem_iterations: int,
-          matrices: tuple[str, ...], quiet: bool) -> None:
+          matrices: tuple[str, ...], threads: int, quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
     from shoal.studies.svf_study import StudySettings, run_study
-    from shoal.cli._progress import progress_bars
+    from shoal.cli._options import use_threads
+    from shoal.cli._progress import print_text, progress_bars
     from shoal.errors import ConfigError
     from shoal.zoo import load_zoo
 
@@ -132,6 +143,7 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
     if world is None:
         raise ConfigError(f"no built {size} world (seed {world_seed}) at {world_root or 'the zoo cache'}; "
                           f"build it with `shoal zoo build`")
+    use_threads(threads)
     other = None
     if transfer_root is not None:
         other = load_zoo(size, _manifest_seed(transfer_root), root=transfer_root)
@@ -144,7 +156,7 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
     with progress_bars(enabled=not quiet) as progress:
         results = run_study(world, out, settings, transfer_world=other, progress=progress)
     written = write_report(results, out)
-    click.echo(written["markdown"].read_text())
+    print_text(written["markdown"].read_text())
     click.echo(f"report: {written['html']}", err=True)
 
 
@@ -158,3 +170,4 @@ def _manifest_seed(root: Path) -> int:
 from shoal.cli.svf_import import import_expert  # noqa: E402 (the command lives in its own module)
 
 command.add_command(import_expert)
+command.add_command(train_classifier)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._options import threads_option, verbosity
+
 _SIZES = ("micro", "small")
 
 
@@ -23,7 +25,7 @@ def command() -> None:
 @click.option("--force", is_flag=True, help="rebuild even if a finished world is there")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads (weights are reproducible for the same count)")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@verbosity
 def build(size: str, out: Path | None, seed: int, force: bool, threads: int,
           quiet: bool) -> None:
     """Build the world (or find it in the cache) and print its folder."""
@@ -42,7 +44,8 @@ def build(size: str, out: Path | None, seed: int, force: bool, threads: int,
 @command.command("path")
 @click.option("--size", type=click.Choice(_SIZES), default="small", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def path(size: str, seed: int) -> None:
+@verbosity
+def path(size: str, seed: int, quiet: bool) -> None:
     """Print the folder of a cached world (exit 2 when it is not built)."""
     from shoal.zoo import ZooError, default_root, load_zoo
 
@@ -54,7 +57,8 @@ def path(size: str, seed: int) -> None:
 
 
 @command.command("tasks")
-def tasks() -> None:
+@verbosity
+def tasks(quiet: bool) -> None:
     """List the zoo tasks."""
     from shoal.zoo import ZOO_TASKS
 
@@ -72,11 +76,13 @@ def tasks() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="score only the first N examples of each task")
 @click.option("--json", "as_json", is_flag=True, help="print the card as JSON")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@threads_option
+@verbosity
 def card(size: str, seed: int, out: Path | None, split: str, limit: int | None, as_json: bool,
-         quiet: bool) -> None:
+         threads: int, quiet: bool) -> None:
     """Print the score card: every model x every task, with example counts."""
-    from shoal.cli._progress import progress_bars
+    from shoal.cli._options import use_threads
+    from shoal.cli._progress import print_text, progress_bars
     from shoal.zoo import ZooError, default_root, load_zoo
     from shoal.zoo.card import score_card
 
@@ -85,6 +91,7 @@ def card(size: str, seed: int, out: Path | None, split: str, limit: int | None, 
         where = out if out is not None else default_root(size, seed)
         raise ZooError(f"no {size} world for seed {seed} at {where}; "
                        f"run: shoal zoo build --size {size} --seed {seed}")
+    use_threads(threads)
     with progress_bars(enabled=not quiet and not as_json) as progress:
         result = score_card(world, split=split, limit=limit, progress=progress)
     if as_json:
@@ -92,4 +99,4 @@ def card(size: str, seed: int, out: Path | None, split: str, limit: int | None, 
             m: {t: {"score": c.score, "stderr": c.stderr, "n": c.n} for t, c in row.items()}
             for m, row in result.cells.items()}}))
     else:
-        click.echo(result.markdown())
+        print_text(result.markdown())

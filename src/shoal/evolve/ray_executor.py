@@ -45,8 +45,12 @@ class RayWorkers:
             raise ConfigError("executor='ray' needs Ray: pip install 'shoal[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
+            import shoal
+
+            # Workers on other machines run the head's copy of shoal, one torch thread each.
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=False,
+                     runtime_env={"py_modules": [shoal], "env_vars": {"OMP_NUM_THREADS": "1"}})
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         device = "cuda" if gpus else config.device
         data = config.model_copy(update={"device": device}).model_dump(mode="json")

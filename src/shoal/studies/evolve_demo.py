@@ -69,18 +69,41 @@ def _task_of(world: Any, specialist: str) -> str:
     return world.specialist_task.get(specialist, specialist)
 
 
+def relabel(progress: ProgressFn, names: dict[str, str] | None = None, prefix: str = "") -> ProgressFn:
+    """``progress`` with each stage renamed (``names``) or prefixed: the demo runs the same
+    library stages (``evolve``, ``validate``, ...) for several searches, and each gets a label
+    of its own instead of one bar that runs to the end and drops back to 0."""
+    names = names or {}
+
+    def report(stage: str, done: int, total: int | None) -> None:
+        progress(names.get(stage, f"{prefix}{stage}"), done, total)
+
+    return report
+
+
+WORLD_STAGES = "world build: "
+GRID_STAGE = "grid search (uniform DARE-TIES)"
+SOURCE_STAGE = "best source (validation)"
+CONTROL_STAGES = {"evolve": "control search (best source alone)", "validate": "control search: validation pick",
+                  "report": "control search: report"}
+MAIN_STAGES = {"evolve": "main search", "validate": "main search: validation pick",
+               "report": "report: test scores"}
+PLOT_STAGE = "report: fitness curves"
+
+
 def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> tuple[dict[str, float], Recipe]:
     """Best uniform (density, weight) on fitness, then the top 3 re-ranked on validation."""
     evaluator = Evaluator(config)
     try:
         points = [(d, w) for d in GRID_DENSITIES for w in GRID_WEIGHTS]
+        total = len(points) + min(3, len(points))  # fitness on every point, validation on the top 3
         fitness = []
         for i, (density, weight) in enumerate(points, start=1):
             recipe = evaluator.uniform_recipe(density=density, weight=weight)
             result = evaluator.score_recipe(recipe, config.fitness.task, config.fitness.split,
                                             config.fitness.limit)
             fitness.append((result.score, density, weight))
-            progress("uniform grid", i, len(points))
+            progress(GRID_STAGE, i, total)
         top = sorted(fitness, key=lambda row: -row[0])[:3]
         assert config.validation is not None
         ranked = []
@@ -89,13 +112,14 @@ def grid_search(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> 
                                             config.validation.task, config.validation.split,
                                             config.validation.limit)
             ranked.append((result.score, score, density, weight))
+            progress(GRID_STAGE, len(points) + len(ranked), total)
         _, _, density, weight = max(ranked)
         return {"density": density, "weight": weight}, evaluator.uniform_recipe(density=density, weight=weight)
     finally:
         evaluator.close()
 
 
-def best_source(config: EvolveConfig) -> str:
+def best_source(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> str:
     """The source model with the best validation score on the cross task."""
     from shoal.eval import load_model
 
@@ -109,6 +133,7 @@ def best_source(config: EvolveConfig) -> str:
                             seed=seed).score
         if best is None or score > best[0]:
             best = (score, path)
+        progress(SOURCE_STAGE, config.models.index(path) + 1, len(config.models))
     assert best is not None
     return best[1]
 
@@ -120,19 +145,21 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
     from shoal.zoo.build import build_zoo
 
     out = Path(out)
-    world = build_zoo(size, seed=seed, progress=progress)
+    world = build_zoo(size, seed=seed, progress=relabel(progress, prefix=WORLD_STAGES))
     config = demo_config(world, trials=trials, limit=limit, seed=seed)
     grid_params, grid_recipe = grid_search(config, progress=progress)
-    keep = best_source(config)
+    keep = best_source(config, progress=progress)
     control_config = demo_config(world, trials=trials, limit=limit, seed=seed,
                                  hold_at_zero=tuple(m for m in config.models if m != keep))
     control = evolve(control_config, out / "control", resume=resume, write_model=False,
-                     report=False, progress=progress)
+                     report=False, progress=relabel(progress, CONTROL_STAGES))
     control_row = (f"single-source control ({Path(keep).name} alone, per-layer search)",
                    load_recipe(out / "control" / BEST_RECIPE))
     grid_row = (f"best uniform grid point (density {grid_params['density']}, weight {grid_params['weight']})",
                 grid_recipe)
-    evolved = evolve(config, out / "evolved", resume=resume, extra_rows=[grid_row, control_row], progress=progress)
+    evolved = evolve(config, out / "evolved", resume=resume, extra_rows=[grid_row, control_row],
+                     progress=relabel(progress, MAIN_STAGES))
+    progress(PLOT_STAGE, 0, 1)
     plot_fitness({"evolved": trial_curve(load_run_study(out / "evolved")),
                   "single-source control": trial_curve(load_run_study(out / "control"))},
                  out / "fitness_runs.png", title=f"{CROSS_TASK} fitness per trial")
@@ -141,5 +168,6 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
         "evolved_recipe": str(out / "evolved" / "best_recipe.yaml"),
         "best_source": keep,
     }, indent=2))
+    progress(PLOT_STAGE, 1, 1)
     return DemoResult(out=out, scores=evolved.scores, evolved=evolved, control=control,
                       grid_best=grid_params)

@@ -12,6 +12,15 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def alpha_by_expert(labels: dict[str, str], alpha: list) -> str:
+    """``math_a expert (many) +1.01, ...``: each few-shot weight next to the expert it scales
+    (the experts in the study's order: one per skill task, named by its category label)."""
+    def value(a: Any) -> str:
+        return f"{a:+.2f}" if isinstance(a, (int, float)) else "[" + ", ".join(f"{v:+.2f}" for v in a) + "]"
+
+    return ", ".join(f"{task} expert ({label}) {value(a)}" for (task, label), a in zip(labels.items(), alpha))
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """The study's results as Markdown tables."""
     s = results["settings"]
@@ -40,11 +49,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     held = results["two_pass"].get(s["held_out"], {}).get("few-shot")
     if held and held.get("alpha") is not None:
-        labels = list(s["labels"].values())
-        per_matrix = isinstance(held["alpha"][0], list)  # (experts, matrices): report each expert's mean
-        means = [sum(a) / len(a) if per_matrix else a for a in held["alpha"]]
-        alpha = ", ".join(f"{label} {a:+.2f}" for label, a in zip(labels, means))
-        lines += ["", f"Few-shot alpha on {s['held_out']}: {alpha}{' (means over matrices)' if per_matrix else ''}."]
+        lines += ["", f"Few-shot alpha on {s['held_out']}: {alpha_by_expert(s['labels'], held['alpha'])}."]
     routes = []
     for task, rows in results["two_pass"].items():
         for name in ("prompt", "prompt-generate", "classifier"):
