@@ -18,7 +18,7 @@ from shoal.checkpoint import layer_count_key
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.params import TensorPosition, is_unset, resolve_first
 from shoal.merge.recipe import ParamValue, Recipe
-from shoal.merge.registry import MethodSpec, get_method
+from shoal.merge.registry import MethodSpec, get_method, python_name
 
 COPY = "copy"
 
@@ -60,9 +60,13 @@ class TensorOp:
         return count * torch.tensor([], dtype=self.out_dtype).element_size()
 
     def kwargs(self) -> dict[str, Any]:
-        from shoal.merge.registry import python_name
-
         return {python_name(k): (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
+
+    @classmethod
+    def copy(cls, name: str, source: SourceRef, shape: tuple[int, ...], dtype: torch.dtype) -> "TensorOp":
+        """An op that writes ``source`` as output tensor ``name`` (converted to ``dtype``)."""
+        return cls(name=name, method=COPY, base=None, models=(source,), params=(), shape=tuple(shape),
+                   out_dtype=dtype, seed=0)
 
 
 @dataclass(frozen=True)
