@@ -20,6 +20,7 @@ a command; a Python caller who wants the same behaviour enters it too::
   results: without trimming, resident memory grows with the number of chunks.
 
 On exit every setting is put back as it was found. Contexts nest; the innermost wins.
+:func:`collection_paused` turns automatic collection off for a block (heavy imports).
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def runtime_settings(*, threads: int | None = None, gc: GcMode = "default",
             _gc.unfreeze()
         if torch_threads is not None:
             _set_torch_threads(torch_threads)
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (heavy imports: their collections find no garbage)."""
+    enabled = _gc.isenabled()
+    _gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            _gc.enable()
 
 
 def settle() -> None:

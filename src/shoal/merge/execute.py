@@ -169,7 +169,7 @@ def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], 
 
     with chunk_pool(options.workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
         def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
-            return {ref: readers[ref.model].read_whole(ref.tensor, device) for ref in op.sources}
+            return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
 
         prefetched: dict[int, Future] = {}
         writing: list[Future] = []
