@@ -198,7 +198,7 @@ class CheckpointReader:
         A view of the file's pages, mapped copy-on-write (a write to the view changes this
         process's copy, never the file). The pages count in this process's resident memory
         until :meth:`release_range` lets them go: for ranges worked on one at a time, as the
-        streamed merge does, where reading them into memory of its own costs more than the work.
+        chunked merge does, where a copy of each range would double the memory traffic.
         Safe to call from several threads at once. No finiteness check.
         """
         offset, nbytes, dtype, shard = self._where(name, start, stop)

@@ -51,7 +51,7 @@ def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, al
         with progress_bars(enabled=not quiet) as progress:
             result = merge(parsed, out, shard_size=size, device=device, seed=seed,
                            allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
-    gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now (0.5 s)
+    gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now
     click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
 
 

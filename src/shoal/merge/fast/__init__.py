@@ -19,7 +19,7 @@ def load_kernels() -> ModuleType | None:
         return None
     import numpy as np
 
-    # numba sets itself up on the first call of a compiled function (0.3 s): here, not in a worker
+    # numba sets itself up on the first call of a compiled function: here, once, not in a worker
     fused.to_bf16_bits(np.zeros(1, np.float32), np.zeros(1, np.uint16))
     from shoal.runtime import settle
 

@@ -126,8 +126,8 @@ def _non_finite(value):  # type: ignore[no-untyped-def]
     """1 for a NaN or Inf, else 0: counted rather than and-ed, so that loops vectorize.
 
     Counts are int32, kept so by truncating every sum (numba widens integer sums to int64, and
-    int64 lanes would halve the vector width of the float32 loops: the TIES merge took 1.9x
-    as long); a chunk holds far fewer than 2**31 entries.
+    int64 lanes would halve the vector width of the float32 loops); a chunk holds far fewer
+    than 2**31 entries.
     """
     return np.int32(not abs(value) <= _MAX_FINITE)
 

@@ -30,7 +30,7 @@ def _host_has_avx512() -> bool:
 
 
 # numba compiles for this CPU (and its cache is per CPU): without AVX-512, LLVM would emulate
-# the compressing store lane by lane, slower than the plain loop
+# the compressing store lane by lane, which the plain loop beats
 _COMPRESS = _host_has_avx512()
 
 
@@ -73,8 +73,8 @@ def _sort_bits(values, spare):  # type: ignore[no-untyped-def]
     """``values`` sorted (a radix sort, in ``values`` or ``spare``, an array of the same length; returns which).
 
     Least significant digit first, 11 bits a pass, on the offsets from the smallest value: a
-    narrow bracket takes one or two passes, each two reads of the values (tens of times
-    faster than a comparison sort of the thousands of values inside a chunk's bracket).
+    narrow bracket takes one or two passes, each two reads of the values, where a comparison
+    sort would take log2 of the thousands of values inside a chunk's bracket.
     """
     size = values.shape[0]
     if size < 64:
@@ -200,7 +200,7 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
         all entries, +Inf none.
 
         The task vectors are computed twice per entry (for the election, then for the mean)
-        rather than kept in an array: in registers, that is cheaper than a store and a load.
+        rather than kept in an array: they stay in registers, with no store and load between.
         """
         digest  # noqa: B018 (part of the cache key)
         count, n = len(models), base.shape[0]  # count is part of the tuple's type: the loops over k unroll

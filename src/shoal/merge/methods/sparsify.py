@@ -39,8 +39,8 @@ def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "
 def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero ``delta`` (in place) where ``keep`` is false; the one way every sparsifier drops entries.
 
-    A multiplication by the mask, several times faster than ``masked_fill_`` on the CPU; a
-    dropped negative entry becomes -0.0, which every later sum treats as 0.
+    A multiplication by the mask (the fused loops multiply too, so both paths give the same
+    zeros); a dropped negative entry becomes -0.0, which every later sum treats as 0.
     """
     return delta.mul_(keep)
 
