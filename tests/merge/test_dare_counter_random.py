@@ -176,3 +176,14 @@ def test_masks_are_the_same_on_the_gpu() -> None:
     probability = torch.rand(1000, 77)
     assert torch.equal(random.keep(0, (1000, 77), probability.cuda(), "cuda").cpu(),
                        random.keep(0, (1000, 77), probability))
+
+
+def test_della_draws_in_flat_order_whatever_the_shape() -> None:
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(3, 4, 5, generator=gen)
+    models = [base + 0.1 * torch.randn(3, 4, 5, generator=gen) for _ in range(2)]
+    della = get_method("della").fn
+    kwargs = dict(density=[0.5, 0.6], epsilon=0.2, generator=EntryRandom(11))
+    cube = della(base, models, **kwargs)
+    rows = della(base.reshape(12, 5), [m.reshape(12, 5) for m in models], **kwargs)  # same rows, same flat order
+    assert torch.equal(cube.reshape(12, 5), rows)

@@ -25,6 +25,7 @@ from shoal.checkpoint import CheckpointReader
 from shoal.checkpoint.reader import all_finite
 from shoal.errors import MergeError
 from shoal.merge.methods._inputs import working_dtype
+from shoal.merge.methods.randomness import EntryRandom
 from shoal.merge.plan import SourceRef, TensorOp
 from shoal.merge.pool import Stage
 from shoal.merge.registry import MethodSpec
@@ -105,7 +106,7 @@ class ChunkJob:
         """The keyword arguments for the method's function on the piece beginning at flat ``start``."""
         kwargs = dict(self.kwargs)
         generator = kwargs.get("generator")
-        if generator is not None and hasattr(generator, "at"):  # counter-based: a piece draws its own entries
+        if isinstance(generator, EntryRandom):  # counter-based: a piece draws its own entries
             kwargs["generator"] = generator.at(start)
         return kwargs
 

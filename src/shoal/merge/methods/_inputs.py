@@ -86,8 +86,9 @@ def keep_mask(delta: torch.Tensor, probability: float | torch.Tensor, generator:
     :mod:`~shoal.merge.methods.randomness`); a ``torch.Generator`` draws ``uniform_like(delta)``
     in flat order, mergekit's way, and keeps the entries below ``probability``.
     """
-    if isinstance(generator, EntryRandom):
-        return generator.keep(model, delta.shape, probability, delta.device)
+    if isinstance(generator, EntryRandom):  # a probability tensor may be shaped (rows, last dim): same flat order
+        shape = probability.shape if isinstance(probability, torch.Tensor) else delta.shape
+        return generator.keep(model, shape, probability, delta.device)
     draws = uniform_like(delta, generator)
     if isinstance(probability, torch.Tensor):
         return draws.reshape(probability.shape) < probability
