@@ -19,7 +19,9 @@ a command; a Python caller who wants the same behaviour enters it too::
   their own arenas, which keep chunk-sized temporaries freed between small long-lived
   results: without trimming, resident memory grows with the number of chunks.
 
-On exit every setting is put back as it was found. Contexts nest; the innermost wins.
+On exit every setting is put back as it was found (objects frozen before the context began
+cannot be told apart from those frozen inside it: then all stay frozen). Contexts nest; the
+innermost wins.
 :func:`collection_paused` turns automatic collection off for a block (heavy imports).
 """
 

@@ -21,6 +21,7 @@ def _state() -> tuple[int, bool, int]:
 
 
 def test_settings_apply_inside_and_are_restored_after() -> None:
+    gc.unfreeze()  # `shoal merge` run in-process by other tests freezes at its end, as it does before exiting
     before = _state()
     assert current() == runtime.RuntimeSettings()
     with runtime_settings(threads=1, gc="freeze", trim_allocator=True) as settings:
