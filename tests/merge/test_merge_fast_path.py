@@ -196,3 +196,24 @@ def test_read_ranges_concatenates_ranges(tmp_path: Path) -> None:
     assert torch.equal(reader.read_ranges("w", bounds), torch.cat([tensor[a:b] for a, b in bounds]))
     assert reader.read_ranges("w", []).numel() == 0
     reader.close()
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_copy_ops_write_renamed_and_converted_tensors(tmp_path: Path, trio, backend: str) -> None:
+    """``write_tensor_ops`` with :meth:`TensorOp.copy` (what layer-path export builds on): any names, any order."""
+    from shoal.merge import write_tensor_ops
+    from shoal.merge.plan import SourceRef, TensorOp
+
+    base, a, _ = trio
+    with open_checkpoint(base) as first, open_checkpoint(a) as second:
+        readers = {"first": first, "second": second}
+        ops = [TensorOp.copy("renamed.embed", SourceRef("second", "model.embed_tokens.weight"), (1200, 256),
+                             torch.float32),
+               TensorOp.copy("model.norm.weight", SourceRef("first", "model.norm.weight"), (256,),
+                             first.dtype("model.norm.weight"))]
+        written = write_tensor_ops(ops, readers, tmp_path / "out", shard_size=200_000,
+                                   options=ExecutorOptions(backend=backend, chunk=STATS_BLOCK))
+        got = _tensors(tmp_path / "out")
+        assert written == 1200 * 256 * 4 + 256 * first.dtype("model.norm.weight").itemsize
+        assert torch.equal(got["renamed.embed"], second.get("model.embed_tokens.weight", dtype=torch.float32))
+        assert torch.equal(got["model.norm.weight"], first.get("model.norm.weight"))
