@@ -85,8 +85,9 @@ class ChunkJob:
     """One op to run in chunks: what a chunk planner needs.
 
     ``kwargs``: the method's keyword arguments with its defaults filled in (Python names),
-    ``compat`` and the randomness among them where the method takes them; ``kernels``: the
-    fused loops (:func:`shoal.merge.fast.load_kernels`) when they may be used, else None.
+    ``compat`` and the randomness among them where the method takes them; ``fused``: whether
+    the fused loops may be used (:meth:`float32_kernels` loads them, numba and all, only for
+    the ops that ask).
     """
 
     op: TensorOp
@@ -95,7 +96,7 @@ class ChunkJob:
     sources: Sources
     write: Write
     ranges: Ranges
-    kernels: Optional[ModuleType]
+    fused: bool
     fused_chunk: int  # entries per chunk for the fused loops (per-chunk Python is their cost)
 
     @property
@@ -112,12 +113,16 @@ class ChunkJob:
 
     def float32_kernels(self) -> ModuleType | None:
         """The fused loops if they can run this op: they work in float32, the working dtype of all but float64."""
-        if self.kernels is None or self.op.base is None:
+        if not self.fused or self.op.base is None:
             return None
-        return self.kernels if working_dtype(self.sources.dtype(self.op.base)) == torch.float32 else None
+        if working_dtype(self.sources.dtype(self.op.base)) != torch.float32:
+            return None
+        from shoal.merge.fast import load_kernels
+
+        return load_kernels()
 
     def with_ranges(self, ranges: Ranges) -> "ChunkJob":
-        return ChunkJob(self.op, self.spec, self.kwargs, self.sources, self.write, ranges, self.kernels,
+        return ChunkJob(self.op, self.spec, self.kwargs, self.sources, self.write, ranges, self.fused,
                         self.fused_chunk)
 
 
@@ -166,10 +171,10 @@ def buffer(nbytes: int) -> torch.Tensor:
     return found
 
 
-def fused_merge(job: ChunkJob, start: int, stop: int, loop: Callable[..., tuple[bool, bool]], *args: Any) -> None:
-    """Read a range, merge it with a fused loop, and write it as :func:`finish` would."""
-    kernels, sources = job.kernels, job.sources
-    assert kernels is not None
+def fused_merge(job: ChunkJob, kernels: ModuleType, start: int, stop: int, loop: Callable[..., tuple[bool, bool]],
+                *args: Any) -> None:
+    """Read a range, merge it with a fused loop (of ``kernels``), and write it as :func:`finish` would."""
+    sources = job.sources
     base = sources.base(start, stop, check=False)
     assert base is not None
     out = buffer(base.numel() * max(base.element_size(), 4))

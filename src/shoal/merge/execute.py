@@ -117,12 +117,7 @@ def _chunked(op: TensorOp, readers: Mapping[str, CheckpointReader], writer: Shar
     planner = spec.chunk_planner()
     if planner is None:
         return None
-    kernels = None
-    if options.fused:
-        from shoal.merge.fast import load_kernels
-
-        kernels = load_kernels()
-    job = ChunkJob(op, spec, method_kwargs(op, spec, compat), sources, write, ranges, kernels,
+    job = ChunkJob(op, spec, method_kwargs(op, spec, compat), sources, write, ranges, options.fused,
                    options.chunk * options.fused_chunks)
     return planner(job)
 

@@ -49,6 +49,6 @@ def dare_ties_stages(job: ChunkJob) -> Stage | None:
 
     def run(start: int, stop: int) -> None:
         keep = kernels.keep_masks(random.key, random.start + start, stop - start, thresholds)
-        fused_merge(job, start, stop, kernels.dare_merge, keep, divisors, *combine)
+        fused_merge(job, kernels, start, stop, kernels.dare_merge, keep, divisors, *combine)
 
     return Stage(job.sources.job(run), ranges, all_written)

@@ -61,7 +61,7 @@ def ties_stages(job: ChunkJob) -> Stage | None:
         index_of = {start: i for i, (start, _) in enumerate(job.ranges)}
 
         def run(start: int, stop: int) -> None:
-            fused_merge(job, start, stop, kernels.ties_merge, values, ties_left[index_of[start]], *combine)
+            fused_merge(job, kernels, start, stop, kernels.ties_merge, values, ties_left[index_of[start]], *combine)
 
         return Stage(sources.job(run), job.ranges, all_written)
 
