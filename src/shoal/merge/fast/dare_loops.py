@@ -45,21 +45,22 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
         k1 = (np.uint64(key) >> _SHIFT32) & _LOW32
         limit = np.uint64(threshold)
         c2 = np.uint64(model)
-        first = start // 4
-        for block in range(first, (start + n + 3) // 4):
-            ublock = np.uint64(block)
+        first = (start + 3) // 4  # the blocks wholly inside the piece: a plain loop, which vectorizes
+        last = max(first, (start + n) // 4)
+        offset = np.uint64(first * 4 - start)  # unsigned: no negative-index wraparound, the loop vectorizes
+        for j in range(np.uint64(last - first)):
+            ublock = np.uint64(first) + j
             w0, w1, w2, w3 = _philox(ublock & _LOW32, ublock >> _SHIFT32, c2, np.uint64(0), k0, k1)
-            at = block * 4 - start
-            if at >= 0 and at + 4 <= n:  # all but a piece's first and last blocks
-                out[at] = w0 < limit
-                out[at + 1] = w1 < limit
-                out[at + 2] = w2 < limit
-                out[at + 3] = w3 < limit
-            else:
-                words = (w0, w1, w2, w3)
-                for j in range(4):
-                    if 0 <= at + j < n:
-                        out[at + j] = words[j] < limit
+            at = offset + j * np.uint64(4)
+            out[at] = w0 < limit
+            out[at + np.uint64(1)] = w1 < limit
+            out[at + np.uint64(2)] = w2 < limit
+            out[at + np.uint64(3)] = w3 < limit
+        head_end = min(first * 4, start + n)  # the entries of the blocks cut by the piece's ends
+        for entry in list(range(start, head_end)) + list(range(max(last * 4, head_end), start + n)):
+            ublock = np.uint64(entry // 4)
+            words = _philox(ublock & _LOW32, ublock >> _SHIFT32, c2, np.uint64(0), k0, k1)
+            out[entry - start] = words[entry % 4] < limit
 
     @njit(cache=True, nogil=True, error_model="numpy")
     def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-untyped-def]
