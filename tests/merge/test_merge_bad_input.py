@@ -172,7 +172,6 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, pair, monkeypatch) -> 
     """A merge that dies half way (here: an exception after some tensors were written)
     leaves no output and no staging folder behind."""
     import shoal.merge.execute as execute
-    import shoal.merge.streamed as streamed
 
     calls = {"n": 0}
 
@@ -186,7 +185,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, pair, monkeypatch) -> 
 
     # the whole-tensor and the streamed (chunked) executor
     monkeypatch.setattr(execute, "compute_op", dying(execute.compute_op))
-    monkeypatch.setattr(streamed, "start_streamed", dying(streamed.start_streamed))
+    monkeypatch.setattr(execute, "start_stages", dying(execute.start_stages))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(linear(*pair)))
     out = tmp_path / "out"

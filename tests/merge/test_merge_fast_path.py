@@ -1,12 +1,13 @@
-"""The fast (streamed, chunked, threaded) executor writes exactly what the simple one writes.
+"""The fast (chunked, threaded) backend writes exactly what the reference backend writes.
 
-The simple executor (``streamed=False``: one whole tensor at a time through ``compute_op``)
-is the reference. Tensors here are large enough to span several chunks (the chunk size is
-lowered to its minimum) and, in bf16, full of exact ties at the TIES threshold.
+The reference backend (one whole tensor at a time through ``compute_op``) is the reference.
+Tensors here are large enough to span several chunks (the chunk size is lowered to its
+minimum) and, in bf16, full of exact ties at the TIES threshold.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import shoal.merge.streamed as streamed
+import shoal.merge.execute as execute
 from shoal.checkpoint import open_checkpoint
-from shoal.checkpoint.writer import PlannedShardWriter, ShardedWriter
+from shoal.checkpoint.writer import ShardWriter, shard_groups
 from shoal.merge import merge
+from shoal.merge.execute import ExecutorOptions
+from shoal.merge.fast import load_kernels
 from shoal.merge.methods.selection import top_k_mask
 from shoal.merge.methods.slerp import STATS_BLOCK
 
@@ -69,32 +72,35 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-STREAMED = [("ties", "paper"), ("ties", "mergekit"), ("dare_ties", "paper"), ("linear", "paper"),
-            ("slerp", "paper")]
+CHUNKED = [("dare_ties", "paper"), ("linear", "paper"), ("slerp", "paper")]
+FUSED_ONLY = [("ties", "paper"), ("ties", "mergekit")]  # chunked with the fused loops, else whole
 WHOLE = [("dare_ties", "mergekit"), ("della", "paper"), ("breadcrumbs_ties", "paper")]  # whole-tensor ops
 
 
-@pytest.mark.parametrize("method,compat", STREAMED + WHOLE)
-def test_fast_executor_is_bitwise_the_simple_one(tmp_path: Path, trio, method: str, compat: str,
-                                                 monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(streamed, "CHUNK", STATS_BLOCK)  # the embedding spans 5 chunks
-    monkeypatch.setattr(streamed, "FUSED_CHUNKS", 1)  # also for the fused loops
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("method,compat", CHUNKED + FUSED_ONLY + WHOLE)
+def test_fast_backend_is_bitwise_the_reference(tmp_path: Path, trio, method: str, compat: str, fused: bool,
+                                               monkeypatch) -> None:  # type: ignore[no-untyped-def]
     recipe_dict = _recipe(method, *trio, compat)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict))
-    calls = {"streamed": 0}
-    real = streamed.start_streamed
+    calls = {"whole": 0}
+    real = execute.compute_op
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["streamed"] += 1
+        calls["whole"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streamed, "start_streamed", counting)
-    merge(recipe, tmp_path / "simple", streamed=False)
-    assert calls["streamed"] == 0
-    merge(recipe, tmp_path / "fast", shard_size=300_000)  # several shards, split like the simple writer's
-    # every op went through the chunked path, or (methods it does not stream) the pipelined whole-tensor one
-    assert calls["streamed"] == (len(SHAPES) if (method, compat) in STREAMED else 0)
+    monkeypatch.setattr(execute, "compute_op", counting)
+    merge(recipe, tmp_path / "simple", options=ExecutorOptions(backend="reference"))
+    assert calls["whole"] == len(SHAPES)
+    calls["whole"] = 0
+    # the embedding spans 5 chunks; several shards, split as the reference backend splits them
+    merge(recipe, tmp_path / "fast", shard_size=300_000,
+          options=ExecutorOptions(chunk=STATS_BLOCK, fused_chunks=1, fused=fused))
+    chunked = (method, compat) in CHUNKED or ((method, compat) in FUSED_ONLY and fused and load_kernels())
+    # every op went through its method's chunks, or (where it has none) the pipelined whole-tensor path
+    assert calls["whole"] == (0 if chunked else len(SHAPES))
     simple, fast = _tensors(tmp_path / "simple"), _tensors(tmp_path / "fast")
     assert set(simple) == set(fast) == set(SHAPES)
     for name in SHAPES:
@@ -114,54 +120,58 @@ def test_top_k_mask_on_large_tied_tensor_matches_a_stable_sort() -> None:
         assert torch.equal(top_k_mask(scores, k), expected), k
 
 
-def test_planned_writer_splits_shards_like_the_sharded_writer(tmp_path: Path) -> None:
+def test_shard_writer_writes_pieces_in_any_order_into_planned_shards(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     tensors = {f"t{i}": torch.randn(shape, generator=gen).to(dtype) for i, (shape, dtype) in
                enumerate([((100, 10), torch.float32), ((7,), torch.bfloat16), ((300,), torch.float16),
                           ((50, 50), torch.float32), ((3,), torch.float32)])}
-    simple = ShardedWriter(tmp_path / "simple", max_shard_bytes=5000)
-    for name, tensor in tensors.items():
-        simple.add(name, tensor)
-    expected_map = simple.close()
-    planned = PlannedShardWriter(tmp_path / "planned", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
-                                 max_shard_bytes=5000)
+    sizes = [(n, t.numel() * t.element_size()) for n, t in tensors.items()]
+    # a shard closes before a tensor that would overflow it, or once full; a large tensor is alone
+    assert shard_groups(sizes, 5000) == [["t0", "t1", "t2"], ["t3"], ["t4"]]
+    writer = ShardWriter(tmp_path / "planned", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                         max_shard_bytes=5000)
     for name, tensor in reversed(tensors.items()):  # any order, and in two pieces
         flat = tensor.reshape(-1)
         half = flat.numel() // 2
-        planned.write(name, flat[half:], half)
-        planned.write(name, flat[:half], 0)
-    assert planned.close() == expected_map
-    assert (tmp_path / "planned" / "model.safetensors.index.json").read_text() == \
-        (tmp_path / "simple" / "model.safetensors.index.json").read_text()
+        writer.write(name, flat[half:], half)
+        writer.write(name, flat[:half], 0)
+    weight_map = writer.close()
+    assert weight_map == {"t0": "model-00001-of-00003.safetensors", "t1": "model-00001-of-00003.safetensors",
+                          "t2": "model-00001-of-00003.safetensors", "t3": "model-00002-of-00003.safetensors",
+                          "t4": "model-00003-of-00003.safetensors"}
+    index = json.loads((tmp_path / "planned" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == sum(s for _, s in sizes)
     got = _tensors(tmp_path / "planned")
     for name, tensor in tensors.items():
         assert torch.equal(got[name], tensor)
 
 
-def test_read_range_matches_get(tmp_path: Path) -> None:
+def test_read_ranges_match_the_stored_tensor(tmp_path: Path) -> None:
     tensor = torch.arange(1000, dtype=torch.float32).reshape(40, 25).to(torch.bfloat16)
     folder = _write_model(tmp_path / "m", {"w": tensor, "v": torch.ones(3)})
     reader = open_checkpoint(folder)
-    assert torch.equal(reader.read_range("w", 0, 1000), reader.get("w").reshape(-1))
-    assert torch.equal(reader.read_range("w", 37, 555), tensor.reshape(-1)[37:555])
+    assert torch.equal(reader.read_ranges("w", [(0, 1000)]), tensor.reshape(-1))
+    assert torch.equal(reader.read_ranges("w", [(37, 555)]), tensor.reshape(-1)[37:555])
     with pytest.raises(ValueError):
-        reader.read_range("w", 10, 1001)
+        reader.read_ranges("w", [(10, 1001)])
 
 
-def test_read_whole_is_get_without_a_memory_map(tmp_path: Path) -> None:
+def test_get_matches_safetensors_and_checks_finiteness(tmp_path: Path) -> None:
     from shoal.errors import CheckpointError
 
     bad = torch.ones(4, 5)
     bad[2, 3] = float("nan")
-    folder = _write_model(tmp_path / "m", {"w": torch.randn(40, 25).to(torch.bfloat16), "s": torch.tensor(2.5),
-                                           "bad": bad})
+    stored = {"w": torch.randn(40, 25).to(torch.bfloat16), "s": torch.tensor(2.5), "e": torch.ones(0, 3),
+              "bad": bad}
+    folder = _write_model(tmp_path / "m", stored)
     reader = open_checkpoint(folder)
-    for name in ("w", "s"):
-        got = reader.read_whole(name)
-        assert got.dtype == reader.get(name).dtype and got.shape == reader.get(name).shape
-        assert torch.equal(got, reader.get(name))
+    for name in ("w", "s", "e"):
+        got = reader.get(name)
+        assert got.dtype == stored[name].dtype and got.shape == stored[name].shape
+        assert torch.equal(got, stored[name])
+    assert torch.equal(reader.get("w", dtype=torch.float32), stored["w"].float())
     with pytest.raises(CheckpointError, match="'bad' contains 1 NaN or Inf"):
-        reader.read_whole("bad")
+        reader.get("bad")
 
 
 def test_map_range_matches_read_range_and_lets_pages_go(tmp_path: Path) -> None:
@@ -169,7 +179,7 @@ def test_map_range_matches_read_range_and_lets_pages_go(tmp_path: Path) -> None:
     save_file({"a": torch.ones(3), "w": tensor}, str(tmp_path / "model.safetensors"))
     reader = open_checkpoint(tmp_path / "model.safetensors")
     view = reader.map_range("w", 1234, 250_000)
-    assert torch.equal(view, reader.read_range("w", 1234, 250_000))
+    assert torch.equal(view, reader.read_ranges("w", [(1234, 250_000)]))
     assert reader.map_range("w", 7, 7).numel() == 0
     reader.release_range("w", 1234, 250_000)
     assert torch.equal(view, tensor[1234:250_000])  # read again from the file after a release
@@ -178,7 +188,7 @@ def test_map_range_matches_read_range_and_lets_pages_go(tmp_path: Path) -> None:
     reader.close()
 
 
-def test_read_ranges_concatenates_read_range(tmp_path: Path) -> None:
+def test_read_ranges_concatenates_ranges(tmp_path: Path) -> None:
     tensor = torch.randn(5000).to(torch.float16)
     save_file({"w": tensor}, str(tmp_path / "model.safetensors"))
     reader = open_checkpoint(tmp_path / "model.safetensors")
@@ -186,3 +196,24 @@ def test_read_ranges_concatenates_read_range(tmp_path: Path) -> None:
     assert torch.equal(reader.read_ranges("w", bounds), torch.cat([tensor[a:b] for a, b in bounds]))
     assert reader.read_ranges("w", []).numel() == 0
     reader.close()
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_copy_ops_write_renamed_and_converted_tensors(tmp_path: Path, trio, backend: str) -> None:
+    """``write_tensor_ops`` with :meth:`TensorOp.copy` (what layer-path export builds on): any names, any order."""
+    from shoal.merge import write_tensor_ops
+    from shoal.merge.plan import SourceRef, TensorOp
+
+    base, a, _ = trio
+    with open_checkpoint(base) as first, open_checkpoint(a) as second:
+        readers = {"first": first, "second": second}
+        ops = [TensorOp.copy("renamed.embed", SourceRef("second", "model.embed_tokens.weight"), (1200, 256),
+                             torch.float32),
+               TensorOp.copy("model.norm.weight", SourceRef("first", "model.norm.weight"), (256,),
+                             first.dtype("model.norm.weight"))]
+        written = write_tensor_ops(ops, readers, tmp_path / "out", shard_size=200_000,
+                                   options=ExecutorOptions(backend=backend, chunk=STATS_BLOCK))
+        got = _tensors(tmp_path / "out")
+        assert written == 1200 * 256 * 4 + 256 * first.dtype("model.norm.weight").itemsize
+        assert torch.equal(got["renamed.embed"], second.get("model.embed_tokens.weight", dtype=torch.float32))
+        assert torch.equal(got["model.norm.weight"], first.get("model.norm.weight"))

@@ -1,8 +1,9 @@
-"""The fused numba loops (``shoal.merge.kernels``) write exactly what the torch code writes.
+"""The fused numba loops (``shoal.merge.fast``) write exactly what the methods' torch code writes.
 
-Every merge here runs three ways: the simple executor (the reference), the streamed executor
-on its torch code, and the streamed executor on the fused loops. The last is skipped when
-numba (the ``fast`` extra) is not installed; the torch path is tested either way.
+Every merge here runs three ways: the reference backend, the fast backend without the fused
+loops (torch chunks, or whole tensors where a method has no torch chunks), and the fast
+backend on the fused loops. The last is skipped when numba (the ``fast`` extra) is not
+installed; the others are tested either way.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import shoal.merge.streamed as streamed
 from shoal.errors import CheckpointError, MergeError
 from shoal.merge import merge
+from shoal.merge.execute import ExecutorOptions
 from shoal.merge.methods.selection import KthLargest
 from shoal.merge.methods.slerp import STATS_BLOCK
 
@@ -101,14 +102,16 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _use_path(monkeypatch, path: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """Route the streamed executor through ``path``; counts the fused loops' calls."""
-    monkeypatch.setattr(streamed, "CHUNK", STATS_BLOCK)
-    monkeypatch.setattr(streamed, "FUSED_CHUNKS", 2)  # the embedding spans 3 chunks of the fused loops
-    monkeypatch.setattr(streamed, "USE_KERNELS", path == "fused")
+def _options(path: str) -> ExecutorOptions:
+    # the embedding spans 3 chunks of the fused loops
+    return ExecutorOptions(chunk=STATS_BLOCK, fused_chunks=2, fused=path == "fused")
+
+
+def _count_fused(monkeypatch, path: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Counts the fused loops' calls."""
     calls = {"fused": 0}
     if path == "fused":
-        from shoal.merge import fused as kernels
+        from shoal.merge.fast import fused as kernels
 
         for name in ("ties_merge", "dare_merge"):
             real = getattr(kernels, name)
@@ -123,13 +126,13 @@ def _use_path(monkeypatch, path: str) -> dict[str, int]:  # type: ignore[no-unty
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_streamed_paths_are_bitwise_the_simple_executor(tmp_path: Path, quartet, variant: str, path: str,
+def test_fast_paths_are_bitwise_the_reference(tmp_path: Path, quartet, variant: str, path: str,
                                                         monkeypatch) -> None:  # type: ignore[no-untyped-def]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(variant, *quartet)))
-    merge(recipe, tmp_path / "simple", streamed=False)
-    calls = _use_path(monkeypatch, path)
-    merge(recipe, tmp_path / "fast")
+    merge(recipe, tmp_path / "simple", options=ExecutorOptions(backend="reference"))
+    calls = _count_fused(monkeypatch, path)
+    merge(recipe, tmp_path / "fast", options=_options(path))
     if path == "fused":
         assert calls["fused"] > len(SHAPES)  # every tensor, in several chunks
     simple, fast = _tensors(tmp_path / "simple"), _tensors(tmp_path / "fast")
@@ -152,9 +155,8 @@ def test_nan_in_a_source_raises_the_readers_error(tmp_path: Path, path: str,
     for variant in ("ties", "dare_ties"):
         recipe = tmp_path / f"{variant}.yaml"
         recipe.write_text(yaml.safe_dump(_recipe(variant, *folders, folders[2])))
-        _use_path(monkeypatch, path)
         with pytest.raises(CheckpointError, match="'w'.*NaN"):
-            merge(recipe, tmp_path / f"out_{variant}")
+            merge(recipe, tmp_path / f"out_{variant}", options=_options(path))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -167,14 +169,13 @@ def test_overflow_in_the_result_raises(tmp_path: Path, path: str, monkeypatch) -
     recipe_dict = _recipe("ties", *folders, folders[2])
     recipe_dict["parameters"] = {"lambda": 4.0}
     recipe.write_text(yaml.safe_dump(recipe_dict))
-    _use_path(monkeypatch, path)
     with pytest.raises(MergeError, match="'w' contains NaN or Inf"):
-        merge(recipe, tmp_path / "out")
+        merge(recipe, tmp_path / "out", options=_options(path))
 
 
 @needs_numba
 def test_bf16_rounding_is_torchs() -> None:
-    from shoal.merge import fused as kernels
+    from shoal.merge.fast import fused as kernels
 
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, size=1 << 20, dtype=np.uint32)
@@ -192,16 +193,18 @@ def test_bf16_rounding_is_torchs() -> None:
 
 @needs_numba
 def test_torch_add_with_alpha_is_known_to_be_fused_or_not() -> None:
-    from shoal.merge import fused as kernels
+    from shoal.merge.fast import fused as kernels
+
+    from shoal.merge.fast import load_kernels
 
     assert kernels.torch_fuses_alpha() in (True, False)
-    assert streamed.fused_kernels() is kernels
+    assert load_kernels() is kernels
 
 
 @needs_numba
 @pytest.mark.parametrize("bounds", ["both", "below", "above", "none"])
 def test_scan_is_kth_largest_scan(bounds: str) -> None:
-    from shoal.merge import fused as kernels
+    from shoal.merge.fast import fused as kernels
 
     gen = torch.Generator().manual_seed(8)
     base = (torch.randn(50_000, generator=gen) * 0.02).to(torch.bfloat16)
@@ -227,7 +230,7 @@ def test_scan_is_kth_largest_scan(bounds: str) -> None:
 @needs_numba
 def test_scan_tally_with_a_wide_bracket_and_nan() -> None:
     """float32 magnitudes spread over many binades (three radix passes) tally as torch.unique does."""
-    from shoal.merge import fused as kernels
+    from shoal.merge.fast import fused as kernels
 
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(70_001, generator=gen)
@@ -247,27 +250,32 @@ def test_scan_tally_with_a_wide_bracket_and_nan() -> None:
     assert finite is False
 
 
-def test_numpy_bracket_and_thresholds_are_kth_largest() -> None:
-    from shoal.merge.methods.selection import ties_per_piece
-    from shoal.merge.streamed_ties import bracket, fused_threshold
+def test_tallied_thresholds_are_the_kth_largest_of_a_stable_sort() -> None:
+    """The one k-th-largest rule (bracket, tallies, ties by flat order) against a plain stable sort."""
+    from shoal.merge.methods.selection import bracket_values, kth_in_tallies, ties_taken
 
     gen = torch.Generator().manual_seed(4)
     values = (torch.randn(300_000, generator=gen) * 0.01).to(torch.bfloat16).float().abs()  # many ties
-    sample = values[::5]
+    order = torch.sort(-values, stable=True).indices  # largest first, ties by index
     for k in (1, 777, 150_000, 299_999):
-        search = KthLargest(k, values.numel(), sample)
-        lo, hi = bracket(k, values.numel(), np.sort(sample.numpy()))
-        assert (lo is None) == (search.lo is None) and (hi is None) == (search.hi is None)
-        assert lo is None or lo == float(search.lo)
-        assert hi is None or hi == float(search.hi)
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[order[:k]] = True
+        search = KthLargest(k, values.numel(), values[::5])
+        lo, hi = bracket_values(k, values.numel(), np.sort(values[::5].numpy()))
+        as_float = lambda v: None if v is None else float(v)  # noqa: E731
+        assert (as_float(lo), as_float(hi)) == (as_float(search.lo), as_float(search.hi))
         pieces = [values[i:i + 40_000] for i in range(0, values.numel(), 40_000)]
-        scans = [search.scan(piece) for piece in pieces]
-        threshold = search.value(scans)
-        found = fused_threshold(k, [(a, d.numpy(), c.numpy()) for a, d, c in scans])
-        if threshold is None:
-            assert found is None
-            continue
-        assert found is not None and found[0] == float(threshold)
-        taken = ties_per_piece(scans, threshold, k)
-        all_ties = [int(c[d == threshold].sum()) for _, d, c in scans]
-        assert found[1] == [-1 if t == a else t for t, a in zip(taken, all_ties)]
+        scans = [(a, d.numpy(), c.numpy()) for a, d, c in (search.scan(piece) for piece in pieces)]
+        index = kth_in_tallies(k, sum(s[0] for s in scans), np.concatenate([s[1] for s in scans]),
+                               np.concatenate([s[2] for s in scans]))
+        assert index is not None
+        threshold = np.concatenate([s[1] for s in scans])[index]
+        assert threshold == values[order[k - 1]]
+        got = []
+        for piece, (here, tied) in zip(pieces, ties_taken(k, scans, threshold)):
+            keep = piece > float(threshold)
+            ties = torch.nonzero(piece == float(threshold)).squeeze(1)
+            assert tied == ties.numel()
+            keep[ties[:here]] = True
+            got.append(keep)
+        assert torch.equal(torch.cat(got), expected)

@@ -2,8 +2,9 @@
 
 ``open_checkpoint`` accepts a Hugging Face model folder (one ``model.safetensors`` or a
 sharded index), a single weight file, an index file, or a hub id. Shapes and dtypes come
-from the validated safetensors headers without reading tensor data; ``get`` reads one
-tensor through a memory map and converts it to the requested dtype and device.
+from the validated safetensors headers without reading tensor data. Three ways to read:
+``get`` (one whole tensor, converted to a dtype and device), ``read_ranges`` (flat ranges,
+copied) and ``map_range`` (a flat range as a view of the file's pages, for chunked work).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from types import TracebackType
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 
 from shoal.checkpoint.hub import download_checkpoint, hub_cache_root, looks_like_hub_id
 from shoal.checkpoint.locate import WeightFiles, locate_weights
@@ -44,7 +44,6 @@ class CheckpointReader:
         self._shard_of: dict[str, Path] = {}
         self._entries: dict[str, TensorEntry] = {}
         self._data_start: dict[Path, int] = {}
-        self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
         self._mappings: dict[Path, mmap.mmap] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
@@ -141,12 +140,15 @@ class CheckpointReader:
     ) -> torch.Tensor:
         """Read tensor ``name``, converted to ``dtype`` (default: as stored) on ``device``.
 
-        With ``check_finite``, a NaN or Inf in a floating-point tensor is a
-        :class:`CheckpointError` naming the file and the tensor.
+        Safetensors storage is read with positioned reads (:meth:`read_ranges`), not a memory
+        map, so the pages read do not stay in this process's resident memory: reading tensor by
+        tensor keeps it flat in model size. With ``check_finite``, a NaN or Inf in a
+        floating-point tensor is a :class:`CheckpointError` naming the file and the tensor.
         """
         shard = self._shard(name)
         if name in self._entries:
-            tensor = self._handle(shard).get_tensor(name)
+            entry = self._entries[name]
+            tensor = self.read_ranges(name, [(0, entry.nbytes // entry.dtype.itemsize)]).view(entry.shape)
         else:
             tensor = self._load_pickle(shard)[name]
         # `.to` returns the same object when nothing changes; a pickled tensor must not be
@@ -154,7 +156,7 @@ class CheckpointReader:
         converted = tensor.to(device=device, dtype=dtype or tensor.dtype)
         if converted is tensor and name not in self._entries:
             converted = tensor.clone()
-        if check_finite and converted.is_floating_point() and not bool(torch.isfinite(converted).all()):
+        if check_finite and converted.is_floating_point() and not all_finite(converted):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 count = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(f"{shard}: tensor {name!r} contains {count} NaN or Inf values")
@@ -163,37 +165,16 @@ class CheckpointReader:
             )
         return converted
 
-    def read_whole(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Tensor ``name`` as stored, on ``device``; what :meth:`get` returns, read without a memory map.
-
-        Safetensors storage is read with positioned reads (:meth:`read_range`), so the pages
-        read do not stay in this process's resident memory: merging tensor by tensor keeps it
-        flat in model size. NaN or Inf raise as in :meth:`get`. Pickle storage uses :meth:`get`.
-        """
-        if not self.can_read_range(name):
-            return self.get(name, device=device)
-        shape = self.shape(name)
-        values = self.read_range(name, 0, math.prod(shape)).view(shape).to(device)
-        self.check_range(name, values)
-        return values
-
     def can_read_range(self, name: str) -> bool:
-        """Whether :meth:`read_range` works for ``name`` (safetensors storage, not pickle)."""
+        """Whether :meth:`read_ranges` and :meth:`map_range` work for ``name`` (safetensors storage, not pickle)."""
         return name in self._entries
 
-    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Entries ``[start, stop)`` of tensor ``name`` in flat (row-major) order, as stored, on the CPU.
-
-        A positioned read (``pread``) straight into a new buffer: no memory map, so the pages
-        read do not stay in this process's resident memory, and it is safe to call from
-        several threads at once. No finiteness check (see :meth:`check_range`).
-        """
-        return self.read_ranges(name, [(start, stop)])
-
     def read_ranges(self, name: str, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """The entries of several ranges ``(start, stop)`` of tensor ``name``, one after another, in one new tensor.
+        """The entries of ranges ``(start, stop)`` of tensor ``name`` (flat, row-major), one after another, as stored.
 
-        Positioned reads into one buffer, as :meth:`read_range` (a sample of runs of entries, say).
+        Positioned reads (``pread``) into one new buffer: no memory map, so the pages read do
+        not stay in this process's resident memory, and safe from several threads at once. No
+        finiteness check (see :meth:`check_range`).
         """
         dtype = self._where(name, 0, 0)[2]  # a tensor not in a safetensors file raises here
         places = [self._where(name, start, stop) for start, stop in bounds]
@@ -212,12 +193,12 @@ class CheckpointReader:
         return buffer.view(dtype)
 
     def map_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Entries ``[start, stop)`` of tensor ``name`` as :meth:`read_range` reads them, without copying them.
+        """Entries ``[start, stop)`` of tensor ``name`` as :meth:`read_ranges` reads them, without copying them.
 
         A view of the file's pages, mapped copy-on-write (a write to the view changes this
         process's copy, never the file). The pages count in this process's resident memory
         until :meth:`release_range` lets them go: for ranges worked on one at a time, as the
-        streamed merge does, where reading them into memory of its own costs more than the work.
+        chunked merge does, where a copy of each range would double the memory traffic.
         Safe to call from several threads at once. No finiteness check.
         """
         offset, nbytes, dtype, shard = self._where(name, start, stop)
@@ -284,17 +265,8 @@ class CheckpointReader:
                 fd = kept
         return fd
 
-    def _handle(self, shard: Path):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
-            except Exception as exc:  # the header was validated; this is the file changing under us
-                raise CheckpointError(f"{shard}: cannot open safetensors file: {exc}") from exc
-        return self._handles[shard]
-
     def close(self) -> None:
         """Release file handles and any loaded pickle shards."""
-        self._handles.clear()
         self._pickled.clear()
         for mapping in self._mappings.values():
             try:

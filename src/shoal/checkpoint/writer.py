@@ -173,7 +173,8 @@ class ShardedWriter:
 
 
 def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    """Tensor names per shard, split exactly as :class:`ShardedWriter` splits them when added in order."""
+    """Tensor names per shard, in order: a shard is closed when the next tensor would push it past
+    ``max_shard_bytes`` or when it reaches that size (a larger tensor gets a shard of its own)."""
     groups: list[list[str]] = []
     pending: list[str] = []
     pending_bytes = 0
@@ -191,14 +192,14 @@ def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return groups
 
 
-class PlannedShardWriter:
+class ShardWriter:
     """Write tensors whose names, dtypes and shapes are known in advance, in any order and in pieces.
 
     Every shard file is created up front with its final header, so a tensor (or any flat
     range of it) is written straight to its place with ``pwrite`` and nothing is buffered:
-    memory does not grow with the shard size. Shards are split as :class:`ShardedWriter`
-    splits them and get the same names and index on :meth:`close`. :meth:`write` may be
-    called from one thread while another computes.
+    memory does not grow with the shard size. Shards are split by :func:`shard_groups` and get
+    their final names and the index on :meth:`close`. :meth:`write` may be called from several
+    threads at once (each piece goes to its own bytes).
     """
 
     def __init__(self, directory: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
@@ -265,7 +266,7 @@ class PlannedShardWriter:
     def close(self) -> dict[str, str]:
         """Close the shards, give them their final names, write the index; return the weight map."""
         if self._closed:
-            raise RuntimeError("PlannedShardWriter.close called twice")
+            raise RuntimeError("ShardWriter.close called twice")
         self._closed = True
         for _, _, fd in self._files:
             os.close(fd)
@@ -295,3 +296,14 @@ class PlannedShardWriter:
         for temporary, _, _ in self._files:
             temporary.unlink(missing_ok=True)
         self._files = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()

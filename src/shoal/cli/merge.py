@@ -28,32 +28,40 @@ def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, al
     """Merge the models of RECIPE (mergekit-style YAML) into a Hugging Face folder OUT."""
     import gc
 
-    # torch's import makes about a million lasting objects: the collections it triggers meanwhile
-    # find no garbage (0.2 s), and every later full collection would walk them again
-    gc.disable()
-    try:
-        from shoal.merge import load_recipe, merge
-        from shoal.merge.execute import open_sources
-        from shoal.merge.plan import plan_merge
+    from shoal.runtime import collection_paused, runtime_settings, settle
 
-        from shoal.checkpoint import parse_byte_size
-    finally:
-        gc.freeze()
-        gc.enable()
+    with runtime_settings(gc="freeze", trim_allocator=True):
+        # torch's import makes about a million lasting objects: collections meanwhile find no garbage
+        with collection_paused():
+            from shoal.checkpoint import parse_byte_size
+            from shoal.merge import load_recipe, merge
+            from shoal.merge.execute import open_sources
+            from shoal.merge.plan import plan_merge
+        settle()
 
-    size = parse_byte_size(shard_size)
-    parsed = load_recipe(recipe)
-    if dry_run:
-        with ExitStack() as stack:
-            readers = open_sources(parsed, allow_pickle=allow_pickle, stack=stack)
-            plan = plan_merge(parsed, readers, seed=seed)
-        _print_plan(plan)
-        return
-    with progress_bars(enabled=not quiet) as progress:
-        result = merge(parsed, out, shard_size=size, device=device, seed=seed,
-                       allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
-    gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now (0.5 s)
+        size = parse_byte_size(shard_size)
+        parsed = load_recipe(recipe)
+        if dry_run:
+            with ExitStack() as stack:
+                readers = open_sources(parsed, allow_pickle=allow_pickle, stack=stack)
+                plan = plan_merge(parsed, readers, seed=seed)
+            _print_plan(plan)
+            return
+        _check_device(device)
+        with progress_bars(enabled=not quiet) as progress:
+            result = merge(parsed, out, shard_size=size, device=device, seed=seed,
+                           allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
+    gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now
     click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from shoal.errors import MergeError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: CUDA is not available on this machine")
 
 
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]

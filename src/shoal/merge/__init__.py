@@ -1,4 +1,4 @@
-"""Merging: methods (pure tensor functions), recipes, planning and streamed execution.
+"""Merging: methods (pure tensor functions), recipes, planning and one executor.
 
 Submodules are imported on first use, so importing the method registry does not pull in
 checkpoint I/O.
@@ -10,7 +10,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "MergeResult": "execute", "compute_op": "execute", "execute_plan": "execute", "merge": "execute",
+    "ExecutorOptions": "execute", "MergeResult": "execute", "compute_op": "execute", "execute_plan": "execute",
+    "merge": "execute", "write_tensor_ops": "execute",
     "MergePlan": "plan", "SourceRef": "plan", "TensorOp": "plan", "plan_merge": "plan",
     "Recipe": "recipe", "load_recipe": "recipe", "parse_recipe": "recipe",
     "MethodSpec": "registry", "ParamSpec": "registry", "all_methods": "registry",

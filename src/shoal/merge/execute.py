@@ -1,57 +1,213 @@
-"""Run a merge plan: tensor by tensor, streamed into a staged output folder."""
+"""Run a merge plan: one executor for every method, streamed into a staged output folder.
+
+Each op runs the way its method declares (:mod:`shoal.merge.registry`): in chunks on a pool
+of threads when the method has a chunk planner that accepts the op's settings, else whole,
+with :func:`compute_op` (the reference), while the next op's sources are read and the
+previous result is written. ``backend="reference"`` runs every op whole, one at a time: the
+tests compare the fast backend against it bitwise.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
-from shoal.checkpoint import (CheckpointReader, ShardedWriter, copy_support_files, open_checkpoint,
-                              staged_output, write_model_card)
+from shoal.checkpoint import CheckpointReader, open_checkpoint, staged_output
+from shoal.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from shoal.errors import MergeError
+from shoal.merge.chunks import ChunkJob, Sources, copy_chunks
+from shoal.merge.methods.randomness import EntryRandom
+from shoal.merge.output import write_support
 from shoal.merge.plan import COPY, MergePlan, SourceRef, TensorOp, plan_merge
 from shoal.merge.recipe import Recipe, load_recipe
-from shoal.merge.registry import get_method
+from shoal.merge.pool import Stage, chunk_pool, ranges_of, start_stages
+from shoal.merge.registry import MethodSpec, get_method
 from shoal.progress import ProgressFn, no_progress
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
-IN_FLIGHT = 3  # streamed ops started ahead of the one waited for
+DEFAULT_SHARD_SIZE = DEFAULT_MAX_SHARD_BYTES
 
 Fetch = Callable[[SourceRef], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class MergeResult:
-    """What a finished merge wrote."""
+class ExecutorOptions:
+    """How :func:`execute_plan` runs; none of these change what is written.
 
-    out: Path
-    tensors: int
-    total_bytes: int
-    plan: MergePlan
+    ``backend``: ``"fast"`` (chunks where a method allows it, the rest pipelined) or
+    ``"reference"`` (every op whole, one at a time). ``chunk``: entries per chunk (a multiple
+    of 65536, the SLERP stats block); ``fused_chunks``: chunks per fused-loop call; ``fused``:
+    use the numba loops when installed; ``workers``: pool threads (default:
+    :func:`shoal.runtime.worker_threads`); ``in_flight``: chunked ops started ahead of the one
+    waited for.
+    """
+
+    backend: Literal["fast", "reference"] = "fast"
+    chunk: int = 1 << 16
+    fused_chunks: int = 8
+    fused: bool = True
+    workers: int | None = None
+    in_flight: int = 3
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("fast", "reference"):
+            raise ValueError(f"backend must be 'fast' or 'reference', got {self.backend!r}")
+        if self.chunk <= 0 or self.chunk % (1 << 16) or self.fused_chunks < 1 or self.in_flight < 0:
+            raise ValueError(f"bad executor options: {self}")
+
+
+def randomness_for(op: TensorOp, compat: str) -> EntryRandom | torch.Generator:
+    """The seed contract: counter-based draws keyed by the op's seed, or mergekit's sequential generator.
+
+    The generator is a CPU one whatever the device, so a seed draws the same masks on a GPU.
+    """
+    if compat == "mergekit":
+        return torch.Generator().manual_seed(op.seed)
+    return EntryRandom(op.seed)
+
+
+def method_kwargs(op: TensorOp, spec: MethodSpec, compat: str) -> dict[str, object]:
+    """The keyword arguments of ``op``'s method function (its defaults filled in)."""
+    kwargs = {**spec.defaults(), **op.kwargs()}
+    kwargs.pop("generator", None)
+    kwargs.pop("compat", None)
+    if spec.uses_generator:
+        kwargs["generator"] = randomness_for(op, compat)
+    if spec.has_compat:
+        kwargs["compat"] = compat
+    return kwargs
 
 
 def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
                device: str | torch.device = "cpu") -> torch.Tensor:
-    """The output tensor of one operation, in its output dtype (on ``device``)."""
+    """The output tensor of one operation, whole, in its output dtype (on ``device``): the reference."""
     if op.method == COPY:
-        result = fetch(op.models[0])
-    else:
-        method = get_method(op.method)
-        base = fetch(op.base) if op.base is not None else None
-        models = [fetch(ref) for ref in op.models]
-        kwargs = op.kwargs()
-        if method.uses_generator:
-            # a CPU generator whatever the device: a seed draws the same masks on the CPU and on a GPU
-            kwargs["generator"] = torch.Generator().manual_seed(op.seed)
-        if method.has_compat:
-            kwargs["compat"] = compat
-        result = method.fn(base, models, **kwargs)
-        if not torch.isfinite(result).all():
-            raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
+        return fetch(op.models[0]).to(op.out_dtype)
+    spec = get_method(op.method)
+    base = fetch(op.base) if op.base is not None else None
+    result = spec.fn(base, [fetch(ref) for ref in op.models], **method_kwargs(op, spec, compat))
+    if not torch.isfinite(result).all():
+        raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
     return result.to(op.out_dtype)
+
+
+def _chunked(op: TensorOp, readers: Mapping[str, CheckpointReader], writer: ShardWriter, compat: str,
+             options: ExecutorOptions) -> Stage | None:
+    """The first pass of ``op`` in chunks, or None when it runs whole."""
+    if not all(readers[ref.model].can_read_range(ref.tensor) and readers[ref.model].dtype(ref.tensor).is_floating_point
+               for ref in op.sources):
+        return None
+    n = 1
+    for dim in op.shape:
+        n *= dim
+    sources = Sources(op, readers)
+
+    def write(start: int, values: torch.Tensor) -> None:
+        writer.write(op.name, values, start)
+
+    ranges = ranges_of(n, options.chunk)
+    if op.method == COPY:
+        return copy_chunks(op, sources, write, ranges)
+    spec = get_method(op.method)
+    planner = spec.chunk_planner()
+    if planner is None:
+        return None
+    job = ChunkJob(op, spec, method_kwargs(op, spec, compat), sources, write, ranges, options.fused,
+                   options.chunk * options.fused_chunks)
+    return planner(job)
+
+
+def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
+                 progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> int:
+    """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written."""
+    return write_tensor_ops(plan.ops, readers, out_dir, compat=plan.recipe.compat, shard_size=shard_size,
+                            device=device, progress=progress, options=options)
+
+
+def write_tensor_ops(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], out_dir: Path, *,
+                     compat: str = "paper", shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
+                     progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> int:
+    """Compute ``ops`` (merges, or copies: :meth:`TensorOp.copy`) into safetensors shards in ``out_dir``.
+
+    Shards, their names and the index are those of the op order and ``shard_size``, whatever
+    the backend. Returns the bytes of tensor data written.
+    """
+    writer = ShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in ops], max_shard_bytes=shard_size)
+    total = len(ops)
+    with writer:
+        if options.backend == "reference":
+            fetch: Fetch = lambda ref: readers[ref.model].get(ref.tensor, device=device)  # noqa: E731
+            for done, op in enumerate(ops, start=1):
+                writer.write(op.name, compute_op(op, fetch, compat=compat, device=device).to("cpu"))
+                progress("merge", done, total)
+        else:
+            _run_fast(ops, readers, writer, compat, device, progress, options)
+    return sum(op.nbytes for op in ops)
+
+
+def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], writer: ShardWriter, compat: str,
+              device: str | torch.device, progress: ProgressFn, options: ExecutorOptions) -> None:
+    on_cpu = torch.device(device).type == "cpu"
+    total = len(ops)
+    finished = 0
+
+    def done() -> None:
+        nonlocal finished
+        finished += 1
+        progress("merge", finished, total)
+
+    with chunk_pool(options.workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
+        def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
+            return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
+
+        prefetched: dict[int, Future] = {}
+        writing: list[Future] = []
+        stages: dict[int, Stage | None] = {}  # planned one op ahead (a plan may read, e.g. the TIES sample)
+
+        def stage_of(i: int) -> Stage | None:
+            if i not in stages:
+                stages[i] = _chunked(ops[i], readers, writer, compat, options) if on_cpu else None
+            return stages[i]
+
+        def whole(i: int) -> None:
+            """Op i in one piece, on ``device``, while the next op's sources are read if it runs whole too."""
+            following = i + 1
+            if following < total and stage_of(following) is None and following not in prefetched:
+                prefetched[following] = io.submit(read_all, ops[following])
+            sources = prefetched.pop(i).result() if i in prefetched else read_all(ops[i])
+            tensor = compute_op(ops[i], sources.__getitem__, compat=compat, device=device)
+            if writing:
+                writing.pop().result()
+            writing.append(io.submit(writer.write, ops[i].name, tensor.to("cpu")))
+
+        in_flight: deque[tuple[int, Future]] = deque()  # chunked ops: their passes queue behind each other's
+
+        def settle() -> None:
+            i, future = in_flight.popleft()
+            if not future.result():  # the op must run whole after all
+                whole(i)
+            done()
+
+        for i in range(total):
+            stage = stage_of(i)
+            stages.pop(i, None)
+            if stage is None:
+                whole(i)
+                done()
+                continue
+            in_flight.append((i, start_stages(pool, stage)))
+            while len(in_flight) > options.in_flight:
+                settle()
+        while in_flight:
+            settle()
+        if writing:
+            writing.pop().result()
 
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
@@ -70,179 +226,34 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
     return readers
 
 
-def make_fetch(readers: Mapping[str, CheckpointReader], device: str | torch.device) -> Fetch:
-    def fetch(ref: SourceRef) -> torch.Tensor:
-        return readers[ref.model].get(ref.tensor, device=device)
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge wrote."""
 
-    return fetch
-
-
-def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
-                 shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
-                 progress: ProgressFn = no_progress, streamed: bool = True,
-                 workers: int | None = None) -> int:
-    """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written.
-
-    ``streamed`` (the default) runs the fast executor: on the CPU, ops are computed in chunks
-    on ``workers`` threads (default: torch's thread count) straight into pre-laid-out shard
-    files (:mod:`shoal.merge.streamed`), up to ``IN_FLIGHT`` + 1 ops at a time (their passes
-    queue on the pool behind each other's); ops it does not stream, and every op on a GPU, run
-    whole while the next op's sources are read and the previous result is written. The
-    result is bitwise the same as ``streamed=False``: one tensor at a time with
-    :func:`compute_op`, the reference implementation.
-    """
-    if not streamed:
-        return _execute_simple(plan, readers, out_dir, shard_size=shard_size, device=device,
-                               progress=progress)
-    from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from shoal.checkpoint.writer import PlannedShardWriter
-    from shoal.merge.pool import chunk_pool
-    from shoal.merge.streamed import start_streamed, streamable
-
-    compat = plan.recipe.compat
-    on_cpu = torch.device(device).type == "cpu"
-    stream = [on_cpu and streamable(op, readers, compat=compat) for op in plan.ops]
-    writer = PlannedShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in plan.ops],
-                                max_shard_bytes=shard_size)
-    threads = torch.get_num_threads()
-    total = len(plan.ops)
-    finished = 0
-
-    def done() -> None:
-        nonlocal finished
-        finished += 1
-        progress("merge", finished, total)
-
-    try:
-        with chunk_pool(workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
-            def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
-                return {ref: readers[ref.model].read_whole(ref.tensor, device) for ref in op.sources}
-
-            prefetched: dict[int, Future] = {}
-            writing: Future | None = None
-
-            def whole(i: int) -> None:
-                """Op i in one piece, on ``device``, while the next op's sources are read."""
-                nonlocal writing
-                op = plan.ops[i]
-                following = next((j for j in range(i + 1, total) if not stream[j]), None)
-                if following is not None and following not in prefetched:
-                    prefetched[following] = io.submit(read_all, plan.ops[following])
-                sources = prefetched.pop(i).result() if i in prefetched else read_all(op)
-                torch.set_num_threads(threads)  # a whole-tensor op uses torch's own threads
-                try:
-                    tensor = compute_op(op, sources.__getitem__, compat=compat, device=device)
-                finally:
-                    torch.set_num_threads(1)
-                if writing is not None:
-                    writing.result()
-                writing = io.submit(writer.write, op.name, tensor.to("cpu"))
-                del sources, tensor
-
-            # streamed ops in flight: their passes queue up on the pool behind each other's
-            in_flight: deque[tuple[int, Future]] = deque()
-
-            def settle() -> None:
-                i, future = in_flight.popleft()
-                if not future.result():  # the op must run whole after all
-                    whole(i)
-                done()
-
-            for i, op in enumerate(plan.ops):
-                if stream[i]:
-                    def write(start: int, values: torch.Tensor, name: str = op.name) -> None:
-                        writer.write(name, values, start)
-
-                    in_flight.append((i, start_streamed(op, readers, write, pool, compat=compat)))
-                    while len(in_flight) > IN_FLIGHT:
-                        settle()
-                    continue
-                whole(i)
-                done()
-            while in_flight:
-                settle()
-            if writing is not None:
-                writing.result()
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return plan.total_bytes
-
-
-def _execute_simple(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_dir: Path, *,
-                    shard_size: int, device: str | torch.device, progress: ProgressFn) -> int:
-    fetch = make_fetch(readers, device)
-    writer = ShardedWriter(out_dir, max_shard_bytes=shard_size)
-    total = len(plan.ops)
-    for done, op in enumerate(plan.ops, start=1):
-        tensor = compute_op(op, fetch, compat=plan.recipe.compat, device=device)
-        writer.add(op.name, tensor.to("cpu"))
-        progress("merge", done, total)
-    writer.close()
-    return plan.total_bytes
+    out: Path
+    tensors: int
+    total_bytes: int
+    plan: MergePlan
 
 
 def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
           device: str = "cpu", seed: int = 0, allow_pickle: bool = False, overwrite: bool = False,
-          progress: ProgressFn = no_progress, streamed: bool = True) -> MergeResult:
+          progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> MergeResult:
     """Merge the recipe's sources into a Hugging Face model folder at ``out``.
 
     The folder is built next to ``out`` and moved into place only when complete: an error or a
-    killed process leaves nothing at ``out``. ``streamed=False`` runs the simple reference
-    executor (same result, slower, memory up to a shard).
+    killed process leaves nothing at ``out``. ``options`` choose how it runs, never what it writes.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    _check_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"device {device!r}: CUDA is not available on this machine")
     out = Path(out)
     with ExitStack() as stack:
         readers = open_sources(recipe, allow_pickle=allow_pickle, stack=stack)
         plan = plan_merge(recipe, readers, seed=seed)
         with staged_output(out, overwrite=overwrite) as stage:
             written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
-                                   progress=progress, streamed=streamed)
+                                   progress=progress, options=options)
             write_support(plan, readers, stage, seed=seed)
     return MergeResult(out=out, tensors=len(plan.ops), total_bytes=written, plan=plan)
-
-
-def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stage: Path, *,
-                  seed: int) -> None:
-    """Config, tokenizer, generation config, the recipe and the model card."""
-    copy_support_files(readers[plan.reference], stage, config_updates=dict(plan.config_updates))
-    if plan.tokenizer_source != plan.reference:
-        _copy_tokenizer(readers[plan.tokenizer_source], stage)
-    recipe = plan.recipe
-    if recipe.seed is None and _uses_randomness(plan):
-        recipe = recipe.model_copy(update={"seed": seed})
-    recipe_yaml = recipe.to_yaml()
-    write_model_card(stage, sources=plan.models_used(), method=plan.method, recipe_yaml=recipe_yaml,
-                     base_model=recipe.base_model)
-
-
-def _copy_tokenizer(source: CheckpointReader, stage: Path) -> None:
-    """Replace the tokenizer files in ``stage`` by those of ``source`` (``tokenizer_source``)."""
-    import shutil
-
-    from shoal.checkpoint.support_files import SUPPORT_FILES
-
-    folder = source.path if Path(source.path).is_dir() else Path(source.path).parent
-    names = [n for n in SUPPORT_FILES if n != "generation_config.json"]
-    if not any((folder / n).is_file() for n in names):
-        raise MergeError(f"tokenizer_source {source.source}: no tokenizer files in {folder}")
-    for name in names:
-        if (stage / name).exists():
-            (stage / name).unlink()
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, stage / name)
-
-
-def _uses_randomness(plan: MergePlan) -> bool:
-    return plan.method != COPY and get_method(plan.method).uses_generator
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"--device {device}: CUDA is not available on this machine")

@@ -13,12 +13,14 @@ from typing import Any, Mapping
 
 import torch
 
-from shoal.checkpoint import CheckpointReader, describe_tensor, is_tied, map_prefix, num_layers, with_layer
-from shoal.checkpoint import layer_count_key
+from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
 from shoal.errors import MergeError, RecipeError
+from shoal.merge.model_view import ModelView as _ModelView
+from shoal.merge.model_view import architecture as _architecture
+from shoal.merge.model_view import count_layers as _count_layers
 from shoal.merge.params import TensorPosition, is_unset, resolve_first
 from shoal.merge.recipe import ParamValue, Recipe
-from shoal.merge.registry import MethodSpec, get_method
+from shoal.merge.registry import MethodSpec, get_method, python_name
 
 COPY = "copy"
 
@@ -60,9 +62,13 @@ class TensorOp:
         return count * torch.tensor([], dtype=self.out_dtype).element_size()
 
     def kwargs(self) -> dict[str, Any]:
-        from shoal.merge.registry import python_name
-
         return {python_name(k): (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
+
+    @classmethod
+    def copy(cls, name: str, source: SourceRef, shape: tuple[int, ...], dtype: torch.dtype) -> "TensorOp":
+        """An op that writes ``source`` as output tensor ``name`` (converted to ``dtype``)."""
+        return cls(name=name, method=COPY, base=None, models=(source,), params=(), shape=tuple(shape),
+                   out_dtype=dtype, seed=0)
 
 
 @dataclass(frozen=True)
@@ -88,44 +94,6 @@ def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed that does not depend on the order tensors are processed in."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class _ModelView:
-    """A source model seen in the output's tensor namespace (after its prefix map)."""
-
-    def __init__(self, key: str, reader: CheckpointReader, prefix_map: Mapping[str, str]):
-        self.key = key
-        self.reader = reader
-        self.prefix_map = dict(prefix_map)
-        self.to_source: dict[str, str] = {}
-        for name in reader.tensor_names():
-            mapped = map_prefix(name, self.prefix_map) if self.prefix_map else name
-            if mapped is not None:
-                self.to_source[mapped] = name
-        config = reader.config or {}
-        self.tied = is_tied(config, reader.tensor_names()) if config else False
-        self.architecture = _architecture(config)
-
-    def covers(self, out_name: str) -> bool:
-        """Whether this model is expected to provide ``out_name`` (its prefix map reaches it)."""
-        if not self.prefix_map:
-            return True
-        return any(out_name.startswith(target) for target in self.prefix_map.values())
-
-    def source_name(self, out_name: str) -> str | None:
-        if out_name in self.to_source:
-            return self.to_source[out_name]
-        if self.tied and describe_tensor(out_name, self.architecture).role == "lm_head":
-            for name in self.to_source:
-                info = describe_tensor(name, self.architecture)
-                if info.role == "embed" and ("embed_tokens" in name or "wte" in name):
-                    return self.to_source[name]
-        return None
-
-
-def _architecture(config: Mapping[str, Any]) -> str | None:
-    archs = config.get("architectures") or []
-    return archs[0] if archs else config.get("model_type")
 
 
 def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
@@ -286,12 +254,6 @@ def _copy_op(out_name: str, view: _ModelView, recipe: Recipe, seed: int) -> Tens
     return TensorOp(name=out_name, method=COPY, base=None, models=(SourceRef(view.key, name),),
                     params=(), shape=tuple(view.reader.shape(name)),
                     out_dtype=_out_dtype(recipe, view.reader, name), seed=tensor_seed(seed, out_name))
-
-
-def _count_layers(view: _ModelView) -> int:
-    layers = [describe_tensor(n, view.architecture).layer for n in view.to_source]
-    present = [layer for layer in layers if layer is not None]
-    return max(present) + 1 if present else 0
 
 
 def _tokenizer_source(recipe: Recipe, reference: str) -> str:

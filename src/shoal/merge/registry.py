@@ -20,6 +20,13 @@ Calling convention (every method):
 
 The method's signature is the source of truth for which parameters it has: evolution builds
 its search space from :attr:`MethodSpec.params`.
+
+How a method runs is declared with it. Its function on whole tensors is the reference; with
+``chunked="module:function"`` it may also run over flat chunks of a tensor: the function
+(a :data:`shoal.merge.chunks.ChunkPlanner`) gets a :class:`~shoal.merge.chunks.ChunkJob`
+and returns the passes over the chunks, or None when these settings must run whole. Chunked
+results are bitwise the function's. ``shoal.merge.chunks:elementwise`` is the planner of a
+method whose function, given a flat range of every input, returns that range of its result.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ class MethodSpec:
     params: tuple[ParamSpec, ...]
     uses_generator: bool
     has_compat: bool
+    chunked: str | None = None  # "module:function" of its chunk planner (see the module docstring)
 
     @property
     def summary(self) -> str:
@@ -100,6 +108,20 @@ class MethodSpec:
     def __call__(self, base: Any, models: Any, **kwargs: Any) -> Any:
         return self.fn(base, models, **kwargs)
 
+    def defaults(self) -> dict[str, Any]:
+        """The function's keyword defaults (Python names)."""
+        return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
+                if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+
+    def chunk_planner(self) -> Callable[..., Any] | None:
+        """The declared chunk planner, imported on first use (the fast path may need numba), or None."""
+        if self.chunked is None:
+            return None
+        import importlib
+
+        module, _, attr = self.chunked.partition(":")
+        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -111,8 +133,12 @@ def merge_method(
     paper: str,
     min_models: int = 1,
     max_models: int | None = None,
+    chunked: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn`` as merge method ``name``; duplicate names and unknown parameters fail at import."""
+    """Register ``fn`` as merge method ``name``; duplicate names and unknown parameters fail at import.
+
+    ``chunked``: ``"module:function"`` of the method's chunk planner (see the module docstring).
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
@@ -143,6 +169,7 @@ def merge_method(
             params=tuple(params),
             uses_generator="generator" in sig.parameters,
             has_compat="compat" in sig.parameters,
+            chunked=chunked,
         )
         return fn
 

@@ -12,9 +12,12 @@ from typing import Literal, Sequence, Union
 import torch
 
 from shoal.errors import MergeError, RecipeError
+from shoal.merge.methods.randomness import EntryRandom
 
 Compat = Literal["paper", "mergekit"]
 PerModel = Union[float, Sequence[float]]  # one value for every model, or one value per model
+
+Randomness = Union[EntryRandom, torch.Generator]  # counter-based (paper) or sequential (mergekit's draws)
 
 COMPAT_CHOICES = ("paper", "mergekit")
 
@@ -68,11 +71,28 @@ def check_compat(method: str, compat: str) -> None:
                           f"got {compat!r}")
 
 
-def generator_or_default(generator: torch.Generator | None) -> torch.Generator:
-    """The caller's generator, or a fresh CPU generator seeded with 0 (never the global RNG)."""
+def generator_or_default(generator: Randomness | None, compat: str = "paper") -> Randomness:
+    """The caller's randomness, or the default for ``compat`` seeded with 0 (never the global RNG)."""
     if generator is not None:
         return generator
-    return torch.Generator().manual_seed(0)
+    return torch.Generator().manual_seed(0) if compat == "mergekit" else EntryRandom(0)
+
+
+def keep_mask(delta: torch.Tensor, probability: float | torch.Tensor, generator: Randomness,
+              model: int) -> torch.Tensor:
+    """Which entries of model ``model``'s task vector ``delta`` a random drop keeps.
+
+    An :class:`EntryRandom` draws by position (the seed contract of
+    :mod:`~shoal.merge.methods.randomness`); a ``torch.Generator`` draws ``uniform_like(delta)``
+    in flat order, mergekit's way, and keeps the entries below ``probability``.
+    """
+    if isinstance(generator, EntryRandom):  # a probability tensor may be shaped (rows, last dim): same flat order
+        shape = probability.shape if isinstance(probability, torch.Tensor) else delta.shape
+        return generator.keep(model, shape, probability, delta.device)
+    draws = uniform_like(delta, generator)
+    if isinstance(probability, torch.Tensor):
+        return draws.reshape(probability.shape) < probability
+    return draws < probability
 
 
 def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from shoal.merge.methods._inputs import Compat, PerModel, generator_or_default, per_model
+from shoal.merge.methods._inputs import Compat, PerModel, Randomness, generator_or_default, per_model
 from shoal.merge.methods.generalized import generalized_task_arithmetic
 from shoal.merge.methods.sparsify import drop_by_magnitude_rank
 from shoal.merge.registry import merge_method
@@ -16,15 +16,15 @@ _PAPER = "https://arxiv.org/abs/2406.11617"
 
 def _della(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerModel,
            density: PerModel, epsilon: PerModel, lambda_: float, normalize: bool, rescale: bool,
-           generator: torch.Generator | None, compat: Compat, sign_consensus: bool) -> torch.Tensor:
+           generator: Randomness | None, compat: Compat, sign_consensus: bool) -> torch.Tensor:
     n = len(models)
     weights = per_model(name, "weight", weight, n)
     densities = per_model(name, "density", density, n, low=0.0, high=1.0)
     epsilons = per_model(name, "epsilon", epsilon, n, low=0.0, high=1.0)
-    rng = generator_or_default(generator)
+    rng = generator_or_default(generator, compat)
     return generalized_task_arithmetic(
         base, models, method=name, weights=weights,
-        sparsify=lambda delta, k: drop_by_magnitude_rank(delta, densities[k], epsilons[k], rng,
+        sparsify=lambda delta, k: drop_by_magnitude_rank(delta, densities[k], epsilons[k], rng, model=k,
                                                          rescale=rescale, compat=compat),
         sign_consensus=sign_consensus, normalize=normalize, lambda_=lambda_, compat=compat)
 
@@ -32,7 +32,7 @@ def _della(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], *, wei
 @merge_method("della", needs_base=True, paper=_PAPER)
 def della(base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerModel = 1.0,
           density: PerModel = 1.0, epsilon: PerModel = 0.1, lambda_: float = 1.0, normalize: bool = True,
-          rescale: bool = True, generator: torch.Generator | None = None,
+          rescale: bool = True, generator: Randomness | None = None,
           compat: Compat = "paper") -> torch.Tensor:
     """DELLA: magnitude-ranked random drop with 1/p_i rescaling, sign election, disjoint mean.
 
@@ -48,7 +48,7 @@ def della(base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerMode
 @merge_method("della_linear", needs_base=True, paper=_PAPER)
 def della_linear(base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerModel = 1.0,
                  density: PerModel = 1.0, epsilon: PerModel = 0.1, lambda_: float = 1.0,
-                 normalize: bool = False, rescale: bool = True, generator: torch.Generator | None = None,
+                 normalize: bool = False, rescale: bool = True, generator: Randomness | None = None,
                  compat: Compat = "paper") -> torch.Tensor:
     """DELLA's magnitude-ranked random drop with 1/p_i rescaling, then the weighted sum.
 

@@ -11,7 +11,8 @@ from shoal.merge.methods._inputs import PerModel, check_tensors, per_model, work
 from shoal.merge.registry import merge_method
 
 
-@merge_method("linear", needs_base=False, paper="https://arxiv.org/abs/2203.05482")
+@merge_method("linear", needs_base=False, paper="https://arxiv.org/abs/2203.05482",
+              chunked="shoal.merge.chunks:elementwise")
 def linear(base: torch.Tensor | None, models: Sequence[torch.Tensor], *, weight: PerModel = 1.0,
            normalize: bool = True) -> torch.Tensor:
     """Linear: the weighted average of the models (a "model soup"); ``base`` is not used.

@@ -12,8 +12,9 @@ to everything. :class:`KthLargest` does the same over a tensor seen in pieces.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the k-th largest value
@@ -48,6 +49,43 @@ def bracket_positions(k: int, n: int, size: int) -> tuple[int, int]:
     return math.floor((below - margin) * size), math.ceil((below + margin) * size)
 
 
+def bracket_values(k: int, n: int, ordered: Any) -> tuple[Any, Any]:
+    """The bracket ``(lo, hi)`` of the k-th largest of ``n`` values from a sorted sample of them (None: open)."""
+    size = len(ordered)
+    if size == 0:
+        return None, None
+    i_lo, i_hi = bracket_positions(k, n, size)
+    return (ordered[i_lo] if i_lo >= 0 else None), (ordered[i_hi] if i_hi < size else None)
+
+
+def kth_in_tallies(k: int, above: int, distinct: np.ndarray, counts: np.ndarray) -> int | None:
+    """Where the k-th largest is in ``distinct`` (the tallied values inside a bracket; ``above`` lie over it).
+
+    The one k-th-largest rule, for the whole-tensor scan and the fused loops alike. None when
+    the bracket missed it.
+    """
+    wanted = k - above  # rank of the k-th largest inside the bracket, from the top
+    if wanted <= 0 or wanted > int(counts.sum()):
+        return None
+    order = np.argsort(distinct, kind="stable")[::-1]
+    return int(order[int(np.searchsorted(np.cumsum(counts[order]), wanted))])
+
+
+def ties_taken(k: int, scans: Sequence[tuple[int, np.ndarray, np.ndarray]], threshold: Any) -> list[tuple[int, int]]:
+    """(entries equal to ``threshold`` each piece keeps, how many it has), so that exactly ``k`` are kept.
+
+    Entries above the threshold are all kept and ties go to the lowest flat indices, piece by piece.
+    """
+    missing = k - sum(above + int(counts[distinct > threshold].sum()) for above, distinct, counts in scans)
+    taken = []
+    for _, distinct, counts in scans:
+        tied = int(counts[distinct == threshold].sum())
+        here = min(missing, tied)
+        taken.append((here, tied))
+        missing -= here
+    return taken
+
+
 class KthLargest:
     """The exact k-th largest of ``n`` values seen in pieces.
 
@@ -65,12 +103,8 @@ class KthLargest:
         self.k, self.n = k, n
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
-        if sample is not None and sample.numel() > 0:
-            ordered = sample.reshape(-1).sort().values
-            size = ordered.numel()
-            i_lo, i_hi = bracket_positions(k, n, size)
-            self.lo = ordered[i_lo] if i_lo >= 0 else None
-            self.hi = ordered[i_hi] if i_hi < size else None
+        if sample is not None:
+            self.lo, self.hi = bracket_values(k, n, sample.reshape(-1).sort().values)
 
     def scan(self, values: torch.Tensor) -> Scan:
         """(how many of ``values`` lie above the bracket, the distinct values inside it, their counts)."""
@@ -88,31 +122,12 @@ class KthLargest:
         return above, distinct, counts
 
     def value(self, scans: Sequence[Scan]) -> torch.Tensor | None:
-        above = sum(scan[0] for scan in scans)
         distinct = torch.cat([scan[1] for scan in scans])
         counts = torch.cat([scan[2] for scan in scans])
-        wanted = self.k - above  # rank of the k-th largest inside the bracket, from the top
-        if wanted <= 0 or wanted > int(counts.sum()):
-            return None
-        order = torch.argsort(distinct, descending=True)
-        reached = torch.cumsum(counts[order], 0)
-        position = int(torch.searchsorted(reached, torch.tensor([wanted], dtype=reached.dtype, device=reached.device)))
-        return distinct[order[position]]
-
-
-def ties_per_piece(scans: Sequence[Scan], threshold: torch.Tensor, k: int) -> list[int]:
-    """How many entries equal to ``threshold`` each piece keeps so that exactly ``k`` are kept.
-
-    ``threshold`` is the k-th largest (found by :meth:`KthLargest.value` from ``scans``);
-    entries above it are all kept and ties go to the lowest flat indices, piece by piece.
-    """
-    missing = k - sum(above + int(counts[distinct > threshold].sum()) for above, distinct, counts in scans)
-    take = []
-    for _, distinct, counts in scans:
-        here = min(missing, int(counts[distinct == threshold].sum()))
-        take.append(here)
-        missing -= here
-    return take
+        # float64 holds every value of the narrower dtypes exactly, in the same order
+        index = kth_in_tallies(self.k, sum(scan[0] for scan in scans), distinct.to(torch.float64).cpu().numpy(),
+                               counts.cpu().numpy())
+        return None if index is None else distinct[index]
 
 
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ STATS_BLOCK = 1 << 16  # dot products and norms are summed in float64 over block
 
 
 @merge_method("slerp", needs_base=True, paper="https://doi.org/10.1145/325165.325242",
-              min_models=1, max_models=1)
+              min_models=1, max_models=1,
+              chunked="shoal.merge.fast.slerp:slerp_stages")
 def slerp(base: torch.Tensor, models: Sequence[torch.Tensor], *, t: float = 0.5) -> torch.Tensor:
     """SLERP: walk the arc from the base (t=0) to the other model (t=1), the tensor as one vector.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.merge.methods._inputs import Compat, uniform_like
+from shoal.merge.methods._inputs import Compat, Randomness, keep_mask
 from shoal.merge.methods.selection import count_for_fraction, top_k_mask
 
 _L1_EPS = 1e-7
@@ -39,8 +39,8 @@ def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "
 def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero ``delta`` (in place) where ``keep`` is false; the one way every sparsifier drops entries.
 
-    A multiplication by the mask, several times faster than ``masked_fill_`` on the CPU; a
-    dropped negative entry becomes -0.0, which every later sum treats as 0.
+    A multiplication by the mask (the fused loops multiply too, so both paths give the same
+    zeros); a dropped negative entry becomes -0.0, which every later sum treats as 0.
     """
     return delta.mul_(keep)
 
@@ -65,18 +65,18 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *,
     return delta.masked_fill_(~keep, 0.0)
 
 
-def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator, *,
+def drop_random(delta: torch.Tensor, density: float, generator: Randomness, *, model: int = 0,
                 rescale: bool = True, compat: Compat = "paper") -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and rescale the survivors by ``1/density``.
 
-    The keep mask is ``uniform_like(delta) < density``: one float32 draw per entry from
-    ``generator``, in flat order (no draws when ``density`` is 0 or 1).
+    The keep mask is :func:`~._inputs.keep_mask` of model ``model`` (no draws when ``density``
+    is 0 or 1).
     """
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    keep = uniform_like(delta, generator) < density
+    keep = keep_mask(delta, density, generator, model)
     l1_before = delta.abs().sum() if rescale and compat == "mergekit" else None
     apply_keep_mask(delta, keep)
     if not rescale:
@@ -106,11 +106,11 @@ def magnitude_rank_keep_probability(delta: torch.Tensor, density: float, epsilon
 
 
 def drop_by_magnitude_rank(delta: torch.Tensor, density: float, epsilon: float,
-                           generator: torch.Generator, *, rescale: bool = True,
+                           generator: Randomness, *, model: int = 0, rescale: bool = True,
                            compat: Compat = "paper") -> torch.Tensor:
     """DELLA's MAGPRUNE: keep entry i with a probability p_i rising with its magnitude rank, rescale by 1/p_i.
 
-    The keep mask is ``uniform_like(delta) < p`` (same draw order as :func:`drop_random`).
+    The keep mask is :func:`~._inputs.keep_mask` of model ``model`` with p (as :func:`drop_random`).
     """
     if density >= 1.0:
         return delta
@@ -118,7 +118,7 @@ def drop_by_magnitude_rank(delta: torch.Tensor, density: float, epsilon: float,
         return delta.zero_()
     keep_probability = magnitude_rank_keep_probability(delta, density, epsilon)
     rows = delta.reshape(keep_probability.shape)
-    keep = uniform_like(delta, generator).reshape(rows.shape) < keep_probability
+    keep = keep_mask(delta, keep_probability, generator, model).reshape(rows.shape)
     l1_before = rows.abs().sum() if rescale and compat == "mergekit" else None
     rows.masked_fill_(~keep, 0.0)
     if rescale:

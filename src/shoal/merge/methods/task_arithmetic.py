@@ -11,7 +11,8 @@ from shoal.merge.methods.generalized import generalized_task_arithmetic
 from shoal.merge.registry import merge_method
 
 
-@merge_method("task_arithmetic", needs_base=True, paper="https://arxiv.org/abs/2212.04089")
+@merge_method("task_arithmetic", needs_base=True, paper="https://arxiv.org/abs/2212.04089",
+              chunked="shoal.merge.chunks:elementwise")
 def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerModel = 1.0,
                     lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """Task arithmetic: add the weighted task vectors (model minus base) to the base.

@@ -12,7 +12,8 @@ from shoal.merge.methods.sparsify import trim_by_magnitude
 from shoal.merge.registry import merge_method
 
 
-@merge_method("ties", needs_base=True, paper="https://arxiv.org/abs/2306.01708")
+@merge_method("ties", needs_base=True, paper="https://arxiv.org/abs/2306.01708",
+              chunked="shoal.merge.fast.ties:ties_stages")
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], *, weight: PerModel = 1.0,
          density: PerModel = 1.0, lambda_: float = 1.0, normalize: bool = True,
          compat: Compat = "paper") -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""The fused loops of :mod:`~shoal.merge.kernels` on torch chunks: their arguments, buffers and results.
+"""The fused loops (:mod:`.ties_loops`, :mod:`.dare_loops`) on torch chunks: their arguments, buffers, results.
 
-What the streamed executor calls (:func:`shoal.merge.streamed.fused_kernels` returns this
-module, with the loops themselves and their constants).
+What the chunked stages call (:func:`shoal.merge.fast.load_kernels` returns this module, with
+the loops themselves and their constants).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from shoal.merge.kernels import DROP_ALL, KEEP_ALL, dare_merge, ties_merge, ties_scan, to_bf16_bits
+from shoal.merge.fast.dare_loops import dare_merge, philox_keep
+from shoal.merge.fast.primitives import to_bf16_bits
+from shoal.merge.fast.ties_loops import DROP_ALL, KEEP_ALL, ties_merge, ties_scan
 
-__all__ = ["DROP_ALL", "KEEP_ALL", "as_input", "combine_settings", "dare_merge", "merge_chunk", "model_inputs",
-           "scratch", "ties_merge", "ties_scan", "to_bf16_bits", "torch_fuses_alpha"]
+__all__ = ["DROP_ALL", "KEEP_ALL", "as_input", "combine_settings", "dare_merge", "keep_masks", "merge_chunk",
+           "model_inputs", "philox_keep", "scratch", "ties_merge", "ties_scan", "to_bf16_bits", "torch_fuses_alpha"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +69,7 @@ def combine_settings(weights: Sequence[float], *, compat: str, normalize: bool,
 
 def merge_chunk(base: torch.Tensor, models: Sequence[torch.Tensor], loop: Callable[..., tuple[bool, bool]],
                 *args: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
-    """``loop(base, models, out, *args)`` (:func:`~.kernels.ties_merge`, :func:`~.kernels.dare_merge`) on torch chunks.
+    """``loop(base, models, out, *args)`` (:func:`~.ties_loops.ties_merge`, :func:`~.dare_loops.dare_merge`) on torch chunks.
 
     Returns the result in ``base``'s dtype (what the methods return), whether the sources were
     finite and whether the result is. The loop writes into new memory, or into ``out`` (a
@@ -91,8 +93,28 @@ _scratch = threading.local()
 
 
 def scratch(n: int) -> np.ndarray:
-    """This thread's (2, >= n) float32 work array for :func:`~.kernels.ties_scan`."""
+    """This thread's (2, >= n) float32 work array for :func:`~.ties_loops.ties_scan`."""
     array = getattr(_scratch, "array", None)
     if array is None or array.shape[1] < n:
         array = _scratch.array = np.empty((2, n), np.float32)
     return array
+
+
+def keep_masks(key: int, start: int, n: int, thresholds: Sequence[int | None]) -> tuple[np.ndarray, ...]:
+    """Each model's keep mask (bytes, 1 = keep) for entries ``start .. start + n``, in this thread's buffers.
+
+    ``thresholds[k]``: model k keeps the entries whose draw is below it
+    (:func:`~shoal.merge.methods.randomness.keep_threshold`); None keeps all of them.
+    """
+    masks = getattr(_scratch, "masks", None)
+    if masks is None or masks.shape[0] < len(thresholds) or masks.shape[1] < n:
+        masks = _scratch.masks = np.empty((max(len(thresholds), 1), n), np.uint8)
+    out = []
+    for k, threshold in enumerate(thresholds):
+        mask = masks[k, :n]
+        if threshold is None:
+            mask.fill(1)
+        else:
+            philox_keep(key, k, start, threshold, mask)
+        out.append(mask)
+    return tuple(out)
