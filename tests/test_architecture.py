@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 MAX_LINES = 400
 
 # Top-level modules every part may use: errors, the progress callback type, transformers shims.
-SHARED = {"errors", "progress", "hf_compat"}
+SHARED = {"errors", "progress", "hf_compat", "runtime"}
 
 # subpackage -> the subpackages it may import (besides SHARED and itself). DESIGN.md: checkpoint at
 # the bottom; merge uses checkpoint; flow uses merge; eval uses checkpoint; adapt uses eval; evolve
@@ -194,7 +194,7 @@ def test_the_cli_maps_argument_names_to_its_flags() -> None:
 def test_one_table_of_architecture_families() -> None:
     """Layer paths use the families that ``checkpoint/architecture.py`` marks for them."""
     from shoal.checkpoint.architecture import FAMILIES, layer_path_families
-    from shoal.flow.modeling import FAMILIES as FLOW_FAMILIES
+    from shoal.flow.modeling_layer_path import FAMILIES as FLOW_FAMILIES
 
     assert layer_path_families() == {name: (f.modeling_module, f.class_prefix)
                                       for name, f in FAMILIES.items() if f.layer_path}

@@ -264,7 +264,7 @@ def _run(adapter: SVFAdapter, tokenizer: object, task: Task, train: list[Example
         if (state["fingerprint"] != factors.fingerprint or state["objective"] != s.objective
                 or state.get("parametrization", "direct") != s.parametrization):
             raise ConfigError(f"training state {ckpt} belongs to another base, objective or parametrization; "
-                              f"remove it or pass resume=False (--no-resume)")
+                              f"remove it or pass resume=False")
         with torch.no_grad():
             for n in factors.names:
                 params[n].copy_(state["params"][n])

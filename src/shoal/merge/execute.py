@@ -214,15 +214,16 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
                  stack: ExitStack) -> dict[str, CheckpointReader]:
     """Open every model the recipe names (closed when ``stack`` closes).
 
-    ``zoo:SIZE/NAME`` names a model of the miniature world, built on first use."""
+    Names go through the one reference resolver: folders, files, hub ids (``@revision``),
+    ``zoo:SIZE/NAME`` (built on first use) and evolve run folders."""
+    from shoal.checkpoint.references import resolve_reference
+
     readers: dict[str, CheckpointReader] = {}
     for name in recipe.source_models():
-        location = name
-        if name.startswith("zoo:"):
-            from shoal.zoo import resolve_zoo_ref
-
-            location = resolve_zoo_ref(name)
-        readers[name] = stack.enter_context(open_checkpoint(location, allow_pickle=allow_pickle))
+        location = resolve_reference(name)
+        source = location.path if location.path is not None else str(location.hub_id)
+        readers[name] = stack.enter_context(open_checkpoint(source, allow_pickle=allow_pickle,
+                                                            revision=location.revision))
     return readers
 
 
