@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._options import verbosity
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -23,9 +25,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+@verbosity
 def import_expert(ref_file: Path, model: str, out: Path, task: str | None, label: str | None,
                   expect_fingerprint: str | None, svd_cache: Path | None, device: str, dtype: str,
-                  as_json: bool) -> None:
+                  as_json: bool, quiet: bool) -> None:
     """Convert an expert saved by SakanaAI/self-adaptive-llms (learnable_params.pt or
     policy_params.pt) for MODEL into a shoal expert (reference parametrization)."""
     import torch
@@ -34,7 +37,10 @@ def import_expert(ref_file: Path, model: str, out: Path, task: str | None, label
     from shoal.adapt.import_reference import import_reference_expert
     from shoal.eval import load_model
 
-    loaded, _ = load_model(model, device=device, dtype=getattr(torch, dtype))
+    from shoal.cli._progress import progress_bars
+
+    with progress_bars(enabled=not quiet and not as_json):  # before loading: no HF bars
+        loaded, _ = load_model(model, device=device, dtype=getattr(torch, dtype))
     path = import_reference_expert(ref_file, loaded, out=out, base_model=model, task=task, label=label,
                                    expect_fingerprint=expect_fingerprint, cache_dir=svd_cache)
     meta = load_expert(path).meta
