@@ -88,7 +88,9 @@ def lmeval_task(spec: str, *, num_fewshot: int | None = None, fewshot_seed: int 
     else:
         name = spec
         folders = include_paths(include_path)
-        manager = TaskManager(include_path=folders or None)
+        manager = TaskManager(include_path=folders, include_defaults=False) if folders else None
+        if manager is None or name not in manager.all_tasks:  # lm-eval's own ~10k task files last
+            manager = TaskManager(include_path=folders or None)
     if name not in manager.all_tasks:
         close = [t for t in manager.all_tasks if name.lower() in t.lower()][:10]
         hint = f"; similar: {', '.join(close)}" if close else ""

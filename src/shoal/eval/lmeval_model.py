@@ -18,6 +18,7 @@ for ``shoal`` (see :func:`shoal.eval.lmeval_adapter.register_lmeval_model`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from lm_eval.models.huggingface import HFLM
 
 from shoal.errors import CheckpointError
 from shoal.eval.loading import load_model
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "auto": torch.float32}
@@ -43,8 +46,12 @@ class ShoalLM(HFLM):
             if dtype not in _DTYPES:
                 raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
             dtype = _DTYPES[dtype]
-        model, tokenizer = load_model(str(pretrained), device=device or "cpu", dtype=dtype,
-                                      revision=revision)
+        device = device or "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 by default; its hf model falls back alike
+            log.warning("device %s is not available; evaluating on cpu", device)
+            device = "cpu"
+        model, tokenizer = load_model(str(pretrained), device=device, dtype=dtype, revision=revision)
         kwargs.pop("tokenizer", None)  # the model's own tokenizer, as the loader prepared it
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.reference = str(pretrained)
