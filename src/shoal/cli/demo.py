@@ -17,7 +17,9 @@ import click
 @click.option("--quiet", "-q", is_flag=True)
 def command(size: str, out: Path, trials: int, limit: int | None, seed: int, quiet: bool) -> None:
     """Evolve a merge of the language-B and math specialists for math problems written in B."""
-    from shoal.cli._progress import progress_bars, stdout
+    from shoal.cli._progress import progress_bars, quiet_optuna, stdout
+
+    quiet_optuna()
     from shoal.studies.evolve_demo import run_demo
     from shoal.evolve.report import markdown_table
 

@@ -21,7 +21,9 @@ import click
 def command(config: Path, run_dir: Path | None, resume: bool, workers: int, executor: str,
             trials: int | None, storage: str | None, no_model: bool, quiet: bool) -> None:
     """Evolve a merge recipe on a fitness task; pick on validation; report test scores."""
-    from shoal.cli._progress import progress_bars, stdout
+    from shoal.cli._progress import progress_bars, quiet_optuna, stdout
+
+    quiet_optuna()
     from shoal.evolve import load_evolve_config
     from shoal.evolve.report import markdown_table
     from shoal.evolve.run import evolve

@@ -17,7 +17,7 @@ from shoal.progress import ProgressFn, no_progress
 
 
 def run_on_ray(config: EvolveConfig, storage: str, workers: int, *,
-               progress: ProgressFn = no_progress) -> None:
+               progress: ProgressFn = no_progress, study_name: str | None = None) -> None:
     try:
         import ray
     except ImportError:
@@ -32,8 +32,11 @@ def run_on_ray(config: EvolveConfig, storage: str, workers: int, *,
     device = "cuda" if gpus else config.device
     data = config.model_copy(update={"device": device}).model_dump(mode="json")
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_worker)
-    pending = [task.remote(data, storage, 1) for _ in range(max(1, workers))]
-    study = _load(storage)
+    from shoal.evolve.search import STUDY_NAME
+
+    name = study_name or STUDY_NAME
+    pending = [task.remote(data, storage, 1, name) for _ in range(max(1, workers))]
+    study = _load(storage, name)
     total = config.search.trials
     while pending:
         done, pending = ray.wait(pending, timeout=1.0)
@@ -46,9 +49,9 @@ def run_on_ray(config: EvolveConfig, storage: str, workers: int, *,
         time.sleep(0.2)
 
 
-def _load(storage: str) -> Any:
+def _load(storage: str, name: str) -> Any:
     import optuna
 
-    from shoal.evolve.search import STUDY_NAME, make_storage
+    from shoal.evolve.search import make_storage
 
-    return optuna.load_study(study_name=STUDY_NAME, storage=make_storage(storage))
+    return optuna.load_study(study_name=name, storage=make_storage(storage))

@@ -23,7 +23,9 @@ from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig, parse_evolve_config
 from shoal.evolve.evaluators import make_evaluator, rows_for
 from shoal.evolve.references import CONFIG_FILE
-from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
+from shoal.evolve.saving import write_evolved_card
+from shoal.evolve.search import STUDY_NAME, default_storage, finished_trials, open_study, run_trials
+from shoal.evolve.study_attrs import describe_study, run_study_name
 from shoal.progress import ProgressFn, no_progress
 
 SCORES_FILE = "scores.json"
@@ -81,13 +83,13 @@ def _resolve_source(ref: str, run_dir: Path | None) -> str:
     return resolve_model_ref(ref)
 
 
-def _worker(config_data: dict, storage: str, threads: int) -> None:
+def _worker(config_data: dict, storage: str, threads: int, name: str = STUDY_NAME) -> None:
     torch.set_num_threads(threads)
     config = parse_evolve_config(config_data)
     evaluator = make_evaluator(config)
     try:
         study = open_study(storage, evaluator.gene_keys, config.search, resume=True, recover=False,
-                           x0=evaluator.x0)
+                           x0=evaluator.x0, study_name=name)
         run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials)
     finally:
         evaluator.close()
@@ -124,24 +126,27 @@ def search(config: EvolveConfig, run_dir: Path, *, resume: bool = False, workers
     _save_config(run_dir, config, resume)
     storage = config.storage or default_storage(run_dir)
     evaluator = make_evaluator(config)
-    study = open_study(storage, evaluator.gene_keys, config.search, resume=resume, x0=evaluator.x0)
+    name = run_study_name(storage, run_dir)
+    study = open_study(storage, evaluator.gene_keys, config.search, resume=resume, x0=evaluator.x0,
+                       study_name=name)
+    describe_study(study, evaluator)
     if executor == "ray":
         from shoal.evolve.ray_executor import run_on_ray
 
-        run_on_ray(config, storage, workers, progress=progress)
+        run_on_ray(config, storage, workers, progress=progress, study_name=name)
     elif workers <= 1:
         run_trials(study, evaluator.gene_keys, evaluator.fitness, config.search.trials, progress=progress)
     else:
-        _run_local_workers(config, storage, workers, study, progress)
+        _run_local_workers(config, storage, workers, study, progress, name)
     return evaluator, study
 
 
 def _run_local_workers(config: EvolveConfig, storage: str, workers: int, study: Any,
-                       progress: ProgressFn) -> None:
+                       progress: ProgressFn, name: str = STUDY_NAME) -> None:
     context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     data = config.model_dump(mode="json")
-    processes = [context.Process(target=_worker, args=(data, storage, threads)) for _ in range(workers)]
+    processes = [context.Process(target=_worker, args=(data, storage, threads, name)) for _ in range(workers)]
     for process in processes:
         process.start()
     total = config.search.trials
@@ -158,11 +163,11 @@ def load_run_study(run_dir: Path, storage: str | None = None) -> Any:
     """The Optuna study of a run folder (its default SQLite file unless ``storage`` is given)."""
     import optuna
 
-    from shoal.evolve.search import STUDY_NAME, make_storage
+    from shoal.evolve.search import make_storage
 
     saved = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) if storage is None else None
     url = storage or (saved or {}).get("storage") or default_storage(Path(run_dir))
-    return optuna.load_study(study_name=STUDY_NAME, storage=make_storage(url))
+    return optuna.load_study(study_name=run_study_name(url, Path(run_dir)), storage=make_storage(url))
 
 
 def top_trials(study: Any, k: int) -> list[Any]:
@@ -233,6 +238,7 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
             "trials": finished_trials(study), "scores": [asdict(s) for s in scores],
         }, indent=2))
         write_report(run_dir, study, evaluator, genome, scores)
+        write_evolved_card(run_dir, evaluator, finished_trials(study), scores, validation)
         return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
                             best_fitness=fitness, best_validation=validation,
                             trials=finished_trials(study), model_dir=model_dir, scores=tuple(scores))

@@ -20,7 +20,6 @@ def _optuna() -> Any:
         import optuna
     except ImportError:  # pragma: no cover - exercised only without the extra
         raise ConfigError("shoal evolve needs Optuna: pip install 'shoal[evolve]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
 
@@ -66,7 +65,8 @@ def make_sampler(spec: SearchSpec, x0: dict[str, float] | None = None) -> Any:
 
 
 def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
-               recover: bool = True, x0: dict[str, float] | None = None) -> Any:
+               recover: bool = True, x0: dict[str, float] | None = None,
+               study_name: str = STUDY_NAME) -> Any:
     """Create the study, or load it to resume.
 
     With ``recover`` (the coordinating process, before any worker starts), trials left running
@@ -75,10 +75,10 @@ def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resu
     optuna = _optuna()
     storage = make_storage(storage_url)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if STUDY_NAME in existing and not resume:
+    if study_name in existing and not resume:
         raise ConfigError(f"a study already exists in {storage_url}; pass resume=True to continue it or "
                           "use a new run folder")
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 sampler=make_sampler(spec, x0), load_if_exists=True)
     study.set_user_attr("genes", list(gene_keys))
     if not recover:
