@@ -27,7 +27,7 @@ from shoal.evolve.references import MODEL_DIR
 from shoal.evolve.saving import BEST_PATH, BEST_RECIPE, save_best_path, save_best_recipe
 from shoal.evolve.scoring import run_task_seed, score_model
 from shoal.evolve.space import SearchSpace, build_space
-from shoal.evolve.study_attrs import trial_attrs
+from shoal.evolve.study_attrs import local_recipe, trial_attrs
 from shoal.merge.recipe import Recipe
 
 __all__ = ["BEST_PATH", "BEST_RECIPE", "DfsEvaluator", "Evaluator", "MODEL_DIR", "make_evaluator",
@@ -98,7 +98,7 @@ class Evaluator(_Base):
         self.apply(self.space.decode(genome))
 
     def apply(self, recipe: Recipe) -> None:
-        self.builder.apply(self.model, recipe, seed=self.config.seed)
+        self.builder.apply(self.model, local_recipe(recipe), seed=self.config.seed)
 
     def score_recipe(self, recipe: Recipe, task: str | list[str], split: str, limit: int | None) -> Any:
         """Merge ``recipe`` into the resident model and score it."""

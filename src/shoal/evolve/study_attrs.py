@@ -186,3 +186,18 @@ def portable_recipe(recipe: Any) -> Any:
               for entry in recipe.models or []]
     base = portable_reference(recipe.base_model) if recipe.base_model else recipe.base_model
     return recipe.model_copy(update={"models": models or recipe.models, "base_model": base})
+
+
+def local_recipe(recipe: Any) -> Any:
+    """The inverse of :func:`portable_recipe`: ``zoo:`` names (any ``SCHEME:`` reference)
+    resolved to the folders a run's resident candidate was built from."""
+    from shoal.checkpoint.references import resolve_model_ref
+
+    def local(name: str | None) -> str | None:
+        return resolve_model_ref(name) if name and ":" in name and not Path(name).exists() else name
+
+    names = [entry.model for entry in recipe.models or []] + [recipe.base_model]
+    if not any(name and ":" in name and not Path(name).exists() for name in names):
+        return recipe
+    models = [entry.model_copy(update={"model": local(entry.model)}) for entry in recipe.models or []]
+    return recipe.model_copy(update={"models": models or recipe.models, "base_model": local(recipe.base_model)})
