@@ -55,7 +55,7 @@ def test_copy_support_files_updates_config_and_copies_tokenizer(source_with_toke
                                                     "vocab_size": 128})
     source_config = json.loads((source_with_tokenizer / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
     assert config["num_hidden_layers"] == 3 and config["vocab_size"] == 128
     assert config["layer_types"] == ["full_attention"] * 3  # uniform list follows the layer count
     untouched = {k for k in source_config if k not in ("dtype", "num_hidden_layers", "vocab_size", "layer_types")}
@@ -102,8 +102,8 @@ def test_nested_updates_reach_text_config():
     updated = update_config(config, {"text_config.num_hidden_layers": 5, "dtype": "bfloat16"})
     assert updated["text_config"]["num_hidden_layers"] == 5
     assert updated["text_config"]["layer_types"] == ["full_attention"] * 5
-    assert updated["dtype"] == updated["torch_dtype"] == "bfloat16"
-    assert updated["text_config"]["dtype"] == updated["text_config"]["torch_dtype"] == "bfloat16"
+    assert updated["dtype"] == updated["text_config"]["dtype"] == "bfloat16"
+    assert "torch_dtype" not in updated and "torch_dtype" not in updated["text_config"]
     with pytest.raises(CheckpointError, match="vision_config"):
         update_config(config, {"vision_config.num_hidden_layers": 1})
     with pytest.raises(CheckpointError, match="float17"):
@@ -131,3 +131,34 @@ def test_model_card_lists_sources_method_and_full_recipe(tmp_path):
     assert block is not None and block.group(2) + "\n" == recipe
     assert yaml.safe_load(block.group(2)) == yaml.safe_load(recipe)
     assert (tmp_path / RECIPE_FILENAME).read_text() == recipe
+
+
+def test_the_deprecated_torch_dtype_is_renamed_and_loads_without_a_warning(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = tmp_path / "old-style"
+    shutil.copytree(tiny_model_dir("sf-llama-old", arch="llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float32"
+    config["text_config"] = {"torch_dtype": "float32", "hidden_size": 8}  # a nested section too
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    copy_support_files(source, out, config_updates={"torch_dtype": torch.bfloat16})
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["text_config"]["dtype"] == "bfloat16"
+    assert "torch_dtype" not in json.dumps(written)
+    plain = update_config(config, {})
+    assert plain["dtype"] == plain["text_config"]["dtype"] == "float32" and "torch_dtype" not in json.dumps(plain)
+
+    written.pop("text_config")
+    (out / "config.json").write_text(json.dumps(written))
+    for name in ("model.safetensors",):
+        shutil.copyfile(source / name, out / name)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
+        assert loaded.config.dtype == torch.bfloat16
+    assert not [r for r in caplog.records if "torch_dtype" in r.getMessage()]

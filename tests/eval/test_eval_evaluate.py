@@ -55,7 +55,7 @@ def test_generate_task_counts_and_stderr(tiny_llama, word_tokenizer):
     assert isinstance(result, EvalResult)
     assert (result.task, result.split, result.n, result.correct) == ("toy-gen", "test", 8, 5)
     assert result.score == pytest.approx(5 / 8)
-    assert result.stderr == pytest.approx(math.sqrt((5 / 8) * (3 / 8) / 8))
+    assert result.stderr == pytest.approx(math.sqrt((5 / 8) * (3 / 8) / (8 - 1)))  # n - 1, as lm-eval
     assert list(result.outputs) == answers
     assert result.scores == (1.0,) * 5 + (0.0,) * 3
 

@@ -191,3 +191,128 @@ metric_list:
     with pytest.raises(TaskError, match="group of 2 tasks") as info:
         get_task(f"lmeval:{group}")
     assert "shoal_member_a" in str(info.value) and "shoal_member_b" in str(info.value)
+
+
+# -- lm-eval both ways: local task folders by name, and `--model shoal` ----------------------
+
+def _mc_task_folder(root, model, tokenizer, name="shoal_local_mc"):
+    """A task folder with one multiple-choice task whose answers are right for every other
+    question (the model's own choice) and wrong for the rest."""
+    options = [["one", "two", "three"], ["red", "cat dog"], ["yes", "no", "blue"]]
+    rows = []
+    for i, question in enumerate(QUESTIONS):
+        choices = options[i % len(options)]
+        scores = [_loglik(model, tokenizer, question, " " + c) for c in choices]
+        best = max(range(len(choices)), key=scores.__getitem__)
+        rows.append({"question": question, "options": choices,
+                     "label": best if i % 2 else (best + 1) % len(choices)})
+    folder = root / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _jsonl(folder / "mc.jsonl", rows)
+    (folder / f"{name}.yaml").write_text(f"""
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {root / "cache"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{options}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""", encoding="utf-8")
+    return folder, name
+
+
+def test_a_local_task_folder_is_found_by_name(offline, monkeypatch, tiny_llama, word_tokenizer):
+    from shoal.eval.lmeval_adapter import INCLUDE_PATH_ENV, lmeval_task
+
+    folder, name = _mc_task_folder(offline, tiny_llama, word_tokenizer)
+    monkeypatch.setenv(INCLUDE_PATH_ENV, str(folder))
+    task = get_task(f"lmeval:{name}")
+    assert task.name == f"lmeval:{name}" and len(task.examples("test")) == len(QUESTIONS)
+    result = evaluate(tiny_llama, word_tokenizer, task, "test", batch_size=4)
+    assert (result.n, result.correct) == (len(QUESTIONS), 3)
+    monkeypatch.delenv(INCLUDE_PATH_ENV)
+    assert lmeval_task(name, include_path=folder).name == f"lmeval:{name}"
+    monkeypatch.setenv(INCLUDE_PATH_ENV, str(offline / "nowhere"))
+    with pytest.raises(TaskError, match=f"nowhere: no such lm-eval task folder \\(from {INCLUDE_PATH_ENV}\\)"):
+        get_task(f"lmeval:{name}")
+
+
+def test_stderr_is_lm_evals_mean_stderr():
+    from lm_eval.api.metrics import mean_stderr as lmeval_mean_stderr
+
+    from shoal.eval.evaluate import result_from_scores
+    from shoal.eval.scoring import mean_stderr
+
+    for scores in ([1.0, 0.0, 1.0, 1.0], [0.0] * 7 + [1.0] * 3, [0.25, 0.5, 1.0, 0.0, 0.75]):
+        assert mean_stderr(scores) == pytest.approx(lmeval_mean_stderr(scores), rel=1e-12)
+        assert result_from_scores("t", "test", [], scores).stderr == pytest.approx(lmeval_mean_stderr(scores))
+    p, n = 0.3, 10  # 0/1 scores: sqrt(p (1 - p) / (n - 1)), not / n
+    assert mean_stderr([0.0] * 7 + [1.0] * 3) == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
+    assert mean_stderr([1.0]) == 0.0 and mean_stderr([]) == 0.0
+
+
+def _layer_path_folder(root, llama_factory, tokenizer):
+    from shoal.flow.build import build_path_model, save_path_model
+    from shoal.flow.path import make_path
+
+    sources = []
+    for seed in (3, 4):
+        folder = root / f"src{seed}"
+        llama_factory(seed=seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        sources.append(folder)
+    model = build_path_model(sources, make_path([(0, 0), (1, 1, 0.8), (1, 0), (0, 1)]))
+    return save_path_model(model, root / "path_model")
+
+
+def test_lmeval_evaluates_shoal_models_by_name(offline, saved_tiny_model, llama_factory, word_tokenizer):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from shoal.eval import load_model
+    from shoal.eval.lmeval_adapter import lmeval_task, register_lmeval_model
+
+    register_lmeval_model()
+    register_lmeval_model()  # twice is harmless
+    from lm_eval.api.registry import get_model
+
+    assert get_model("shoal").__name__ == "ShoalLM" and get_model("hf").__name__ == "HFLM"
+    path_model = _layer_path_folder(offline, llama_factory, word_tokenizer)
+    for folder in (saved_tiny_model, path_model):
+        model, tokenizer = load_model(folder)
+        tasks, name = _mc_task_folder(offline / folder.name, model, tokenizer)
+        out = lm_eval.simple_evaluate(model="shoal", model_args=f"pretrained={folder}", tasks=[name],
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                      batch_size=2)
+        metrics = out["results"][name]
+        ours = evaluate(model, tokenizer, lmeval_task(name, include_path=tasks), "test")
+        assert ours.correct == 3
+        assert metrics["acc,none"] == pytest.approx(ours.score)
+        assert metrics["acc_stderr,none"] == pytest.approx(ours.stderr)  # n - 1, as lm-eval
+
+
+def test_shoal_lm_eval_command_runs_lm_evals_cli(offline, tmp_path, llama_factory, word_tokenizer):
+    import subprocess
+    import sys
+
+    from shoal.eval import load_model
+
+    path_model = _layer_path_folder(tmp_path, llama_factory, word_tokenizer)
+    model, tokenizer = load_model(path_model)
+    tasks, name = _mc_task_folder(tmp_path, model, tokenizer)
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "shoal.cli.lm_eval", "--model", "shoal", "--model_args",
+                           f"pretrained={path_model}", "--tasks", name, "--include_path", str(tasks),
+                           "--output_path", str(out), "--batch_size", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["results"][name]["acc,none"] == pytest.approx(0.5)

@@ -1,7 +1,7 @@
 """Copy the non-weight files a model folder needs: config, generation config, tokenizer, chat template.
 
 ``config.json`` is rewritten with the caller's updates (dtype, layer count after layer
-slicing, vocabulary size). Everything else is copied byte for byte; symlinks (as in the
+slicing, vocabulary size), the dtype under ``dtype`` only. Everything else is copied byte for byte; symlinks (as in the
 hub cache) are followed.
 """
 
@@ -37,7 +37,8 @@ SUPPORT_FILES = (
     "processor_config.json",
 )
 SUPPORT_FOLDERS = ("additional_chat_templates",)
-DTYPE_KEYS = ("dtype", "torch_dtype")
+DTYPE_KEY = "dtype"
+LEGACY_DTYPE_KEY = "torch_dtype"  # transformers < 4.56; deprecated in 5
 LAYER_TYPES_KEY = "layer_types"
 
 
@@ -87,26 +88,38 @@ def _fit_layer_types(section: dict, layer_key: str) -> None:
         del section[LAYER_TYPES_KEY]
 
 
+def _dtype_sections(config: dict) -> list[dict]:
+    """The config and its nested configs (``text_config``, ``vision_config``...), outermost first."""
+    sections = [config]
+    for value in config.values():
+        if isinstance(value, dict):
+            sections.extend(_dtype_sections(value))
+    return sections
+
+
 def update_config(config: dict, updates: dict[str, Any]) -> dict:
     """A copy of ``config`` with ``updates`` applied.
 
     Keys may be dotted to reach nested configs (``"text_config.num_hidden_layers"``).
-    A ``dtype`` or ``torch_dtype`` update sets both keys (transformers 5 reads ``dtype``,
-    older versions ``torch_dtype``), in nested configs that carry one too.
+    The dtype is written as ``dtype``, the key transformers 5 reads; the deprecated
+    ``torch_dtype`` (which transformers 5 warns about whenever it is read) is renamed to it
+    wherever the source config has it. A ``dtype`` (or ``torch_dtype``) update sets the
+    section's dtype and, at the top level, that of every nested config that carries one.
     """
     result = json.loads(json.dumps(config))
+    for section in _dtype_sections(result):
+        if LEGACY_DTYPE_KEY in section:
+            legacy = section.pop(LEGACY_DTYPE_KEY)
+            section.setdefault(DTYPE_KEY, legacy)
     for key, value in updates.items():
         *parents, last = key.split(".")
-        if last in DTYPE_KEYS:
+        if last in (DTYPE_KEY, LEGACY_DTYPE_KEY):
             name = dtype_name(value)
-            section, _ = _set_dotted(result, key, name)
-            for dtype_key in DTYPE_KEYS:
-                section[dtype_key] = name
+            section, _ = _set_dotted(result, ".".join([*parents, DTYPE_KEY]), name)
             if not parents:
-                for nested in result.values():
-                    if isinstance(nested, dict) and any(k in nested for k in DTYPE_KEYS):
-                        for dtype_key in DTYPE_KEYS:
-                            nested[dtype_key] = name
+                for nested in _dtype_sections(result)[1:]:
+                    if DTYPE_KEY in nested:
+                        nested[DTYPE_KEY] = name
             continue
         section, last = _set_dotted(result, key, value)
         if last in LAYER_COUNT_KEYS and ".".join([*parents, LAYER_TYPES_KEY]) not in updates:

@@ -135,3 +135,11 @@ def _no_transformers_bars() -> None:
     disable_progress_bars()
     if "transformers.utils.logging" in sys.modules:  # already imported: tell it too
         sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
+def quiet_optuna() -> None:
+    """Optuna's per-trial INFO lines off (warnings stay): the progress bars say how a search goes.
+    The library leaves Optuna's log level alone; a command that runs a search sets it here."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

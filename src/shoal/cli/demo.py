@@ -31,7 +31,9 @@ def command(size: str, out: Path, trials: int, limit: int | None, seed: int, as_
     main search, test-score report. About 2 minutes with the small world cached on a quiet
     machine; building the small world first takes 8-18 minutes on 2 cores."""
     from shoal.cli._options import use_threads
-    from shoal.cli._progress import print_text, progress_bars
+    from shoal.cli._progress import print_text, progress_bars, quiet_optuna
+
+    quiet_optuna()
     from shoal.evolve.report import markdown_table
     from shoal.studies.evolve_demo import run_demo
 

@@ -27,7 +27,9 @@ def command(config: Path, run_dir: Path | None, resume: bool, workers: int, exec
 
     The config is checked as a whole (tasks, models, method, parameters, ranges) before the
     run folder is written; a second process on a running folder is refused."""
-    from shoal.cli._progress import progress_bars, stdout
+    from shoal.cli._progress import progress_bars, quiet_optuna, stdout
+
+    quiet_optuna()
     from shoal.errors import ConfigError
     from shoal.evolve import load_evolve_config, parse_evolve_config
     from shoal.evolve.report import markdown_table

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from shoal.errors import TaskError
 from shoal.eval.generation import generate_greedy
 from shoal.eval.loglik import loglik
+from shoal.eval.scoring import mean_stderr
 from shoal.eval.task import Example, Task
 from shoal.progress import ProgressFn
 
@@ -18,7 +18,9 @@ class EvalResult:
     """The outcome of one evaluation.
 
     ``score`` is the mean per-example score; ``correct`` counts the examples that scored 1.0;
-    ``stderr`` is the binomial standard error ``sqrt(score (1 - score) / n)``. ``outputs`` are
+    ``stderr`` is the standard error of the mean as lm-eval computes it (sample standard
+    deviation, divisor ``n - 1``, over ``sqrt(n)``; ``sqrt(score (1 - score) / (n - 1))`` for
+    0/1 scores). ``outputs`` are
     the generated continuations (generate tasks) or the chosen choices (choice tasks), in
     example order.
     """
@@ -100,7 +102,7 @@ def result_from_scores(task: str, split: str, outputs: Sequence[str],
     """An :class:`EvalResult` from per-example outputs and scores."""
     n = len(scores)
     mean = sum(scores) / n if n else 0.0
-    stderr = math.sqrt(max(mean * (1.0 - mean), 0.0) / n) if n else 0.0
+    stderr = mean_stderr(scores)
     return EvalResult(task=task, split=split, score=mean, n=n,
                       correct=sum(1 for s in scores if s >= 1.0), stderr=stderr,
                       outputs=tuple(outputs), scores=tuple(scores))

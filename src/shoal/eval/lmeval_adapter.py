@@ -1,8 +1,13 @@
 """Run an lm-evaluation-harness task as a shoal task (optional extra ``lmeval``).
 
-``get_task("lmeval:<name>")`` finds a task in lm-eval's registry; ``lmeval:<path>.yaml`` loads
-a task defined in a local YAML file (its ``task:`` key names it, and the other YAML files of
-its folder are available to it, e.g. as ``include:`` bases).
+``get_task("lmeval:<name>")`` finds a task in lm-eval's registry or in the local task folders
+named by ``$SHOAL_LMEVAL_INCLUDE_PATH`` (lm-eval's ``--include_path``); ``lmeval:<path>.yaml``
+loads a task defined in a local YAML file (its ``task:`` key names it, and the other YAML
+files of its folder are available to it, e.g. as ``include:`` bases).
+
+The other way round, :func:`register_lmeval_model` makes ``shoal`` a model of lm-eval's
+registry (:mod:`shoal.eval.lmeval_model`), so lm-eval evaluates any model reference shoal
+loads (layer-path models, ``zoo:`` names, run folders, PEFT adapters).
 
 - ``generate_until`` tasks become generate tasks: the prompt is lm-eval's context (description
   and few-shot examples included), the budget its ``max_gen_toks`` and the stop strings its
@@ -20,6 +25,7 @@ their own, and search must not see the evaluation split).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +37,7 @@ from shoal.eval.scoring import normalize_words
 from shoal.eval.task import Example
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
+INCLUDE_PATH_ENV = "SHOAL_LMEVAL_INCLUDE_PATH"
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,32 @@ class LmEvalExample(Example):
     answers: tuple[str, ...] = ()
 
 
-def lmeval_task(spec: str, *, num_fewshot: int | None = None,
-                fewshot_seed: int = 1234) -> "LmEvalTask":
+def include_paths(include_path: str | Path | Sequence[str | Path] | None = None) -> list[str]:
+    """The local task folders lm-eval searches besides its own tasks: ``include_path`` (one
+    folder or several), else the folders in the environment variable
+    :data:`INCLUDE_PATH_ENV` (separated by ``os.pathsep``). A folder that does not exist is
+    refused, naming it."""
+    if include_path is None:
+        raw = os.environ.get(INCLUDE_PATH_ENV, "")
+        folders = [part for part in raw.split(os.pathsep) if part.strip()]
+        where = f" (from {INCLUDE_PATH_ENV})"
+    else:
+        folders = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        where = ""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise TaskError(f"{folder}: no such lm-eval task folder{where}")
+    return [str(Path(folder)) for folder in folders]
+
+
+def lmeval_task(spec: str, *, num_fewshot: int | None = None, fewshot_seed: int = 1234,
+                include_path: str | Path | Sequence[str | Path] | None = None) -> "LmEvalTask":
     """The lm-eval task ``spec`` (a registered task name or a path to a task YAML file).
 
-    ``num_fewshot`` overrides the task's own setting (0 when it has none).
+    A name is looked up in lm-eval's own tasks and in the local task folders of
+    ``include_path`` (default: the folders named by ``$SHOAL_LMEVAL_INCLUDE_PATH``), through
+    lm-eval's ``TaskManager(include_path=...)``. ``num_fewshot`` overrides the task's own
+    setting (0 when it has none).
     """
     try:
         from lm_eval.tasks import TaskManager
@@ -59,7 +87,10 @@ def lmeval_task(spec: str, *, num_fewshot: int | None = None,
         manager = TaskManager(include_path=str(path.parent), include_defaults=False)
     else:
         name = spec
-        manager = TaskManager()
+        folders = include_paths(include_path)
+        manager = TaskManager(include_path=folders, include_defaults=False) if folders else None
+        if manager is None or name not in manager.all_tasks:  # lm-eval's own ~10k task files last
+            manager = TaskManager(include_path=folders or None)
     if name not in manager.all_tasks:
         close = [t for t in manager.all_tasks if name.lower() in t.lower()][:10]
         hint = f"; similar: {', '.join(close)}" if close else ""
@@ -237,3 +268,19 @@ class LmEvalTask:
         for metric in self.task._metric_fn_list:
             return metric if aggregations.get(metric) is mean else None
         return None
+
+
+LMEVAL_MODEL_NAME = "shoal"
+
+
+def register_lmeval_model() -> None:
+    """Make ``shoal`` a model of lm-eval's registry (``--model shoal --model_args
+    pretrained=REF``); the class, :class:`shoal.eval.lmeval_model.ShoalLM`, is imported only
+    when lm-eval asks for it. Registering twice is harmless."""
+    try:
+        import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills an empty registry only)
+        from lm_eval.api.registry import model_registry
+    except ImportError as err:
+        raise TaskError("the lm-eval model needs lm-eval: pip install 'shoal[lmeval]'") from err
+    if LMEVAL_MODEL_NAME not in model_registry:
+        model_registry.register(LMEVAL_MODEL_NAME, target="shoal.eval.lmeval_model:ShoalLM")

@@ -3,8 +3,9 @@
 Every caller that needs a model in memory comes here (``shoal eval``, the evolve evaluators
 and resident candidates, the adapt study): references resolve through
 :func:`shoal.checkpoint.references.resolve_reference` (folders, hub ids with ``@revision``,
-``zoo:`` names, run folders), and the model kind says which classes build it. Only causal
-language models are registered today; a vision-language or diffusion kind registers its own
+``zoo:`` names, run folders), and the model kind says which classes build it. A PEFT adapter
+folder (``adapter_config.json``) loads as its base model (any shoal reference) with the
+adapter applied. Only causal language models are registered today; a vision-language or diffusion kind registers its own
 :class:`ModelKind` (how to build the network, how to build its processor).
 """
 
@@ -71,15 +72,55 @@ def register_model_type(source: str) -> None:
             entry.load()()
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def adapter_base(source: str) -> str | None:
+    """The base model a PEFT adapter folder names (``base_model_name_or_path`` in its
+    ``adapter_config.json``), or None when ``source`` is not an adapter folder."""
+    path = Path(source) / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: cannot read the adapter config ({_first_line(err)})") from err
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{path}: names no base model (base_model_name_or_path)")
+    return base
+
+
+def _base_source(adapter: str, base: str) -> str:
+    """What transformers opens for an adapter's base: any shoal reference, resolved."""
+    try:
+        return _source(locate_model(base))
+    except CheckpointError as err:
+        raise CheckpointError(f"{adapter}: its base model {base!r} cannot be found ({err})") from None
+
+
 def _causal_lm(source: str, revision: str | None, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    base = adapter_base(source)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise CheckpointError(f"{source}: a PEFT adapter needs PEFT: pip install 'shoal[peft]'") from None
+    network = AutoModelForCausalLM.from_pretrained(_base_source(source, base), dtype=dtype)
+    adapted = PeftModel.from_pretrained(network, source)
+    # LoRA-style adapters fold into the weights: the plain model generates as fast as the base
+    return adapted.merge_and_unload() if hasattr(adapted, "merge_and_unload") else adapted
 
 
 def _tokenizer(source: str, revision: str | None) -> Any:
     from transformers import AutoTokenizer
 
+    base = adapter_base(source)
+    if base is not None and not any((Path(source) / name).is_file() for name in _TOKENIZER_FILES):
+        source = _base_source(source, base)  # an adapter saved without its tokenizer
     return prepare_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
 
 

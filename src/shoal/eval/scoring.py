@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Sequence
 
 # A number: optional minus sign glued to it, digits with optional thousands separators
 # ("1,234"), optional decimals. A comma not followed by exactly three digits ends the number,
@@ -64,3 +66,17 @@ def answer_match(output: str, target: str) -> float:
     if is_number(target):
         return number_match(output, target)
     return exact_match(output, target)
+
+
+def mean_stderr(scores: Sequence[float]) -> float:
+    """The standard error of the mean of per-example ``scores``, as lm-eval computes it:
+    the sample standard deviation (divisor ``n - 1``) over ``sqrt(n)``.
+
+    For 0/1 scores this is ``sqrt(p (1 - p) / (n - 1))``. It is undefined for fewer than two
+    examples; 0.0 is returned then."""
+    n = len(scores)
+    if n < 2:
+        return 0.0
+    mean = sum(scores) / n
+    variance = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return math.sqrt(variance / n)

@@ -27,6 +27,7 @@ from shoal.evolve.references import MODEL_DIR
 from shoal.evolve.saving import BEST_PATH, BEST_RECIPE, save_best_path, save_best_recipe
 from shoal.evolve.scoring import run_task_seed, score_model
 from shoal.evolve.space import SearchSpace, build_space
+from shoal.evolve.study_attrs import local_recipe, trial_attrs
 from shoal.merge.recipe import Recipe
 
 __all__ = ["BEST_PATH", "BEST_RECIPE", "DfsEvaluator", "Evaluator", "MODEL_DIR", "make_evaluator",
@@ -60,7 +61,7 @@ class _Base:
     def fitness(self, genome: dict[str, float]) -> tuple[float, dict]:
         spec = self.config.fitness
         result = self.score_genome(genome, spec.task, spec.split, spec.limit)
-        return result.score, {"n": result.n}
+        return result.score, {"n": result.n, **trial_attrs(self, genome)}
 
     def score_row(self, row: Any, task: str, split: str, limit: int | None) -> Any:
         """Score a report row: a genome (dict), or a model folder (str)."""
@@ -97,7 +98,7 @@ class Evaluator(_Base):
         self.apply(self.space.decode(genome))
 
     def apply(self, recipe: Recipe) -> None:
-        self.builder.apply(self.model, recipe, seed=self.config.seed)
+        self.builder.apply(self.model, local_recipe(recipe), seed=self.config.seed)
 
     def score_recipe(self, recipe: Recipe, task: str | list[str], split: str, limit: int | None) -> Any:
         """Merge ``recipe`` into the resident model and score it."""

@@ -24,7 +24,9 @@ from shoal.evolve.evaluators import make_evaluator, rows_for
 from shoal.evolve.lock import run_lock
 from shoal.evolve.preflight import check_config
 from shoal.evolve.references import CONFIG_FILE
+from shoal.evolve.saving import write_evolved_card
 from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
+from shoal.evolve.study_attrs import describe_study, run_study_name
 from shoal.evolve.workers import Evaluations, InProcess, LocalWorkers, evaluator_threads
 from shoal.progress import ProgressFn, no_progress
 
@@ -181,7 +183,8 @@ def _open_run(config: EvolveConfig, run_dir: Path, resume: bool) -> Iterator[_Ru
             _save_config(run_dir, config, resume)
             storage = config.storage or default_storage(run_dir)
             run.study = open_study(storage, run.evaluator.gene_keys, config.search, resume=resume,
-                                   x0=run.evaluator.x0)
+                                   x0=run.evaluator.x0, study_name=run_study_name(storage, run_dir))
+            describe_study(run.study, run.evaluator)
         yield run
 
 
@@ -218,11 +221,11 @@ def load_run_study(run_dir: Path, storage: str | None = None) -> Any:
     """The Optuna study of a run folder (its default SQLite file unless ``storage`` is given)."""
     import optuna
 
-    from shoal.evolve.search import STUDY_NAME, make_storage
+    from shoal.evolve.search import make_storage
 
     saved = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) if storage is None else None
     url = storage or (saved or {}).get("storage") or default_storage(Path(run_dir))
-    return optuna.load_study(study_name=STUDY_NAME, storage=make_storage(url))
+    return optuna.load_study(study_name=run_study_name(url, Path(run_dir)), storage=make_storage(url))
 
 
 def top_trials(study: Any, k: int) -> list[Any]:
@@ -297,6 +300,7 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
             "trials": finished_trials(study), "scores": [asdict(s) for s in scores],
         }, indent=2))
         write_report(run_dir, study, evaluator, genome, scores)
+        write_evolved_card(run_dir, evaluator, finished_trials(study), scores, validation)
         return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
                             best_fitness=fitness, best_validation=validation,
                             trials=finished_trials(study), model_dir=model_dir, scores=tuple(scores))

@@ -24,7 +24,6 @@ def _optuna() -> Any:
         import optuna
     except ImportError:  # pragma: no cover - exercised only without the extra
         raise ConfigError("shoal evolve needs Optuna: pip install 'shoal[evolve]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
 
@@ -70,7 +69,7 @@ def make_sampler(spec: SearchSpec, x0: dict[str, float] | None = None) -> Any:
 
 
 def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
-               x0: dict[str, float] | None = None) -> Any:
+               x0: dict[str, float] | None = None, study_name: str = STUDY_NAME) -> Any:
     """Create the study, or load it to resume.
 
     Trials left running by a killed process are marked failed ("interrupted"), so they are
@@ -86,10 +85,10 @@ def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resu
     except Exception as err:  # a malformed URL, an unreachable server, a file that is not a study
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot open the study storage {storage_url}: {first}") from None
-    if STUDY_NAME in existing and not resume:
+    if study_name in existing and not resume:
         raise ConfigError(f"a study already exists in {storage_url}; pass resume=True to continue it or "
                           "use a new run folder")
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 sampler=make_sampler(spec, x0), load_if_exists=True)
     study.set_user_attr("genes", list(gene_keys))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

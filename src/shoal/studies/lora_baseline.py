@@ -6,6 +6,10 @@ of the best checkpoint; only the trainable part differs: B A (rank ``rank``) add
 matrix instead of z scaling its singular values. The initial A comes from ``seed``, so a run is
 reproducible whatever ran before it in the process. The model passed in is not modified (a copy
 is wrapped). Not resumable: it is a baseline.
+
+The adapter folder is a PEFT causal-LM adapter (``task_type: CAUSAL_LM``) with the tokenizer
+beside it, so ``PeftModel.from_pretrained`` / ``AutoPeftModelForCausalLM`` and ``shoal eval
+ADAPTER`` load it as it is.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def train_lora(model: nn.Module, tokenizer: object, task: Task, *, out: Path, ob
         raise ConfigError(f"task {task.name} needs non-empty train and validation splits")
     modules = [name[: -len(".weight")] for name in select_matrices(model, patterns)]
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                        target_modules=modules, bias="none")
+                        target_modules=modules, bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: pin it to the seed
         torch.manual_seed(seed)
         peft_model = get_peft_model(copy.deepcopy(model), config)
@@ -124,5 +128,7 @@ def train_lora(model: nn.Module, tokenizer: object, task: Task, *, out: Path, ob
     set_peft_model_state_dict(peft_model, best_state)
     out = Path(out)
     peft_model.save_pretrained(str(out))
+    if hasattr(tokenizer, "save_pretrained"):  # PEFT users and `shoal eval ADAPTER` load it from here
+        tokenizer.save_pretrained(str(out))
     return LoRAResult(out, best_step, best_score, base_score, steps, sum(p.numel() for p in trainable),
                       elapsed / steps, tuple(history))
