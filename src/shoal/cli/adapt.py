@@ -150,7 +150,9 @@ def _by_name(names: list[str], alpha: list | None) -> dict[str, Any] | None:
 
 
 def _alpha_text(names: list[str], alpha: list) -> str:
-    def value(a: Any) -> str:
-        return f"{a:+.2f}" if isinstance(a, float) else "[" + ", ".join(f"{v:+.2f}" for v in a) + "]"
-
-    return ", ".join(f"{name} {value(a)}" for name, a in zip(names, alpha))
+    """Each expert's alpha by name; with one alpha per matrix (the default), their mean (the
+    JSON output has every value)."""
+    per_matrix = any(isinstance(a, list) for a in alpha)
+    means = [sum(a) / len(a) if isinstance(a, list) else a for a in alpha]
+    text = ", ".join(f"{name} {a:+.2f}" for name, a in zip(names, means))
+    return text + (" (means over matrices)" if per_matrix else "")
