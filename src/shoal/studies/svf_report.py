@@ -14,11 +14,12 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 def alpha_by_expert(labels: dict[str, str], alpha: list) -> str:
     """``math_a expert (many) +1.01, ...``: each few-shot weight next to the expert it scales
-    (the experts in the study's order: one per skill task, named by its category label)."""
-    def value(a: Any) -> str:
-        return f"{a:+.2f}" if isinstance(a, (int, float)) else "[" + ", ".join(f"{v:+.2f}" for v in a) + "]"
-
-    return ", ".join(f"{task} expert ({label}) {value(a)}" for (task, label), a in zip(labels.items(), alpha))
+    (the experts in the study's order: one per skill task, named by its category label). With
+    one alpha per matrix (the reference's default), each expert's mean; the JSON has them all."""
+    per_matrix = any(isinstance(a, list) for a in alpha)
+    means = [sum(a) / len(a) if isinstance(a, list) else a for a in alpha]
+    text = ", ".join(f"{task} expert ({label}) {a:+.2f}" for (task, label), a in zip(labels.items(), means))
+    return text + (" (means over matrices)" if per_matrix else "")
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
