@@ -205,3 +205,17 @@ def test_evaluators_use_the_threads_asked_for_and_the_caller_keeps_its_own(tmp_p
         assert [t.user_attrs["threads"] for t in study.trials] == [expected, expected]
         assert torch.get_num_threads() == before  # never left changed in the calling process
         seen.clear()
+
+
+def test_evolve_json_prints_one_object_for_scripts(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    """`shoal evolve --json`: stdout is one JSON object (scores, fitness, trials, report path)."""
+    import json
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_data(micro_world, trials=2)))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, cli_args(config, run_dir, "--json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["trials"] == 2 and record["report"] == str(run_dir / "report.html")
+    assert record["scores"] and {"model", "task", "score", "n", "stderr"} <= set(record["scores"][0])
