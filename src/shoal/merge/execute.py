@@ -162,7 +162,11 @@ def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], 
         finished += 1
         progress("merge", finished, total)
 
-    with chunk_pool(options.workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io:
+    # Each op's serial first steps (a planner's, e.g. the TIES sample) run on a thread of their own with
+    # one torch thread: torch threads of the caller's would wait for work, busy, beside the pool's workers.
+    with chunk_pool(options.workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io, \
+            ThreadPoolExecutor(1, thread_name_prefix="shoal-plan", initializer=torch.set_num_threads,
+                               initargs=(1,)) as planning:
         def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
             return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
 
@@ -172,7 +176,8 @@ def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], 
 
         def stage_of(i: int) -> Stage | None:
             if i not in stages:
-                stages[i] = _chunked(ops[i], readers, writer, compat, options) if on_cpu else None
+                stages[i] = planning.submit(_chunked, ops[i], readers, writer, compat, options).result() \
+                    if on_cpu else None
             return stages[i]
 
         def whole(i: int) -> None:
