@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--claims", default="ps", help="comma-separated: ps,dfs,psdfs,multitask")
     parser.add_argument("--uniform-sampler", default="tpe", choices=["tpe", "cmaes", "random"],
                         help="Optuna sampler of the equal-budget uniform search")
+    parser.add_argument("--dfs-scaling", default=None, choices=["matrix", "per_slot"],
+                        help="DFS scaling (default: the evolve config's default); recorded per row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("runs/claims"))
     parser.add_argument("--report-only", type=Path, default=None, metavar="DIR",
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 world = build_zoo(args.size, seed=seed, progress=lambda s, d, t, seed=seed:
                                   progress(f"seed {seed} | world | {s}", d, t))
                 run_seed(world, args.out / f"seed{seed}", claims=claims, trials=args.trials,
-                         limit=args.limit, uniform_sampler=args.uniform_sampler, progress=progress)
+                         limit=args.limit, uniform_sampler=args.uniform_sampler,
+                         dfs_scaling=args.dfs_scaling, progress=progress)
                 write_tables(args.out, claims)
         out = args.report_only or args.out
         write_tables(out, CLAIM_SETS if args.report_only else claims)

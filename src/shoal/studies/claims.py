@@ -79,6 +79,7 @@ class SeedRun:
     trials: int
     limit: int | None
     uniform_sampler: str
+    dfs_scaling: str | None
     progress: ProgressFn
     data: dict[str, Any]
 
@@ -103,9 +104,7 @@ class SeedRun:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float]:
@@ -114,10 +113,11 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
-             limit: int | None = None, uniform_sampler: str = "tpe",
+             limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
              progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
-    content of ``out/scores.json``."""
+    content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
+    config's default)."""
     from shoal.evolve.evaluators import Evaluator
     from shoal.evolve.run import evolve, resolve_config
 
@@ -129,7 +129,7 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
     data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler)
-    run = SeedRun(world, out, trials, limit, uniform_sampler, progress, data)
+    run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
     config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed))
     math_path = str(world.model(MATH_SPECIALIST))
     needs_ps = any(c in claims for c in ("ps", "psdfs"))
@@ -182,12 +182,15 @@ def _ps_baselines(run: SeedRun, config: EvolveConfig, evaluator: Any, keep: str,
         run.row(name, recipe.to_yaml(), lambda r=recipe: (_test_scores(evaluator, r), Path(kept).name))
 
 
-def dfs_config(models: Sequence[str], world_seed: int, *, trials: int, limit: int | None) -> EvolveConfig:
-    """``examples/evolve_dfs.yaml``'s search (r = 3, at most 12 hops, scales in [0, 2]; the
-    scaling is the config's default) over ``models``, on the world's own splits."""
+def dfs_config(models: Sequence[str], world_seed: int, *, trials: int, limit: int | None,
+               scaling: str | None = None) -> EvolveConfig:
+    """``examples/evolve_dfs.yaml``'s search (r = 3, at most 12 hops, scales in [0, 2]) over
+    ``models``, on the world's own splits; ``scaling`` None: the config's default."""
+    dfs: dict[str, Any] = {"repeats": 3, "max_hops": 12, "scale_range": [0.0, 2.0]}
+    if scaling is not None:
+        dfs["scaling"] = scaling
     return parse_evolve_config({
-        "kind": "dfs", "models": list(models),
-        "dfs": {"repeats": 3, "max_hops": 12, "scale_range": [0.0, 2.0]},
+        "kind": "dfs", "models": list(models), "dfs": dfs,
         "fitness": {"task": CROSS_TASK, "split": "fitness", "limit": limit},
         "validation": {"task": CROSS_TASK, "split": "validation", "limit": limit, "top_k": 5},
         "report": {"tasks": [CROSS_TASK], "split": "test"},
@@ -200,7 +203,8 @@ def _dfs_search_row(run: SeedRun, name: str, folder: str, models: Sequence[str])
     from shoal.evolve.evaluators import DfsEvaluator
     from shoal.evolve.run import evolve, resolve_config
 
-    config = dfs_config(models, run.world.seed, trials=run.trials, limit=run.limit)
+    config = dfs_config(models, run.world.seed, trials=run.trials, limit=run.limit, scaling=run.dfs_scaling)
+    folder = f"{folder}-{config.dfs.scaling}"  # both scalings may be run into one DIR, one at a time
     result = evolve(config, run.out / folder, resume=True, write_model=False, report=False,
                     progress=run.stage(name))
     run.data.setdefault("searches", {})[name] = {"scaling": config.dfs.scaling,
@@ -329,6 +333,13 @@ def write_tables(out: str | Path, claims: Sequence[str] = CLAIM_SETS) -> dict[st
             sections += [claim_markdown(claim, rows, labels), ""]
     sections += ["**Raw test scores** (points ± binomial SE; in brackets what the row was on that seed)", "",
                  raw_markdown(scores, labels), ""]
-    (out / "claims.json").write_text(json.dumps(result, indent=2))
-    (out / "claims.md").write_text("\n".join(sections))
+    _write_atomic(out / "claims.json", json.dumps(result, indent=2))
+    _write_atomic(out / "claims.md", "\n".join(sections))
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """One process per seed may share ``out``: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
