@@ -92,6 +92,9 @@ def test_claims_run_end_to_end_on_the_micro_world(tmp_path: Path, micro_world) -
     assert data["best_source"] in {str(micro_world.model("math")), str(micro_world.model("lang"))}
     assert rows["best source"]["scores"] == rows[Path(data["best_source"]).name]["scores"]
     assert data["searches"]["dfs evolved"]["scaling"] == "matrix"
+    for name in ["ps evolved", "uniform search", "control: math alone", "dfs evolved", "ps+dfs",
+                 "multitask evolved", "multitask uniform search"]:
+        assert data["searches"][name]["trials"] == 2 and 0 <= data["searches"][name]["validation"] <= 1, name
     assert rows["dfs evolved"]["note"] == "matrix scaling"
     assert {"seed 0 | ps evolved | evolve", "seed 0 | uniform search | evolve",
             "seed 0 | dfs evolved | evolve"} <= set(stages)

@@ -102,6 +102,13 @@ class SeedRun:
                                    "n": len(scores), "scores": scores}
         self.save()
 
+    def searched(self, name: str, fitness: float, validation: float | None, trials: int,
+                 **extra: Any) -> None:
+        """Record what a search found (its chosen candidate's fitness and validation scores)."""
+        self.data.setdefault("searches", {})[name] = {"fitness": fitness, "validation": validation,
+                                                      "trials": trials, **extra}
+        self.save()
+
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path, json.dumps(self.data, indent=1))
@@ -146,8 +153,9 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
             run.row(Path(source).name, source, lambda s=source: (_test_scores(evaluator, s), ""))
         run.row("best source", keep, lambda: (_test_scores(evaluator, keep), Path(keep).name))
         if needs_ps:
-            evolve(config, out / "ps-evolved", resume=True, write_model=False, report=False,
-                   progress=run.stage("ps evolved"))
+            result = evolve(config, out / "ps-evolved", resume=True, write_model=False, report=False,
+                            progress=run.stage("ps evolved"))
+            run.searched("ps evolved", result.best_fitness, result.best_validation, result.trials)
             recipe = load_recipe(out / "ps-evolved" / BEST_RECIPE)
             run.row("ps evolved", recipe.to_yaml(), lambda: (_test_scores(evaluator, recipe), ""))
         if "ps" in claims:
@@ -171,13 +179,14 @@ def _ps_baselines(run: SeedRun, config: EvolveConfig, evaluator: Any, keep: str,
                            progress=run.stage("uniform search"))
     note = f"density {found.values['density']:.2f}, weight {found.values['weight']:.2f}"
     run.row("uniform search", found.recipe.to_yaml(), lambda: (_test_scores(evaluator, found.recipe), note))
-    run.data.setdefault("searches", {})["uniform search"] = {"sampler": run.uniform_sampler,
-                                                             "values": found.values}
+    run.searched("uniform search", found.fitness, found.validation, found.trials,
+                 sampler=run.uniform_sampler, values=found.values)
     for name, kept in (("control: math alone", math_path), ("control: best source alone", keep)):
         folder = run.out / f"control-{Path(kept).name}"  # same source, same folder: run once
         control = config.model_copy(update={"hold_at_zero": [m for m in config.models if m != kept]})
-        evolve(control, folder, resume=True, write_model=False, report=False,
-               progress=run.stage(f"control {Path(kept).name}"))
+        result = evolve(control, folder, resume=True, write_model=False, report=False,
+                        progress=run.stage(f"control {Path(kept).name}"))
+        run.searched(name, result.best_fitness, result.best_validation, result.trials)
         recipe = load_recipe(folder / BEST_RECIPE)
         run.row(name, recipe.to_yaml(), lambda r=recipe: (_test_scores(evaluator, r), Path(kept).name))
 
@@ -207,8 +216,8 @@ def _dfs_search_row(run: SeedRun, name: str, folder: str, models: Sequence[str])
     folder = f"{folder}-{config.dfs.scaling}"  # both scalings may be run into one DIR, one at a time
     result = evolve(config, run.out / folder, resume=True, write_model=False, report=False,
                     progress=run.stage(name))
-    run.data.setdefault("searches", {})[name] = {"scaling": config.dfs.scaling,
-                                                 "path": result.description}
+    run.searched(name, result.best_fitness, result.best_validation, result.trials,
+                 scaling=config.dfs.scaling, path=result.description)
 
     def compute() -> tuple[list[float], str]:
         evaluator = DfsEvaluator(resolve_config(config, run.out / folder))
@@ -256,8 +265,9 @@ def _multitask_rows(run: SeedRun) -> None:
 
     world = run.world
     config = resolve_config(multitask_config(world, trials=run.trials, limit=run.limit))
-    evolve(config, run.out / "multitask-evolved", resume=True, write_model=False, report=False,
-           progress=run.stage("multitask evolved"))
+    result = evolve(config, run.out / "multitask-evolved", resume=True, write_model=False, report=False,
+                    progress=run.stage("multitask evolved"))
+    run.searched("multitask evolved", result.best_fitness, result.best_validation, result.trials)
     evaluator = Evaluator(config)
     try:
         specialist = {}
@@ -280,6 +290,8 @@ def _multitask_rows(run: SeedRun) -> None:
         found = uniform_search(evaluator, run.out / "multitask-uniform-search", trials=run.trials,
                                sampler=run.uniform_sampler, seed=world.seed,
                                progress=run.stage("multitask uniform search"))
+        run.searched("multitask uniform search", found.fitness, found.validation, found.trials,
+                     sampler=run.uniform_sampler, values=found.values)
         run.row("multitask uniform search", found.recipe.to_yaml() + json.dumps(specialist),
                 lambda: kept(found.recipe))
     finally:
