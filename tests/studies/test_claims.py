@@ -127,6 +127,7 @@ def test_claims_run_end_to_end_on_the_micro_world(tmp_path: Path, micro_world) -
     bench = load_benchmark()
     assert bench.main(["--report-only", str(out)]) == 0
     assert "**PS+DFS ≥ PS**" in (out / "claims.md").read_text()
+    assert "| ps evolved | " in (out / "claims.md").read_text().split("**Searches**")[1]
     assert bench.main(["--report-only", str(tmp_path / "empty")]) == 2
     assert bench.main(["--claims", "ps,bogus", "--out", str(out)]) == 2
 

@@ -37,7 +37,8 @@ from shoal.evolve.config import EvolveConfig, parse_evolve_config
 from shoal.evolve.saving import BEST_RECIPE
 from shoal.merge.recipe import load_recipe
 from shoal.progress import ProgressFn, no_progress
-from shoal.studies.claims_tables import Claim, claim_markdown, claim_table, holds, mean_over_seeds, raw_markdown
+from shoal.studies.claims_tables import (Claim, claim_markdown, claim_table, holds, mean_over_seeds, raw_markdown,
+                                         searches_markdown)
 from shoal.studies.claims_uniform import uniform_search
 from shoal.studies.evolve_demo import CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config
 
@@ -343,6 +344,11 @@ def write_tables(out: str | Path, claims: Sequence[str] = CLAIM_SETS) -> dict[st
                 "fails_on": [r.seed for r in rows if not holds(claim, r)],
                 "per_seed": [r.__dict__ | {"holds": holds(claim, r)} for r in rows]}
             sections += [claim_markdown(claim, rows, labels), ""]
+    searches = {s: t.get("searches", {}) for s, t in tables.items()}
+    if any(searches.values()):
+        means = {s: {name: row["mean"] for name, row in t["rows"].items()} for s, t in tables.items()}
+        sections += ["**Searches**: the chosen candidate's scores (multi-task: mean accuracy on "
+                     "fitness and validation, kept on test)", "", searches_markdown(searches, means), ""]
     sections += ["**Raw test scores** (points ± binomial SE; in brackets what the row was on that seed)", "",
                  raw_markdown(scores, labels), ""]
     _write_atomic(out / "claims.json", json.dumps(result, indent=2))

@@ -118,3 +118,27 @@ def raw_markdown(seeds: Mapping[int, Mapping[str, Sequence[float]]],
             cells.append(f"{100 * p:.1f} ± {100 * se:.1f}" + (f" ({note})" if note else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def searches_markdown(searches: Mapping[int, Mapping[str, Mapping]], test: Mapping[int, Mapping[str, float]]) -> str:
+    """Per search and seed: the chosen candidate's fitness / validation / test score (points),
+    which shows how much of a fitness gain survives on held-out problems."""
+    names: list[str] = []
+    for table in searches.values():
+        names.extend(n for n in table if n not in names)
+    order = sorted(searches)
+    lines = ["| search (fitness / validation / test) | " + " | ".join(f"seed {s}" for s in order) + " |",
+             "|---|" + "---:|" * len(order)]
+    for name in names:
+        cells = []
+        for s in order:
+            found = searches[s].get(name)
+            if found is None:
+                cells.append("–")
+                continue
+            fit, val = found.get("fitness"), found.get("validation")  # older files lack them
+            parts = ["–" if fit is None else f"{100 * fit:.1f}", "–" if val is None else f"{100 * val:.1f}",
+                     f"{100 * test[s][name]:.1f}" if name in test.get(s, {}) else "–"]
+            cells.append(" / ".join(parts))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
