@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from shoal.errors import RecipeError
+from shoal.errors import MergeError, RecipeError
 from shoal.merge.methods.nearswap import nearswap
+from shoal.merge.methods.nuslerp import nuslerp
 
 
 def _nearswap_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -40,6 +44,8 @@ def test_nearswap_extremes_and_dtype() -> None:
 def test_nearswap_refuses_negative_t() -> None:
     with pytest.raises(RecipeError, match="t must be >= 0"):
         nearswap(torch.zeros(2), [torch.ones(2)], t=-1.0)
+    with pytest.raises(RecipeError, match="needs parameter 't'"):  # no default, as in mergekit
+        nearswap(torch.zeros(2), [torch.ones(2)])
 
 
 def test_nearswap_gives_mergekits_golden(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -70,3 +76,65 @@ def test_nearswap_gives_mergekits_golden(tmp_path) -> None:  # type: ignore[no-u
     assert set(expected) == set(base)
     for tensor, value in expected.items():
         torch.testing.assert_close(nearswap(base[tensor], [other[tensor]], t=0.01), value, rtol=2e-7, atol=1e-8)
+
+
+# --- nuslerp ---------------------------------------------------------------------------------
+
+def _slerp_pair_reference(x: list[float], y: list[float], t: float) -> list[float]:
+    """SLERP of two plain lists, written from the formula (mergekit's norms floor and colinear rule)."""
+    nx = max(math.sqrt(sum(v * v for v in x)), 1e-7)
+    ny = max(math.sqrt(sum(v * v for v in y)), 1e-7)
+    cos = max(-1.0, min(1.0, sum(a * b for a, b in zip(x, y)) / (nx * ny)))
+    if 1 - cos * cos <= 1e-16:
+        return [(1 - t) * a + t * b for a, b in zip(x, y)]
+    theta = math.acos(cos)
+    return [(math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta) for a, b in zip(x, y)]
+
+
+def _nuslerp_reference(base, a, b, w0: float, w1: float, flatten: bool, row_wise: bool):  # type: ignore[no-untyped-def]
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    x = np.array(a, dtype=np.float64) - (0 if base is None else np.array(base, dtype=np.float64))
+    y = np.array(b, dtype=np.float64) - (0 if base is None else np.array(base, dtype=np.float64))
+    out = np.zeros_like(x)
+    if flatten or x.ndim == 1:
+        out = np.array(_slerp_pair_reference(x.ravel().tolist(), y.ravel().tolist(), t)).reshape(x.shape)
+    elif row_wise:  # vectors along dim 0: one per column
+        for j in range(x.shape[1]):
+            out[:, j] = _slerp_pair_reference(x[:, j].tolist(), y[:, j].tolist(), t)
+    else:
+        for i in range(x.shape[0]):
+            out[i] = _slerp_pair_reference(x[i].tolist(), y[i].tolist(), t)
+    return out + (0 if base is None else np.array(base, dtype=np.float64))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize(("flatten", "row_wise"), [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("weights", [(0.6, 0.4), (1.0, 3.0), (-0.5, 0.5)])
+def test_nuslerp_matches_the_formula_vector_by_vector(with_base: bool, flatten: bool, row_wise: bool,
+                                                      weights: tuple[float, float]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    a = base + 0.3 * torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    b = base + 0.3 * torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    b[1] = 2.0 * (a[1] - base[1]) + base[1]  # a colinear row of task vectors
+    got = nuslerp(base if with_base else None, [a, b], weight=list(weights), nuslerp_flatten=flatten,
+                  nuslerp_row_wise=row_wise)
+    expected = _nuslerp_reference(base.numpy() if with_base else None, a.numpy(), b.numpy(), *weights,
+                                  flatten, row_wise)
+    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_nuslerp_of_a_vector_ignores_row_wise_and_keeps_the_endpoints() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(9, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)
+    for row_wise in (False, True):
+        torch.testing.assert_close(nuslerp(None, [a, b], weight=[1.0, 0.0], nuslerp_flatten=False,
+                                           nuslerp_row_wise=row_wise), a)
+        torch.testing.assert_close(nuslerp(None, [a, b], weight=[0.0, 2.0], nuslerp_flatten=False,
+                                           nuslerp_row_wise=row_wise), b)
+
+
+def test_nuslerp_takes_exactly_two_models() -> None:
+    x = torch.zeros(3)
+    with pytest.raises(MergeError, match="exactly 2"):
+        nuslerp(None, [x, x, x], weight=1.0)

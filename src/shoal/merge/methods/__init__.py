@@ -13,6 +13,8 @@ from shoal.merge.methods import (  # noqa: F401  (importing registers the method
     della,
     linear,
     model_stock,
+    nearswap,
+    nuslerp,
     passthrough,
     slerp,
     task_arithmetic,
