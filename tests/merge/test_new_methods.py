@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from shoal.errors import MergeError, RecipeError
+from shoal.merge.methods.karcher import karcher
+from shoal.merge.methods.multislerp import multislerp
 from shoal.merge.methods.nearswap import nearswap
 from shoal.merge.methods.nuslerp import nuslerp
 
@@ -138,3 +140,99 @@ def test_nuslerp_takes_exactly_two_models() -> None:
     x = torch.zeros(3)
     with pytest.raises(MergeError, match="exactly 2"):
         nuslerp(None, [x, x, x], weight=1.0)
+
+
+# --- multislerp ------------------------------------------------------------------------------
+
+def _multislerp_reference(base, models, weights, normalize=True, eps=1e-8):  # type: ignore[no-untyped-def]
+    """Goddard's recipe step by step in numpy float64: tangent plane at the weighted mean, exp map back."""
+    xs = [np.array(m, dtype=np.float64).ravel() - (0 if base is None else np.array(base, dtype=np.float64).ravel())
+          for m in models]
+    w = np.array(weights, dtype=np.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = [math.sqrt(float(x @ x)) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms)]
+    mean = sum(wk * u for wk, u in zip(w, units))
+    mean = mean / math.sqrt(float(mean @ mean))
+    step = sum(wk * (u - float(u @ mean) * mean) for wk, u in zip(w, units))
+    length = math.sqrt(float(step @ step)) + eps
+    point = math.cos(length) * mean + math.sin(length) / length * step
+    out = point * sum(wk * n for wk, n in zip(w, norms))
+    if base is not None:
+        out = out + np.array(base, dtype=np.float64).ravel()
+    return out.reshape(np.shape(models[0]))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize(("weights", "normalize"), [([0.5, 0.3, 0.2], True), ([1.0, 2.0, 1.0], True),
+                                                    ([0.2, 0.2, 0.3], False)])
+def test_multislerp_matches_the_formula(with_base: bool, weights: list[float], normalize: bool) -> None:
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    models = [base + 0.2 * torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    got = multislerp(base if with_base else None, models, weight=weights, normalize_weights=normalize)
+    expected = _multislerp_reference(base.numpy() if with_base else None, [m.numpy() for m in models],
+                                     weights, normalize)
+    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_multislerp_of_two_orthogonal_unit_vectors_is_their_midpoint_on_the_circle() -> None:
+    got = multislerp(None, [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)],
+                     weight=[1.0, 1.0])
+    # the tangent parts cancel: the normalized mean direction, at the mean norm 1
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0], dtype=torch.float64) / math.sqrt(2.0))
+
+
+def test_multislerp_edge_cases() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(multislerp(None, [x], weight=[0.3]), x)  # one model: itself
+    base = torch.tensor([0.5, 0.5, 0.5])
+    assert torch.equal(multislerp(base, [base.clone(), base.clone(), base.clone()], weight=1.0), base)
+    # antipodal task vectors with balancing weights: linear for two models, an error for three
+    torch.testing.assert_close(multislerp(None, [x, -x], weight=[1.0, 1.0]), torch.zeros(3))
+    with pytest.raises(MergeError, match="cancel out"):
+        multislerp(None, [x, -x, x, -x], weight=1.0)
+    with pytest.raises(RecipeError, match="sum to 0"):
+        multislerp(None, [x, 2 * x], weight=[1.0, -1.0])
+
+
+# --- karcher ---------------------------------------------------------------------------------
+
+def _sphere_log(mu: np.ndarray, u: np.ndarray) -> np.ndarray:
+    cos = float(np.clip(mu @ u, -1.0, 1.0))
+    theta = math.acos(cos)
+    return np.zeros_like(mu) if theta < 1e-12 else theta / math.sin(theta) * (u - cos * mu)
+
+
+def test_karcher_of_two_points_is_the_geodesic_midpoint_at_the_mean_norm() -> None:
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    got = karcher(None, [a, b], max_iter=50, tol=1e-12)
+    ua, ub = a.numpy().ravel() / np.linalg.norm(a.numpy()), b.numpy().ravel() / np.linalg.norm(b.numpy())
+    midpoint = (ua + ub) / np.linalg.norm(ua + ub)
+    scale = (np.linalg.norm(a.numpy()) + np.linalg.norm(b.numpy())) / 2
+    torch.testing.assert_close(got, torch.from_numpy((scale * midpoint).reshape(3, 5)), rtol=1e-9, atol=1e-10)
+
+
+def test_karcher_mean_zeroes_the_summed_log_map_and_counts_the_base_as_a_point() -> None:
+    gen = torch.Generator().manual_seed(9)
+    points = [torch.randn(16, generator=gen, dtype=torch.float64) + 1.0 for _ in range(4)]
+    got = karcher(points[3], points[:3], max_iter=100, tol=1e-13)
+    mu = got.numpy() / np.linalg.norm(got.numpy())
+    units = [p.numpy() / np.linalg.norm(p.numpy()) for p in points]
+    # the Riemannian centre of mass: the mean of the log maps at mu vanishes (first-order condition)
+    assert np.linalg.norm(sum(_sphere_log(mu, u) for u in units)) < 1e-10
+    assert abs(np.linalg.norm(got.numpy()) - np.mean([np.linalg.norm(p.numpy()) for p in points])) < 1e-12
+    torch.testing.assert_close(got, karcher(None, points, max_iter=100, tol=1e-13))
+
+
+def test_karcher_edge_cases() -> None:
+    x = torch.tensor([3.0, 4.0])
+    assert torch.equal(karcher(None, [x]), x)
+    assert torch.equal(karcher(None, [torch.zeros(2), torch.zeros(2)]), torch.zeros(2))
+    # zero iterations: the normalized Euclidean mean of the directions
+    got = karcher(None, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])], max_iter=0)
+    torch.testing.assert_close(got, 1.5 * torch.tensor([1.0, 1.0]) / math.sqrt(2.0))
+    with pytest.raises(RecipeError, match="max_iter must be a whole number"):
+        karcher(None, [x, x], max_iter=2.5)
