@@ -13,6 +13,7 @@ from shoal.merge.methods.karcher import karcher
 from shoal.merge.methods.multislerp import multislerp
 from shoal.merge.methods.nearswap import nearswap
 from shoal.merge.methods.nuslerp import nuslerp
+from shoal.merge.methods.sce import sce
 
 
 def _nearswap_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -236,3 +237,53 @@ def test_karcher_edge_cases() -> None:
     torch.testing.assert_close(got, 1.5 * torch.tensor([1.0, 1.0]) / math.sqrt(2.0))
     with pytest.raises(RecipeError, match="max_iter must be a whole number"):
         karcher(None, [x, x], max_iter=2.5)
+
+
+# --- sce -------------------------------------------------------------------------------------
+
+def _sce_reference(base: np.ndarray, models: list[np.ndarray], select_topk: float) -> np.ndarray:
+    """FuseChat's three steps entry by entry (float64, distinct variances so the top-k is unambiguous)."""
+    b = base.ravel().astype(np.float64)
+    deltas = [m.ravel().astype(np.float64) - b for m in models]
+    n, k_models = b.size, len(models)
+    if select_topk < 1:
+        variances = []
+        for i in range(n):
+            values = [d[i] for d in deltas]
+            mean = sum(values) / k_models
+            variances.append(sum((v - mean) ** 2 for v in values) / k_models)
+        keep = int(sum(v != 0 for v in variances) * select_topk)
+        chosen = set(sorted(range(n), key=lambda i: -variances[i])[:keep])
+        deltas = [np.array([d[i] if i in chosen else 0.0 for i in range(n)]) for d in deltas]
+    energy = [sum(x * x for x in d) / n for d in deltas]
+    weights = [e / sum(energy) for e in energy] if sum(energy) >= 1e-6 else [1.0 / k_models] * k_models
+    out = b.copy()
+    for i in range(n):
+        majority = 1.0 if sum(d[i] for d in deltas) >= 0 else -1.0
+        num = den = 0.0
+        for w, d in zip(weights, deltas):
+            if np.sign(d[i]) == majority:
+                num += w * d[i]
+                den += w
+        out[i] += num / max(den, 1e-6)
+    return out.reshape(base.shape)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.7, 0.3, 0.0])
+def test_sce_matches_the_three_steps_entry_by_entry(select_topk: float) -> None:
+    gen = torch.Generator().manual_seed(10)
+    base = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    models = [base + 0.1 * torch.randn(6, 9, generator=gen, dtype=torch.float64) * (k + 1) for k in range(3)]
+    got = sce(base, models, select_topk=select_topk)
+    expected = _sce_reference(base.numpy(), [m.numpy() for m in models], select_topk)
+    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_sce_edge_cases() -> None:
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(12, generator=gen)
+    model = base + torch.randn(12, generator=gen)
+    torch.testing.assert_close(sce(base, [model]), model)  # one model, nothing selected away: itself
+    assert torch.equal(sce(base, [model], select_topk=0.5), base)  # one model has no variance: nothing kept
+    with pytest.raises(RecipeError, match="select_topk must lie in"):
+        sce(base, [model], select_topk=1.5)
