@@ -13,6 +13,7 @@ from shoal.merge.methods.karcher import karcher
 from shoal.merge.methods.multislerp import multislerp
 from shoal.merge.methods.nearswap import nearswap
 from shoal.merge.methods.nuslerp import nuslerp
+from shoal.merge.methods.ram import ram, ramplus_tl
 from shoal.merge.methods.sce import sce
 
 
@@ -179,8 +180,8 @@ def test_multislerp_matches_the_formula(with_base: bool, weights: list[float], n
 
 
 def test_multislerp_of_two_orthogonal_unit_vectors_is_their_midpoint_on_the_circle() -> None:
-    got = multislerp(None, [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)],
-                     weight=[1.0, 1.0])
+    x, y = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    got = multislerp(None, [x, y], weight=[1.0, 1.0])
     # the tangent parts cancel: the normalized mean direction, at the mean norm 1
     torch.testing.assert_close(got, torch.tensor([1.0, 1.0], dtype=torch.float64) / math.sqrt(2.0))
 
@@ -287,3 +288,67 @@ def test_sce_edge_cases() -> None:
     assert torch.equal(sce(base, [model], select_topk=0.5), base)  # one model has no variance: nothing kept
     with pytest.raises(RecipeError, match="select_topk must lie in"):
         sce(base, [model], select_topk=1.5)
+
+
+# --- ram, ramplus_tl -------------------------------------------------------------------------
+
+def _ram_reference(base: np.ndarray, models: list[np.ndarray], epsilon: float, plus: tuple[float, float] | None
+                   ) -> np.ndarray:
+    """RAM entry by entry; with ``plus=(r, alpha)`` RAM+'s per-model scaling of unique changes."""
+    b = base.ravel().astype(np.float64)
+    deltas = [m.ravel().astype(np.float64) - b for m in models]
+    changed = [[abs(x) > epsilon for x in d] for d in deltas]
+    counts = [sum(c[i] for c in changed) for i in range(b.size)]
+    scales = [1.0] * len(models)
+    if plus is not None:
+        r, alpha = plus
+        for k, c in enumerate(changed):
+            shared = sum(1 for i in range(b.size) if c[i] and counts[i] > 1)
+            unique = sum(1 for i in range(b.size) if c[i] and counts[i] == 1)
+            scales[k] = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+    out = b.copy()
+    for i in range(b.size):
+        for k, d in enumerate(deltas):
+            if changed[k][i]:
+                out[i] += d[i] * scales[k] if counts[i] == 1 else d[i] / counts[i]
+    return out.reshape(base.shape)
+
+
+def _sparse_task_vectors(seed: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and fine-tunes that each change a random ~half of the entries (overlapping and unique ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(7, 11, generator=gen, dtype=torch.float64)
+    models = []
+    for _ in range(count):
+        touched = torch.rand(7, 11, generator=gen, dtype=torch.float64) < 0.5
+        models.append(base + touched * 0.1 * torch.randn(7, 11, generator=gen, dtype=torch.float64))
+    return base, models
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_ram_averages_each_entry_over_the_models_that_changed_it(count: int) -> None:
+    base, models = _sparse_task_vectors(12, count)
+    expected = _ram_reference(base.numpy(), [m.numpy() for m in models], 1e-5, None)
+    torch.testing.assert_close(ram(base, models), torch.from_numpy(expected), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("r", "alpha"), [(0.1, 0.2), (0.05, 1.0), (0.5, 3.0)])
+def test_ramplus_tl_scales_unique_changes_by_the_shared_ratio(r: float, alpha: float) -> None:
+    base, models = _sparse_task_vectors(13, 3)
+    models[2] = base + (models[0] - base) * 0.5  # a model that shares most of its changes
+    expected = _ram_reference(base.numpy(), [m.numpy() for m in models], 1e-5, (r, alpha))
+    got = ramplus_tl(base, models, r=r, alpha=alpha)
+    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-12, atol=1e-14)
+    assert not torch.equal(got, ram(base, models))
+
+
+def test_ram_threshold_and_refusals() -> None:
+    base = torch.zeros(4, dtype=torch.float64)
+    model = torch.tensor([1e-6, 1e-4, -1e-6, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(ram(base, [model, model]), torch.tensor([0.0, 1e-4, 0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(ram(base, [model], epsilon=1e-3),
+                               torch.tensor([0.0, 0.0, 0.0, 0.5], dtype=torch.float64))
+    with pytest.raises(RecipeError, match="epsilon must be >= 0"):
+        ram(base, [model], epsilon=-1.0)
+    with pytest.raises(RecipeError, match="alpha must be >= 0"):
+        ramplus_tl(base, [model], alpha=-0.5)

@@ -18,6 +18,7 @@ from shoal.merge.methods import (  # noqa: F401  (importing registers the method
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,

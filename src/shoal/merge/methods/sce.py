@@ -1,4 +1,4 @@
-"""SCE (FuseChat): select the entries where the models disagree most, weight models by their energy, erase minority signs."""
+"""SCE (FuseChat): keep entries where models disagree most, weight models by energy, erase minority signs."""
 
 from __future__ import annotations
 
