@@ -63,7 +63,8 @@ def test_every_method_of_the_issue_is_registered() -> None:
                         "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock",
                         "passthrough",
                         # mergekit's other methods (issue #13)
-                        "nearswap", "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl"}
+                        "nearswap", "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl",
+                        "arcee_fusion"}
     for spec in METHODS:
         assert spec.summary and spec.paper.startswith("https://")
         assert spec.paper in (spec.fn.__doc__ or "")

@@ -1,14 +1,26 @@
-"""New merge methods against independent references written here, entry by entry."""
+"""mergekit's other methods (issue #13) against independent references written here, entry by entry.
+
+The last tests run each method function on the tiny checkpoints of mergekit 0.1.5's goldens
+(``tests/goldens/mergekit``) and compare with mergekit's stored outputs, whatever the recipe
+plumbing around them does (``test_mergekit_goldens.py`` runs the same recipes through the CLI).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import lzma
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load, load_file
 
 from shoal.errors import MergeError, RecipeError
+from shoal.merge.methods.arcee_fusion import arcee_fusion
 from shoal.merge.methods.karcher import karcher
 from shoal.merge.methods.multislerp import multislerp
 from shoal.merge.methods.nearswap import nearswap
@@ -50,36 +62,6 @@ def test_nearswap_refuses_negative_t() -> None:
         nearswap(torch.zeros(2), [torch.ones(2)], t=-1.0)
     with pytest.raises(RecipeError, match="needs parameter 't'"):  # no default, as in mergekit
         nearswap(torch.zeros(2), [torch.ones(2)])
-
-
-def test_nearswap_gives_mergekits_golden(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The function on the golden's checkpoints gives mergekit 0.1.5's ``f_nearswap_fp32`` output."""
-    import importlib.util
-    import json
-    import lzma
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import load, load_file
-
-    goldens = Path(__file__).resolve().parents[1] / "goldens"
-    name = "shoal_golden_tiny_checkpoints"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, goldens / "tiny_checkpoints.py")
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    builder = sys.modules[name]
-    recorded = json.loads((goldens / "mergekit" / "checkpoints.json").read_text())["digests"]
-    for ckpt in ("llama_a_fp32", "llama_b_fp32"):
-        assert builder.build_checkpoint(ckpt, tmp_path / ckpt) == recorded[ckpt]
-    golden = json.loads((goldens / "mergekit" / "f_nearswap_fp32.json").read_text())
-    expected = load(lzma.decompress((goldens / "mergekit" / golden["tensor_file"]).read_bytes()))
-    base = load_file(tmp_path / "llama_a_fp32" / "model.safetensors")
-    other = load_file(tmp_path / "llama_b_fp32" / "model.safetensors")
-    assert set(expected) == set(base)
-    for tensor, value in expected.items():
-        torch.testing.assert_close(nearswap(base[tensor], [other[tensor]], t=0.01), value, rtol=2e-7, atol=1e-8)
 
 
 # --- nuslerp ---------------------------------------------------------------------------------
@@ -352,3 +334,128 @@ def test_ram_threshold_and_refusals() -> None:
         ram(base, [model], epsilon=-1.0)
     with pytest.raises(RecipeError, match="alpha must be >= 0"):
         ramplus_tl(base, [model], alpha=-0.5)
+
+
+# --- arcee_fusion ----------------------------------------------------------------------------
+
+def _arcee_fusion_reference(base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Row by row in float64: softmax KL times the change, Tukey-style fence from the median."""
+    b2, o2 = base.reshape(-1, base.shape[-1]).astype(np.float64), other.reshape(-1, base.shape[-1]).astype(np.float64)
+    importance = []
+    for row_b, row_o in zip(b2, o2):
+        p = [math.exp(v) / sum(math.exp(w) for w in row_o) + 1e-8 for v in row_o]
+        q = [math.exp(v) / sum(math.exp(w) for w in row_b) + 1e-8 for v in row_b]
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        importance.append([abs(x - y) * kl for x, y in zip(row_o, row_b)])
+    flat = sorted(v for row in importance for v in row)
+    last = len(flat) - 1
+    q1, median, q3 = flat[int(0.25 * last)], flat[int(0.5 * last)], flat[int(0.75 * last)]
+    fence = median + 1.5 * (q3 - q1)
+    out = [[o if imp >= fence else b for o, b, imp in zip(ro, rb, ri)] for ro, rb, ri in zip(o2, b2, importance)]
+    return np.array(out).reshape(base.shape)
+
+
+@pytest.mark.parametrize("shape", [(9, 13), (40,), (3, 4, 6)])
+def test_arcee_fusion_keeps_the_outlying_changes(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(14)
+    base = torch.randn(shape, generator=gen, dtype=torch.float64)
+    other = base + 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64) ** 3  # heavy-tailed changes
+    got = arcee_fusion(base, [other])
+    expected = torch.from_numpy(_arcee_fusion_reference(base.numpy(), other.numpy()))
+    assert torch.equal(got, expected)
+    kept = got == other
+    assert 0 < int(kept.sum()) < kept.numel() // 2  # some changes taken, most entries the base's
+
+
+def test_arcee_fusion_compat_computes_in_the_inputs_dtype() -> None:
+    gen = torch.Generator().manual_seed(15)
+    base = torch.randn(16, 16, generator=gen)
+    other = base + 0.05 * torch.randn(16, 16, generator=gen) ** 3
+    # float32 inputs: both modes the same mask
+    torch.testing.assert_close(arcee_fusion(base, [other], compat="mergekit"), arcee_fusion(base, [other]))
+    with pytest.raises(RecipeError, match="compat"):
+        arcee_fusion(base, [other], compat="exact")
+
+
+# --- every method on mergekit 0.1.5's goldens -------------------------------------------------
+
+GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
+
+
+@pytest.fixture(scope="module")
+def golden_models(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """name -> tensors of the goldens' tiny checkpoints, rebuilt and checked against their recorded digests."""
+    name = "shoal_golden_tiny_checkpoints"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, GOLDENS / "tiny_checkpoints.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    builder = sys.modules[name]
+    recorded = json.loads((GOLDENS / "mergekit" / "checkpoints.json").read_text())["digests"]
+    root = tmp_path_factory.mktemp("new_methods_ckpt")
+    wanted = ["llama_a", "llama_b", "llama_c", "llama_base", "llama_a_fp32", "llama_b_fp32"]
+    models = {}
+    for ckpt in wanted:
+        assert builder.build_checkpoint(ckpt, root / ckpt) == recorded[ckpt]
+        models[ckpt] = load_file(root / ckpt / "model.safetensors")
+    return models
+
+
+def _sce_selection_disagrees(models: dict, name: str, share: float) -> torch.Tensor:  # type: ignore[type-arg]
+    """Entries the top-variance selection keeps with bf16 variances (mergekit's) but not float32 ones, or back."""
+    chosen = []
+    for dtype in (torch.bfloat16, torch.float32):
+        deltas = torch.stack([models[m][name].to(dtype) - models["llama_c"][name].to(dtype)
+                              for m in ("llama_a", "llama_b")])
+        variance = deltas.var(dim=0, unbiased=False)
+        flat = variance.abs().reshape(-1)
+        mask = torch.zeros(flat.shape, dtype=torch.bool)
+        mask[torch.topk(flat, int(int(torch.count_nonzero(flat)) * share)).indices] = True
+        chosen.append(mask.reshape(variance.shape))
+    return chosen[0] != chosen[1]
+
+
+# case -> (function, base, models, keyword arguments, compute dtype (the recipe's), how compared)
+GOLDEN_CALLS = {
+    "f_nearswap_fp32": (nearswap, "llama_a_fp32", ["llama_b_fp32"], {"t": 0.01}, torch.float32, "round"),
+    "t_nearswap": (nearswap, "llama_a", ["llama_b"], {"t": 0.0001}, torch.bfloat16, "round"),
+    "t_nuslerp_zero_sum": (nuslerp, "llama_c", ["llama_a", "llama_b"],
+                           {"weight": [-0.5, 0.5], "nuslerp_flatten": False}, torch.bfloat16, "round"),
+    "t_multislerp": (multislerp, "llama_c", ["llama_a", "llama_b"], {"weight": [0.6, 0.4]}, torch.bfloat16, "round"),
+    "f_multislerp_no_base": (multislerp, None, ["llama_a", "llama_b", "llama_c"], {"weight": [0.5, 0.3, 0.2]},
+                             torch.float32, "round"),
+    "t_karcher": (karcher, "llama_c", ["llama_a", "llama_b"], {"max_iter": 5, "tol": 1e-5}, torch.bfloat16, "round"),
+    "f_karcher_three": (karcher, None, ["llama_a", "llama_b", "llama_c"], {}, torch.float32, "round"),
+    "t_sce": (sce, "llama_c", ["llama_a", "llama_b"], {"select_topk": 0.5}, torch.bfloat16, "sce_cutoff"),
+    "f_sce_three": (sce, "llama_base", ["llama_a", "llama_b", "llama_c"], {"select_topk": 0.7}, torch.float32, "round"),
+    "t_ram": (ram, "llama_c", ["llama_a", "llama_b"], {}, torch.bfloat16, "round"),
+    # mergekit 0.1.5 writes these two in float32 under dtype: bfloat16: compared after rounding to bf16
+    "t_ramplus_tl": (ramplus_tl, "llama_c", ["llama_a", "llama_b"], {"r": 0.05, "alpha": 1.0}, torch.bfloat16,
+                     "round"),
+    "ex_arcee_fusion": (arcee_fusion, "llama_a", ["llama_b"], {"compat": "mergekit"}, torch.bfloat16, "bitwise"),
+    "t_arcee_fusion": (arcee_fusion, "llama_a", ["llama_b"], {"compat": "mergekit"}, torch.bfloat16, "bitwise"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CALLS))
+def test_method_gives_mergekits_golden(case: str, golden_models) -> None:  # type: ignore[no-untyped-def]
+    fn, base_name, model_names, kwargs, dtype, how = GOLDEN_CALLS[case]
+    golden = json.loads((GOLDENS / "mergekit" / f"{case}.json").read_text())
+    expected = load(lzma.decompress((GOLDENS / "mergekit" / golden["tensor_file"]).read_bytes()))
+    assert set(expected) == set(golden_models["llama_a"])
+    eps = torch.finfo(dtype).eps
+    for name, value in expected.items():
+        base = None if base_name is None else golden_models[base_name][name].to(dtype)
+        got = fn(base, [golden_models[m][name].to(dtype) for m in model_names], **kwargs)
+        assert got.dtype == dtype
+        wanted = value.to(dtype).double()
+        if how == "bitwise":
+            assert torch.equal(got.double(), wanted), name
+            continue
+        beyond = (got.double() - wanted).abs() > 2 * eps * wanted.abs() + eps * float(wanted.abs().max())
+        if how == "sce_cutoff":  # which entries straddle the top-k cut depends on the variance's precision
+            disagree = _sce_selection_disagrees(golden_models, name, kwargs["select_topk"])
+            assert int(disagree.sum()) <= max(2, disagree.numel() // 50), name
+            beyond &= ~disagree
+        assert not bool(beyond.any()), f"{name}: {int(beyond.sum())} entries beyond rounding"

@@ -8,6 +8,7 @@ sparsifiers (:mod:`.sparsify`) and consensus settings (:mod:`.consensus`).
 from __future__ import annotations
 
 from shoal.merge.methods import (  # noqa: F401  (importing registers the methods)
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
