@@ -459,3 +459,100 @@ def test_method_gives_mergekits_golden(case: str, golden_models) -> None:  # typ
             assert int(disagree.sum()) <= max(2, disagree.numel() // 50), name
             beyond &= ~disagree
         assert not bool(beyond.any()), f"{name}: {int(beyond.sum())} entries beyond rounding"
+
+
+# --- through the registry, the planner, the executor and the CLI --------------------------------
+
+NEW_METHODS = ["nearswap", "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl", "arcee_fusion"]
+
+
+def test_shoal_methods_lists_every_new_method_with_its_parameters() -> None:
+    from click.testing import CliRunner
+
+    from shoal.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["methods"])
+    assert result.exit_code == 0, result.output
+    for name in NEW_METHODS:
+        assert f"\n{name}  (" in "\n" + result.output
+    for line in ("nuslerp  (optional base_model;", "karcher  (optional base_model;", "sce  (needs base_model;"):
+        assert line in result.output
+    for param in ("nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "max_iter", "tol",
+                  "select_topk", "epsilon", " r ", "alpha"):
+        assert param in result.output
+
+
+def _write_trio(root: Path) -> list[Path]:
+    """A base and two fine-tunes in bf16, big enough for several chunks; the fine-tunes change sparse entries."""
+    from safetensors.torch import save_file
+
+    shapes = {"model.embed_tokens.weight": (600, 256), "model.layers.0.self_attn.q_proj.weight": (64, 64),
+              "model.norm.weight": (256,)}
+    gen = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+    folders = []
+    for i, name in enumerate(("base", "a", "b")):
+        tensors = {k: v + (i > 0) * (torch.rand(v.shape, generator=gen) < 0.6) * torch.randn(v.shape, generator=gen)
+                   * 0.002 for k, v in base.items()}
+        (root / name).mkdir()
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+                  str(root / name / "model.safetensors"))
+        folders.append(root / name)
+    return folders
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_recipe_runs_and_chunks_are_bitwise_the_whole_tensor(method: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             monkeypatch) -> None:
+    import yaml
+
+    import shoal.merge.execute as execute
+    from shoal.merge import merge
+    from shoal.merge.execute import ExecutorOptions
+    from shoal.merge.registry import get_method
+
+    base, a, b = _write_trio(tmp_path)
+    spec = get_method(method)
+    models = [{"model": str(a), "parameters": {"weight": 0.6}}, {"model": str(b), "parameters": {"weight": 0.4}}]
+    if spec.max_models == 1:
+        models = models[:1]
+    recipe: dict = {"merge_method": method, "base_model": str(base), "models": models}
+    if "weight" not in {p.name for p in spec.params}:
+        for entry in models:
+            entry.pop("parameters")
+    if method == "nearswap":
+        recipe["parameters"] = {"t": 0.001}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    calls = {"whole": 0}
+    real = execute.compute_op
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["whole"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "compute_op", counting)
+    merge(path, tmp_path / "whole", options=ExecutorOptions(backend="reference"))
+    calls["whole"] = 0
+    merge(path, tmp_path / "fast", options=ExecutorOptions(chunk=1 << 16, fused_chunks=1))
+    assert calls["whole"] == (0 if spec.chunked else 3)  # elementwise methods never run a whole tensor
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    fast = load_file(tmp_path / "fast" / "model.safetensors")
+    originals = load_file(base / "model.safetensors")
+    for name, tensor in whole.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor.view(torch.int16), fast[name].view(torch.int16))
+        assert not torch.equal(tensor, originals[name])  # every method moved the base
+
+
+def test_nearswap_recipe_without_t_is_refused_through_the_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shoal.cli.main import cli
+
+    base, a, _ = _write_trio(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {a}\n")
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "needs parameter 't'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

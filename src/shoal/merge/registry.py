@@ -19,7 +19,9 @@ Calling convention (every method):
   from the paper; only passed to methods whose signature has it.
 
 The method's signature is the source of truth for which parameters it has: evolution builds
-its search space from :attr:`MethodSpec.params`.
+its search space from :attr:`MethodSpec.params`. A method whose parameter means something else
+than the table's entry of that name declares its own spec (``own_params``, e.g. RAM's global
+``epsilon``). ``optional_base=True``: the method takes the base when the recipe names one.
 
 How a method runs is declared with it. Its function on whole tensors is the reference; with
 ``chunked="module:function"`` it may also run over flat chunks of a tensor: the function
