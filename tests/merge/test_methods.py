@@ -18,7 +18,11 @@ TEST_VALUES = {
     "weight": [0.7, 0.5, 0.9], "density": [0.6, 0.4, 0.5], "gamma": [0.1, 0.05, 0.0],
     "epsilon": [0.1, 0.2, 0.15], "t": 0.3, "lambda": 1.1, "scale": [1.0],
     "normalize": True, "rescale": True, "filter_wise": False,
+    "nuslerp_flatten": False, "nuslerp_row_wise": True, "normalize_weights": True, "eps": 1e-8,
+    "max_iter": 10, "tol": 1e-5, "select_topk": 0.7, "r": 0.1, "alpha": 0.2,
 }
+# a method's own parameter (registry ``own_params``) that means something else than the table's
+OWN_TEST_VALUES = {("ram", "epsilon"): 1e-5, ("ramplus_tl", "epsilon"): 1e-5, ("nearswap", "t"): 0.05}
 
 
 def model_count(spec) -> int:  # type: ignore[no-untyped-def]
@@ -28,7 +32,7 @@ def model_count(spec) -> int:  # type: ignore[no-untyped-def]
 def kwargs_for(spec, n: int) -> dict:  # type: ignore[no-untyped-def]
     kwargs = {}
     for p in spec.params:
-        value = TEST_VALUES[p.name]
+        value = OWN_TEST_VALUES.get((spec.name, p.name), TEST_VALUES[p.name])
         key = "lambda_" if p.name == "lambda" else p.name
         kwargs[key] = value[:n] if p.per_model else value
     return kwargs
@@ -39,7 +43,12 @@ def inputs_for(spec, dtype: torch.dtype = torch.float32, seed: int = 0,  # type:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
     models = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(model_count(spec))]
-    return (base.to(dtype) if spec.needs_base else None), [m.to(dtype) for m in models]
+    return (base.to(dtype) if takes_base(spec) else None), [m.to(dtype) for m in models]
+
+
+def takes_base(spec) -> bool:  # type: ignore[no-untyped-def]
+    """Methods with an optional base run with one here (test_new_methods.py covers them without)."""
+    return spec.needs_base or spec.optional_base
 
 
 def call(spec, base, models, seed: int | None = 0, **overrides):  # type: ignore[no-untyped-def]
@@ -52,7 +61,10 @@ def call(spec, base, models, seed: int | None = 0, **overrides):  # type: ignore
 def test_every_method_of_the_issue_is_registered() -> None:
     assert set(IDS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                         "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock",
-                        "passthrough"}
+                        "passthrough",
+                        # mergekit's other methods (issue #13)
+                        "nearswap", "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl",
+                        "arcee_fusion"}
     for spec in METHODS:
         assert spec.summary and spec.paper.startswith("https://")
         assert spec.paper in (spec.fn.__doc__ or "")
@@ -80,7 +92,7 @@ def test_half_precision_is_computed_in_float32(spec) -> None:  # type: ignore[no
 def test_identical_inputs_give_the_input_back(spec) -> None:  # type: ignore[no-untyped-def]
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
     models = [x.clone() for _ in range(model_count(spec))]
-    out = call(spec, x.clone() if spec.needs_base else None, models)
+    out = call(spec, x.clone() if takes_base(spec) else None, models)
     torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
 
 

@@ -14,8 +14,7 @@ def command(quiet: bool) -> None:
     from shoal.merge.registry import all_methods
 
     for spec in all_methods():
-        base = "needs base_model" if spec.needs_base else "no base model"
-        click.echo(f"{spec.name}  ({base}; {spec.paper})")
+        click.echo(f"{spec.name}  ({spec.base_role}; {spec.paper})")
         if spec.summary:
             click.echo(f"    {spec.summary}")
         for p in spec.params:

@@ -191,7 +191,7 @@ def build_space(config: EvolveConfig, tensor_names: Sequence[str], architecture:
     cells = build_cells(tensor_names, architecture, layer_group_size=config.space.layer_group_size,
                         modules=config.space.modules)
     models = tuple(m for m in config.models if m not in config.hold_at_zero
-                   and not (method.needs_base and m == config.base_model))
+                   and not (method.uses_base(config.base_model) and m == config.base_model))
     genes: list[Gene] = []
     for param in evolvable:
         low, high = config.space.ranges.get(param.name, (param.low, param.high))

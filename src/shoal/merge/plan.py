@@ -215,7 +215,7 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
     maps = _prefix_maps(recipe)
     views = {key: _ModelView(key, readers[key], maps.get(key, {})) for key in recipe.source_models()}
     base_key = recipe.base_model
-    entries = [m for m in recipe.models if not (method.needs_base and m.model == base_key)]
+    entries = [m for m in recipe.models if not (method.uses_base(base_key) and m.model == base_key)]
     _check_model_count(method, len(entries), "models")
     reference = base_key if base_key is not None else recipe.models[0].model
     ref_view = views[reference]
@@ -229,7 +229,7 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
                                   after_stack=info.layer is None and info.role != "embed")
         covering = [e for e in entries if views[e.model].covers(out_name)]
         base_ref = None
-        if method.needs_base:
+        if method.uses_base(base_key):
             base_ref = SourceRef(reference, _source(ref_view, out_name))
         refs = [(views[e.model], _source(views[e.model], out_name)) for e in covering]
         shape_refs = ([(ref_view, base_ref.tensor)] if base_ref else []) + refs
@@ -311,7 +311,7 @@ def _plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         base_src = None
         others = list(sl.sources)
-        if method.needs_base:
+        if method.uses_base(recipe.base_model):
             base_src = next((s for s in sl.sources if s.model == recipe.base_model), None)
             if base_src is None:
                 raise RecipeError(f"slices[{i}]: method {method.name!r} needs the base model "
@@ -363,7 +363,7 @@ def _plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
             continue
         position = TensorPosition(out_name, None, 1, after_stack=info.role != "embed")
         base_src = next((s for s in first_slice.sources if s.model == recipe.base_model), None) \
-            if method.needs_base else None
+            if method.uses_base(recipe.base_model) else None
         others = [s for s in first_slice.sources if s is not base_src]
         refs = [(views[s.model], _source(views[s.model], out_name)) for s in others]
         base_ref = (views[base_src.model], _source(views[base_src.model], out_name)) if base_src else None

@@ -19,7 +19,9 @@ Calling convention (every method):
   from the paper; only passed to methods whose signature has it.
 
 The method's signature is the source of truth for which parameters it has: evolution builds
-its search space from :attr:`MethodSpec.params`.
+its search space from :attr:`MethodSpec.params`. A method whose parameter means something else
+than the table's entry of that name declares its own spec (``own_params``, e.g. RAM's global
+``epsilon``). ``optional_base=True``: the method takes the base when the recipe names one.
 
 How a method runs is declared with it. Its function on whole tensors is the reference; with
 ``chunked="module:function"`` it may also run over flat chunks of a tensor: the function
@@ -71,6 +73,18 @@ PARAMETERS: dict[str, ParamSpec] = {
         ParamSpec("normalize", "bool", False, True, doc="divide by the sum of weights"),
         ParamSpec("rescale", "bool", False, True, doc="rescale kept entries by 1/keep-probability"),
         ParamSpec("filter_wise", "bool", False, False, doc="model stock: one ratio per row instead of per tensor"),
+        # methods from mergekit (nuslerp, multislerp, karcher, sce, ramplus_tl)
+        ParamSpec("nuslerp_flatten", "bool", False, True, doc="nuslerp: the tensor as one vector, not row by row"),
+        ParamSpec("nuslerp_row_wise", "bool", False, False,
+                  doc="nuslerp: interpolate the vectors along dim 0 (columns) instead of the last dim"),
+        ParamSpec("normalize_weights", "bool", False, True, doc="multislerp: divide the weights by their sum"),
+        ParamSpec("eps", "float", False, 1e-8, doc="multislerp: added to norms before dividing"),
+        ParamSpec("max_iter", "float", False, 10, doc="karcher: most fixed-point iterations (a whole number)"),
+        ParamSpec("tol", "float", False, 1e-5, doc="karcher: stop when the tangent step is shorter"),
+        ParamSpec("select_topk", "float", False, 1.0, 0.0, 1.0,
+                  doc="sce: fraction of entries kept, those whose task vectors vary most across models"),
+        ParamSpec("r", "float", False, 0.1, 0.0, 1.0, doc="ramplus_tl: strength of the overlap rescaling"),
+        ParamSpec("alpha", "float", False, 0.2, 0.0, 1.0, doc="ramplus_tl: cap on the shared/unique ratio"),
     )
 }
 
@@ -92,6 +106,17 @@ class MethodSpec:
     uses_generator: bool
     has_compat: bool
     chunked: str | None = None  # "module:function" of its chunk planner (see the module docstring)
+    optional_base: bool = False  # takes the base when the recipe names one (``base`` is None otherwise)
+
+    def uses_base(self, base_model: str | None) -> bool:
+        """Whether a recipe with this ``base_model`` passes a base tensor to the method."""
+        return self.needs_base or (self.optional_base and base_model is not None)
+
+    @property
+    def base_role(self) -> str:
+        """``needs base_model``, ``optional base_model`` or ``no base model`` (for listings)."""
+        return ("needs base_model" if self.needs_base else
+                "optional base_model" if self.optional_base else "no base model")
 
     @property
     def summary(self) -> str:
@@ -134,16 +159,28 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     chunked: str | None = None,
+    optional_base: bool = False,
+    own_params: tuple[ParamSpec, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as merge method ``name``; duplicate names and unknown parameters fail at import.
 
     ``chunked``: ``"module:function"`` of the method's chunk planner (see the module docstring).
+    ``optional_base``: with ``needs_base=False``, the method still takes the base when a recipe
+    names one (``base`` is None otherwise). ``own_params``: parameters this method alone has, or
+    has with another meaning than :data:`PARAMETERS` gives the name (RAM's global ``epsilon``);
+    they take precedence over the table for this method.
     """
+    if needs_base and optional_base:
+        raise ValueError(f"merge method {name!r}: a base cannot be both needed and optional")
+    local = {p.name: p for p in own_params}
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice")
         sig = inspect.signature(fn)
+        unused = sorted(set(local) - {_PY_NAMES.get(k, k) for k in sig.parameters})
+        if unused:
+            raise ValueError(f"merge method {name!r}: own_params {unused} are not in its signature")
         positional = [p for p in sig.parameters.values()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if [p.name for p in positional] != ["base", "models"]:
@@ -153,9 +190,9 @@ def merge_method(
             if p.kind != p.KEYWORD_ONLY or p.name in _RESERVED:
                 continue
             recipe_name = _PY_NAMES.get(p.name, p.name)
-            if recipe_name not in PARAMETERS:
+            if recipe_name not in PARAMETERS and recipe_name not in local:
                 raise ValueError(f"merge method {name!r}: parameter {p.name!r} is not in PARAMETERS")
-            spec = PARAMETERS[recipe_name]
+            spec = local.get(recipe_name) or PARAMETERS[recipe_name]
             if p.default is not inspect.Parameter.empty and not spec.per_model:
                 spec = ParamSpec(spec.name, spec.kind, spec.per_model, p.default, spec.low, spec.high, spec.doc)
             params.append(spec)
@@ -170,6 +207,7 @@ def merge_method(
             uses_generator="generator" in sig.parameters,
             has_compat="compat" in sig.parameters,
             chunked=chunked,
+            optional_base=optional_base,
         )
         return fn
 

@@ -8,12 +8,19 @@ sparsifiers (:mod:`.sparsify`) and consensus settings (:mod:`.consensus`).
 from __future__ import annotations
 
 from shoal.merge.methods import (  # noqa: F401  (importing registers the methods)
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
+    ram,
+    sce,
     slerp,
     task_arithmetic,
     ties,
