@@ -16,7 +16,7 @@ from shoal.errors import CheckpointError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # commands whose modules other helpers own; the lead applies the same two decorators there
-PENDING_VERBOSITY = {"merge", "evolve"}
+PENDING_VERBOSITY = {"evolve"}
 
 
 def leaf_commands(group: click.Group = cli, prefix: str = "") -> dict[str, click.Command]:
