@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
+from shoal.checkpoint.chat_templates import resolve_chat_template
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.model_view import ModelView as _ModelView
 from shoal.merge.model_view import architecture as _architecture
@@ -111,6 +112,8 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
     for name in recipe.source_models():
         if name not in readers:
             raise RecipeError(f"model {name!r} was not opened")
+    if recipe.chat_template is not None and recipe.chat_template != "auto":
+        resolve_chat_template(recipe.chat_template, [])  # a bad name fails here, before any output
     seed = recipe.seed if recipe.seed is not None else seed
     if recipe.models is not None:
         plan = _plan_models(recipe, method, readers, seed)
