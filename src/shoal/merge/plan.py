@@ -124,7 +124,7 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
     warning = mode_warning(recipe, method)
     if warning:
         warnings.append(warning)
-    return replace(plan, warnings=tuple(warnings))
+    return replace(plan, warnings=tuple(warnings) + plan.warnings)
 
 
 def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:

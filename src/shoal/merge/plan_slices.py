@@ -6,6 +6,10 @@ the slices at the ends of the stack, at t = 0 of the gradient: what comes before
 (the embeddings) is merged across the *first* slice's sources, what comes after (the final
 norm, ``lm_head``) across the *last* slice's, so a frankenmerge ends with the head of the
 model its last layers come from. A slice may name its own ``base_model``.
+
+One shoal reading differs: a ``base_model`` given to a method that takes none (``passthrough``)
+names the model the tensors outside the layers are copied from (a layer-path export writes its
+recipe so); mergekit ignores it there, and planning warns.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from shoal.errors import RecipeError
 from shoal.merge.model_view import ModelView
 from shoal.merge.model_view import count_layers
 from shoal.merge.params import TensorPosition
-from shoal.merge.plan import (MergePlan, TensorOp, config_updates, merge_op, prefix_maps, source_name,
+from shoal.merge.plan import (MergePlan, TensorOp, config_updates, copy_op, merge_op, prefix_maps, source_name,
                               tokenizer_source)
 from shoal.merge.plan_params import check_model_count, resolve_params
 from shoal.merge.recipe import Recipe, Slice, SliceSource
@@ -94,6 +98,11 @@ def plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Checkp
                 ops.extend(layer_ops)
                 inserted = True
             continue
+        if not method.needs_base and recipe.base_model is not None:
+            # shoal's reading of a base for a method that takes none: the model the tensors outside
+            # the layers come from (a layer-path export names its first source so); mergekit ignores it
+            ops.append(copy_op(out_name, ref_view, recipe, seed))
+            continue
         # before the layers: the first slice's sources; after them: the last slice's
         index = 0 if info.role == "embed" else len(recipe.slices) - 1
         sl = recipe.slices[index]
@@ -105,6 +114,11 @@ def plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Checkp
         ops.append(merge_op(out_name, method, recipe, base, refs, params, seed))
     if not inserted:
         ops.extend(layer_ops)
+    warnings = ()
+    if not method.needs_base and recipe.base_model is not None:
+        warnings = (f"base_model with `{method.name}`: the embeddings, final norm and lm_head are copied from "
+                    f"{recipe.base_model} (mergekit ignores base_model here and takes them from the first and "
+                    "last slices' models)",)
     return MergePlan(recipe=recipe, method=method.name, ops=tuple(ops), reference=reference,
                      tokenizer_source=tokenizer_source(recipe, reference),
-                     config_updates=config_updates(recipe, config, ops, layers=out_layer))
+                     config_updates=config_updates(recipe, config, ops, layers=out_layer), warnings=warnings)
