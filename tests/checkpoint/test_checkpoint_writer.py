@@ -39,7 +39,8 @@ def test_tensor_larger_than_shard_gets_its_own_shard(tmp_path):
         "c": "model-00003-of-00003.safetensors",
     }
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index == {"metadata": {"total_size": 40 * 3 + 400}, "weight_map": weight_map}
+    assert index == {"metadata": {"total_size": 40 * 3 + 400, "total_parameters": 10 * 3 + 100},
+                     "weight_map": weight_map}
     written = read_all(tmp_path)
     assert torch.equal(written["big"], big) and torch.equal(written["c"], small * 3)
     assert not list(tmp_path.glob(".*"))  # no temporary shard left behind

@@ -16,7 +16,7 @@ from shoal.errors import CheckpointError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # commands whose modules other helpers own; the lead applies the same two decorators there
-PENDING_VERBOSITY = {"merge"}
+PENDING_VERBOSITY: set[str] = set()
 # Commands that hand every argument to another tool unchanged (lm-eval has its own --verbosity).
 PASS_THROUGH = {"lm-eval"}
 

@@ -156,7 +156,10 @@ def test_passthrough_slices_stack_layers(tmp_path: Path, llama_trio) -> None:  #
     got, wa, wb = weights(out), weights(a), weights(b)
     torch.testing.assert_close(got["model.layers.2.mlp.up_proj.weight"], wb["model.layers.1.mlp.up_proj.weight"])
     torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"], wa["model.layers.1.mlp.up_proj.weight"])
-    torch.testing.assert_close(got["lm_head.weight"], wa["lm_head.weight"])
+    # as mergekit: what comes before the layers from the first slice's model, what comes after from the last's
+    torch.testing.assert_close(got["model.embed_tokens.weight"], wa["model.embed_tokens.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(got["lm_head.weight"], wb["lm_head.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(got["model.norm.weight"], wb["model.norm.weight"], rtol=0, atol=0)
     assert load_logits(out).shape[-1] == 96
 
 
@@ -242,8 +245,9 @@ def test_methods_command_lists_every_method() -> None:
 
 
 def test_gradients_run_from_embeddings_to_the_head(tmp_path: Path, llama_trio) -> None:  # type: ignore[no-untyped-def]
-    """A gradient's first anchor applies to the embeddings and layer 0, its last to the last layer,
-    the final norm and lm_head (whatever order the file lists tensors in)."""
+    """A gradient's first anchor applies to layer 0 and, as in mergekit, to every tensor outside the
+    layers (embeddings, final norm, lm_head); its last to the last layer (whatever order the file lists
+    tensors in)."""
     _, a, b = llama_trio
     recipe = write_recipe(tmp_path / "r.yaml", {
         "merge_method": "linear",
@@ -254,7 +258,8 @@ def test_gradients_run_from_embeddings_to_the_head(tmp_path: Path, llama_trio) -
     out = tmp_path / "grad"
     assert run(["merge", recipe, out, "-q"]).exit_code == 0
     got, wa, wb = weights(out), weights(a), weights(b)
-    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]:
+    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight",
+                 "lm_head.weight"]:
         torch.testing.assert_close(got[name], wa[name])
-    for name in ["model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]:
-        torch.testing.assert_close(got[name], 0.5 * wa[name] + 0.5 * wb[name])
+    torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"],
+                               0.5 * wa["model.layers.1.mlp.up_proj.weight"] + 0.5 * wb["model.layers.1.mlp.up_proj.weight"])

@@ -217,3 +217,31 @@ def test_copy_ops_write_renamed_and_converted_tensors(tmp_path: Path, trio, back
         assert written == 1200 * 256 * 4 + 256 * first.dtype("model.norm.weight").itemsize
         assert torch.equal(got["renamed.embed"], second.get("model.embed_tokens.weight", dtype=torch.float32))
         assert torch.equal(got["model.norm.weight"], first.get("model.norm.weight"))
+
+
+@pytest.mark.parametrize("method,compat", [("linear", "paper"), ("slerp", "paper"), ("dare_ties", "paper"),
+                                           ("ties", "paper"), ("ties", "mergekit")])
+def test_float32_output_over_bf16_inputs_is_computed_in_float32_by_both_backends(
+        tmp_path: Path, tmp_path_factory, method: str, compat: str) -> None:  # type: ignore[no-untyped-def]
+    """``dtype: float32`` over bf16 sources: one rounding, to float32 (mergekit's values), chunked or whole."""
+    root = tmp_path_factory.mktemp("bf16_trio")
+    gen = torch.Generator().manual_seed(1)
+    base = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in SHAPES.items()}
+    folders = [_write_model(root / "base", {k: v.to(torch.bfloat16) for k, v in base.items()})]
+    for name in ("a", "b"):
+        noisy = {k: (v + torch.randn(v.shape, generator=gen) * 0.002).to(torch.bfloat16) for k, v in base.items()}
+        folders.append(_write_model(root / name, noisy))
+    recipe_dict = {**_recipe(method, *folders, compat), "dtype": "float32"}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict))
+    merge(recipe, tmp_path / "simple", options=ExecutorOptions(backend="reference"))
+    merge(recipe, tmp_path / "fast", options=ExecutorOptions(chunk=STATS_BLOCK, fused_chunks=1))
+    simple, fast = _tensors(tmp_path / "simple"), _tensors(tmp_path / "fast")
+    for name in SHAPES:
+        assert simple[name].dtype == fast[name].dtype == torch.float32
+        assert torch.equal(fast[name].view(torch.uint8), simple[name].view(torch.uint8)), name
+    embed = simple["model.embed_tokens.weight"]
+    assert not torch.equal(embed, embed.to(torch.bfloat16).to(torch.float32))  # not rounded to bf16 on the way
+    if method == "linear":  # the weighted mean of the widened sources, in float32
+        a, b = (load_file(f / "model.safetensors")["model.embed_tokens.weight"].float() for f in folders[1:])
+        torch.testing.assert_close(embed, (0.3 * a + 0.7 * b) / 1.0, rtol=1e-6, atol=1e-7)

@@ -126,11 +126,25 @@ def test_gradient_interpolation_matches_hand_values() -> None:
         assert resolve_value([0.0, 1.0], pos) == pytest.approx(layer / 4)
 
 
-def test_tensors_outside_the_stack_take_the_end_anchors() -> None:
+def test_tensors_outside_the_stack_take_the_first_anchor_and_one_layer_slices_the_last() -> None:
+    """mergekit plans the tensors outside the layers at t = 0 and a one-layer slice at t = 1."""
     embed = TensorPosition("model.embed_tokens.weight", None, 4)
-    head = TensorPosition("lm_head.weight", None, 4, after_stack=True)
+    head = TensorPosition("lm_head.weight", None, 4)
+    norm = TensorPosition("model.norm.weight", None, 1)
     assert resolve_value([0.2, 0.9], embed) == pytest.approx(0.2)
-    assert resolve_value([0.2, 0.9], head) == pytest.approx(0.9)
+    assert resolve_value([0.2, 0.9], head) == pytest.approx(0.2)
+    assert resolve_value([0.2, 0.5, 0.9], norm) == pytest.approx(0.2)
+    only_layer = TensorPosition("model.layers.3.mlp.up_proj.weight", 0, 1)
+    assert resolve_value([0.2, 0.5, 0.9], only_layer) == pytest.approx(0.9)
+
+
+def test_filter_star_matches_every_tensor_and_other_filters_are_plain_substrings() -> None:
+    star = [FilterValue(filter="*", value=0.25), FilterValue(value=1.0)]
+    glob = [FilterValue(filter="mlp.*", value=0.25), FilterValue(value=1.0)]
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+        position = TensorPosition(name, None, 4)
+        assert resolve_value(star, position) == pytest.approx(0.25)
+        assert resolve_value(glob, position) == pytest.approx(1.0)  # no glob: "mlp.*" is a literal
 
 
 def test_filters_pick_the_first_match_and_fall_back() -> None:
@@ -138,7 +152,7 @@ def test_filters_pick_the_first_match_and_fall_back() -> None:
              FilterValue(value=0.5)]
     attn = TensorPosition("model.layers.1.self_attn.q_proj.weight", 1, 2)
     mlp = TensorPosition("model.layers.1.mlp.up_proj.weight", 1, 2)
-    norm = TensorPosition("model.norm.weight", None, 2, after_stack=True)
+    norm = TensorPosition("model.norm.weight", None, 2)
     assert resolve_value(value, attn) == pytest.approx(0.1)
     assert resolve_value(value, mlp) == pytest.approx(1.0)
     assert resolve_value(value, norm) == pytest.approx(0.5)

@@ -63,10 +63,11 @@ def known_base_models(sources: Sequence[str]) -> list[str]:
 def render_model_card(
     *, sources: list[str], method: str, recipe_yaml: str, base_model: str | None = None, extra: str = "",
     method_paper: str | None = None, title: str = "Merged model", intro: str | None = None,
-    recipe_language: str = "yaml", recipe_file: str | None = RECIPE_FILENAME,
+    recipe_language: str = "yaml", recipe_file: str | None = RECIPE_FILENAME, details: Sequence[str] = (),
 ) -> str:
     """The README.md text: YAML metadata (tags, hub base models), sources, method (with a link
-    to its paper when given) and the full recipe; ``extra`` is appended as markdown."""
+    to its paper when given, and ``details``: one bullet each, e.g. the mode the merge ran in)
+    and the full recipe; ``extra`` is appended as markdown."""
     from huggingface_hub import ModelCardData
 
     ordered = ([base_model] if base_model else []) + [s for s in sources if s != base_model]
@@ -86,6 +87,7 @@ def render_model_card(
         "",
         f"- method: `{method}`{paper}",
     ]
+    lines += [f"- {detail}" for detail in details]
     if base_model:
         lines.append(f"- base model: `{base_model}`")
     lines += ["", "## Source models", ""]
@@ -111,6 +113,7 @@ def write_model_card(
     intro: str | None = None,
     recipe_language: str = "yaml",
     recipe_file: str | None = RECIPE_FILENAME,
+    details: Sequence[str] = (),
 ) -> None:
     """Write ``README.md`` (a huggingface_hub ModelCard) and, unless ``recipe_file`` is None,
     the recipe to ``out_dir``."""
@@ -121,7 +124,7 @@ def write_model_card(
     card = ModelCard(
         render_model_card(sources=sources, method=method, recipe_yaml=recipe_yaml, base_model=base_model,
                           extra=extra, method_paper=method_paper, title=title, intro=intro,
-                          recipe_language=recipe_language, recipe_file=recipe_file)
+                          recipe_language=recipe_language, recipe_file=recipe_file, details=details)
     )
     card.save(out_dir / "README.md")
     if recipe_file:

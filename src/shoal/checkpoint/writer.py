@@ -25,20 +25,28 @@ SAFETENSORS_METADATA = {"format": "pt"}
 
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
+    "": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    # mergekit's --out-shard-size suffixes: thousands, millions, billions (of bytes: its writer
+    # compares them with numel * element_size, although its help says "parameters")
+    "k": 10**3, "m": 10**6, "b": 10**9,
 }
 
 
 def parse_byte_size(value: int | str) -> int:
-    """Bytes from ``"500MB"``, ``"5GB"`` (powers of 1000, as transformers counts), ``"2GiB"`` or ``1000``."""
+    """Bytes from ``"500MB"``, ``"5GB"`` (powers of 1000, as transformers counts), ``"2GiB"`` or ``1000``.
+
+    A lone ``K``, ``M`` or ``B`` is mergekit's: ``"5B"`` is five billion bytes, as
+    ``--out-shard-size 5B`` means in mergekit, not five bytes.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         number, unit = float(value), ""
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
         if match is None or match.group(2).lower() not in _SIZE_UNITS:
-            raise CheckpointError(f"shard size {value!r}: expected a byte count such as 2000000000, '500MB' or '5GiB'")
+            raise CheckpointError(f"shard size {value!r}: expected a byte count such as 2000000000, '500MB', "
+                                  "'5GiB' or mergekit's '5B' (five billion)")
         number, unit = float(match.group(1)), match.group(2).lower()
     size = int(number * _SIZE_UNITS[unit])
     if size <= 0:
@@ -92,6 +100,7 @@ class ShardedWriter:
         self._written: list[tuple[Path, list[str]]] = []  # temporary shard file, its tensors
         self._names: set[str] = set()
         self._total_bytes = 0
+        self._total_parameters = 0
         self._closed = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -109,6 +118,7 @@ class ShardedWriter:
         self._pending_storages.add(tensor.untyped_storage().data_ptr())
         self._pending_bytes += size
         self._total_bytes += size
+        self._total_parameters += tensor.numel()
         if self._pending_bytes >= self.max_shard_bytes:
             self._flush()
 
@@ -144,7 +154,7 @@ class ShardedWriter:
             weight_map.update({name: final for name in names})
         if count > 1:
             index = {
-                "metadata": {"total_size": self._total_bytes},
+                "metadata": {"total_size": self._total_bytes, "total_parameters": self._total_parameters},
                 "weight_map": dict(sorted(weight_map.items())),
             }
             index_path = self.directory / f"{self.prefix}.safetensors.index.json"
@@ -226,6 +236,7 @@ class ShardWriter:
         specs = {name: (dtype, shape) for name, dtype, shape in layout}
         self._files: list[tuple[Path, list[str], int]] = []  # temporary file, names, fd
         self._total_bytes = sum(size for _, size in sizes)
+        self._total_parameters = sum(size // tags[dtype][1] for (_, size), (_, dtype, _) in zip(sizes, layout))
         size_of = dict(sizes)
         for number, names in enumerate(shard_groups(sizes, max_shard_bytes), start=1):
             header: dict[str, object] = {"__metadata__": dict(SAFETENSORS_METADATA)}
@@ -281,7 +292,7 @@ class ShardWriter:
             os.replace(temporary, self.directory / final)
             weight_map.update({name: final for name in names})
         if count > 1:
-            index = {"metadata": {"total_size": self._total_bytes},
+            index = {"metadata": {"total_size": self._total_bytes, "total_parameters": self._total_parameters},
                      "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / f"{self.prefix}.safetensors.index.json").write_text(
                 json.dumps(index, indent=2) + "\n", encoding="utf-8")

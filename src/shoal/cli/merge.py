@@ -1,35 +1,68 @@
-"""``shoal merge RECIPE OUT``."""
+"""``shoal merge RECIPE OUT``.
+
+mergekit's flags that users type from habit are accepted where they mean what a shoal flag (or
+shoal's default) means: ``--out-shard-size`` (= ``--shard-size``, mergekit's K/M/B suffixes
+included), ``--cuda``/``--no-cuda`` (= ``--device cuda``/``cpu``), ``--random-seed`` (= ``--seed``),
+``--copy-tokenizer`` (shoal always writes the tokenizer), ``--lazy-unpickle`` (shoal reads
+weights lazily anyway), ``--allow-crimes`` (shoal does not refuse mixed architectures; shapes
+must still agree), ``--trust-remote-code`` (a merge runs no model code). ``--no-copy-tokenizer``
+has no shoal counterpart and is refused with one line.
+"""
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
+from shoal.cli._options import verbosity
 from shoal.cli._progress import progress_bars
+
+_NO_EFFECT_HELP = "mergekit's flag, accepted: shoal's default behaviour"
+
+
+def _refuse_no_copy_tokenizer(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool | None:
+    if value is False:
+        raise click.UsageError("--no-copy-tokenizer: shoal always writes the tokenizer of the recipe's "
+                               "tokenizer_source (default: the base model); there is no shoal flag to skip it")
+    return value
 
 
 @click.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where the math runs.")
-@click.option("--shard-size", default="5GB", show_default=True,
-              help="Largest shard, in bytes or with a unit (500MB, 2GiB).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for random methods (DARE, DELLA) when the recipe sets none.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N: where the math runs  [default: cpu]")
+@click.option("--cuda/--no-cuda", "cuda", default=None, help="mergekit's spelling of --device cuda / --device cpu")
+@click.option("--shard-size", "--out-shard-size", "shard_size", default="5GB", show_default=True,
+              help="largest shard in bytes: 2000000000, 500MB, 2GiB, or mergekit's 5B (five billion; "
+                   "K, M, B are thousands, millions, billions of bytes)")
+@click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True,
+              help="seed for random methods (DARE, DELLA) when the recipe sets none")
 @click.option("--allow-pickle", is_flag=True,
-              help="Read .bin/.pt weights (torch.load with weights_only=True).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, sizes) and write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, allow_pickle: bool,
-            dry_run: bool, overwrite: bool, quiet: bool) -> None:
-    """Merge the models of RECIPE (mergekit-style YAML) into a Hugging Face folder OUT."""
+              help="read .bin/.pt weights (torch.load with weights_only=True)")
+@click.option("--dry-run", is_flag=True, help="print the plan (tensors, methods, sizes, mode) and write nothing")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--json", "as_json", is_flag=True, help='print {"out", "tensors", "bytes"} as one JSON object')
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, hidden=True,
+              callback=_refuse_no_copy_tokenizer, expose_value=False)
+@click.option("--lazy-unpickle", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
+@click.option("--allow-crimes", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
+@click.option("--trust-remote-code", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
+@verbosity
+def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shard_size: str, seed: int,
+            allow_pickle: bool, dry_run: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Merge the models of RECIPE (mergekit-style YAML) into a Hugging Face folder OUT.
+
+    mergekit's --out-shard-size, --cuda, --random-seed, --copy-tokenizer, --lazy-unpickle,
+    --allow-crimes and --trust-remote-code are accepted as well.
+    """
     import gc
 
     from shoal.runtime import collection_paused, runtime_settings, settle
 
+    device = _device(device, cuda)
     with runtime_settings(gc="freeze", trim_allocator=True):
         # torch's import makes about a million lasting objects: collections meanwhile find no garbage
         with collection_paused():
@@ -45,14 +78,29 @@ def command(recipe: Path, out: Path, device: str, shard_size: str, seed: int, al
             with ExitStack() as stack:
                 readers = open_sources(parsed, allow_pickle=allow_pickle, stack=stack)
                 plan = plan_merge(parsed, readers, seed=seed)
+            _print_warnings(plan)
             _print_plan(plan)
             return
         _check_device(device)
-        with progress_bars(enabled=not quiet) as progress:
-            result = merge(parsed, out, shard_size=size, device=device, seed=seed,
-                           allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
+        _check_out(out, overwrite)
+        with progress_bars(enabled=not quiet and not as_json) as progress:
+            result = merge(parsed, out, shard_size=size, device=device, seed=seed, allow_pickle=allow_pickle,
+                           overwrite=overwrite, progress=progress, on_plan=_print_warnings)
     gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now
-    click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
+    if as_json:
+        click.echo(json.dumps({"out": str(result.out), "tensors": result.tensors, "bytes": result.total_bytes}))
+    else:
+        click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
+
+
+def _device(device: str | None, cuda: bool | None) -> str:
+    if device is not None and cuda is not None:
+        implied = "cuda" if cuda else "cpu"
+        if not device.startswith(implied):
+            raise click.UsageError(f"--device {device} and --{'' if cuda else 'no-'}cuda disagree; give one")
+    if device is not None:
+        return device
+    return "cuda" if cuda else "cpu"
 
 
 def _check_device(device: str) -> None:
@@ -64,8 +112,24 @@ def _check_device(device: str) -> None:
         raise MergeError(f"--device {device}: CUDA is not available on this machine")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    from shoal.errors import CheckpointError
+
+    if not overwrite and out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: output folder exists and is not empty; choose another OUT or pass "
+                              "--overwrite to replace it")
+
+
+def _print_warnings(plan) -> None:  # type: ignore[no-untyped-def]
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     """One line per output tensor; plain text so it can be read, grepped and diffed."""
+    from shoal.merge.plan_modes import mode_lines
+    from shoal.merge.registry import get_method
+
     rows = [("tensor", "method", "shape", "dtype", "sources", "parameters")]
     for op in plan.ops:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in op.params)
@@ -74,6 +138,8 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
                      str(op.out_dtype).replace("torch.", ""), sources, params or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     click.echo(f"merge plan: {plan.method}, output follows {plan.reference}")
+    for line in mode_lines(plan.recipe, get_method(plan.method)):
+        click.echo(line)
     for row in rows:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "
@@ -85,6 +151,8 @@ def _fmt(value: object) -> str:
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if value is None:
+        return "auto"
     return str(value)
 
 

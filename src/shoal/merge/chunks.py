@@ -51,6 +51,8 @@ class Sources:
         values = reader.map_range(ref.tensor, start, stop)
         if check:
             reader.check_range(ref.tensor, values)
+        if self.op.compute_dtype is not None:  # as compute_op widens them
+            values = values.to(self.op.compute_dtype)
         return values
 
     def base(self, start: int, stop: int, *, check: bool = True) -> torch.Tensor | None:
@@ -60,7 +62,8 @@ class Sources:
         return [self.read(ref, start, stop, check=check) for ref in self.op.models]
 
     def dtype(self, ref: SourceRef) -> torch.dtype:
-        return self.readers[ref.model].dtype(ref.tensor)
+        """The dtype :meth:`read` returns for ``ref``."""
+        return self.op.compute_dtype or self.readers[ref.model].dtype(ref.tensor)
 
     def check(self, start: int, stop: int) -> None:
         """Raise the reader's error for the source of a range that holds a NaN or Inf."""

@@ -89,6 +89,10 @@ def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
     if op.method == COPY:
         return fetch(op.models[0]).to(op.out_dtype)
     spec = get_method(op.method)
+    if op.compute_dtype is not None:  # half-precision sources widened: the result is rounded once, to out_dtype
+        widen = op.compute_dtype
+        fetch_stored = fetch
+        fetch = lambda ref: fetch_stored(ref).to(widen)  # noqa: E731
     base = fetch(op.base) if op.base is not None else None
     result = spec.fn(base, [fetch(ref) for ref in op.models], **method_kwargs(op, spec, compat))
     if not torch.isfinite(result).all():
@@ -244,11 +248,14 @@ class MergeResult:
 
 def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
           device: str = "cpu", seed: int = 0, allow_pickle: bool = False, overwrite: bool = False,
-          progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> MergeResult:
+          progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions(),
+          on_plan: Callable[[MergePlan], None] | None = None) -> MergeResult:
     """Merge the recipe's sources into a Hugging Face model folder at ``out``.
 
     The folder is built next to ``out`` and moved into place only when complete: an error or a
     killed process leaves nothing at ``out``. ``options`` choose how it runs, never what it writes.
+    ``on_plan`` is called with the plan before anything is written (its ``warnings`` are worth
+    showing: parameters that have no effect, the mode a recipe runs in).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -258,6 +265,8 @@ def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEF
     with ExitStack() as stack:
         readers = open_sources(recipe, allow_pickle=allow_pickle, stack=stack)
         plan = plan_merge(recipe, readers, seed=seed)
+        if on_plan is not None:
+            on_plan(plan)
         with staged_output(out, overwrite=overwrite) as stage:
             written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
                                    progress=progress, options=options)

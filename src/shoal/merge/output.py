@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Mapping
 
 from shoal.checkpoint import CheckpointReader, copy_support_files, write_model_card
+from shoal.checkpoint.chat_templates import resolve_chat_template, write_chat_template
 from shoal.errors import MergeError
 from shoal.merge.plan import COPY, MergePlan
+from shoal.merge.plan_modes import mode_lines
 from shoal.merge.registry import get_method
 
 
@@ -19,18 +21,31 @@ def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stag
     if plan.tokenizer_source != plan.reference:
         _copy_tokenizer(readers[plan.tokenizer_source], stage)
     recipe = plan.recipe
+    if recipe.chat_template:
+        folders = [_folder(readers[name]) for name in recipe.source_models()]
+        template = resolve_chat_template(recipe.chat_template, folders)
+        if template is not None:
+            write_chat_template(stage, template)
     if recipe.seed is None and _uses_randomness(plan):
         recipe = recipe.model_copy(update={"seed": seed})
-    recipe_yaml = recipe.to_yaml()
+    method = get_method(plan.method)
+    # the saved recipe names its mode, so that it reruns in the same one whatever the default
+    recipe_yaml = recipe.to_yaml(keep=("compat",) if method.has_compat else ())
     write_model_card(stage, sources=plan.models_used(), method=plan.method, recipe_yaml=recipe_yaml,
-                     base_model=recipe.base_model)
+                     base_model=recipe.base_model, method_paper=method.paper,
+                     details=mode_lines(plan.recipe, method))
+
+
+def _folder(reader: CheckpointReader) -> Path:
+    path = Path(reader.path)
+    return path if path.is_dir() else path.parent
 
 
 def _copy_tokenizer(source: CheckpointReader, stage: Path) -> None:
     """Replace the tokenizer files in ``stage`` by those of ``source`` (``tokenizer_source``)."""
     from shoal.checkpoint.support_files import SUPPORT_FILES
 
-    folder = source.path if Path(source.path).is_dir() else Path(source.path).parent
+    folder = _folder(source)
     names = [n for n in SUPPORT_FILES if n != "generation_config.json"]
     if not any((folder / n).is_file() for n in names):
         raise MergeError(f"tokenizer_source {source.source}: no tokenizer files in {folder}")

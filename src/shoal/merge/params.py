@@ -1,12 +1,14 @@
-"""Resolve recipe parameter values for one tensor: gradients and filters.
+"""Resolve recipe parameter values for one tensor: gradients and filters, as mergekit resolves them.
 
 - A scalar applies to every tensor.
-- A gradient (a list of numbers) is interpolated linearly over the decoder layers: the first
-  anchor at the first layer, the last at the last layer. Tensors outside the decoder stack take
-  the first anchor when they come before it (embeddings) and the last when after (final norm,
-  ``lm_head``).
-- A filter list applies the first entry whose ``filter`` is a substring of the tensor name; an
-  entry without ``filter`` applies to any tensor. No matching entry means "not set here".
+- A gradient (a list of numbers) is interpolated linearly over the layers of a slice (of the
+  whole model in a ``models`` recipe): the first anchor at its first layer, the last at its
+  last layer. A one-layer slice takes the last anchor, and tensors outside the decoder stack
+  (embeddings, final norm, ``lm_head``) take the first: mergekit plans a one-layer slice at
+  t = 1 and the tensors outside the layers at t = 0, and shoal follows it in both modes.
+- A filter list applies the first entry whose ``filter`` is a substring of the tensor name
+  (plain text, not a glob); ``filter: "*"`` and an entry without ``filter`` apply to any
+  tensor. No matching entry means "not set here".
 """
 
 from __future__ import annotations
@@ -15,23 +17,24 @@ from dataclasses import dataclass
 
 from shoal.merge.recipe import FilterValue, ParamValue
 
+MATCH_ALL = "*"  # mergekit's one special filter
+
 
 @dataclass(frozen=True)
 class TensorPosition:
-    """Where a tensor sits, for gradients: layer ``layer`` of ``num_layers``, or before/after."""
+    """Where a tensor sits, for gradients: layer ``layer`` of a slice of ``num_layers``, or outside the layers."""
 
     name: str
     layer: int | None
     num_layers: int
-    after_stack: bool = False
 
     @property
     def fraction(self) -> float:
-        """0.0 at the first layer (and before the stack), 1.0 at the last (and after it)."""
+        """0.0 at a slice's first layer and outside the layers, 1.0 at its last (and in a one-layer slice)."""
         if self.layer is None:
-            return 1.0 if self.after_stack else 0.0
-        if self.num_layers <= 1:
             return 0.0
+        if self.num_layers <= 1:
+            return 1.0
         return self.layer / (self.num_layers - 1)
 
 
@@ -56,7 +59,7 @@ def resolve_value(value: ParamValue, position: TensorPosition) -> float | bool |
         return float(value)
     if value and isinstance(value[0], FilterValue):
         for entry in value:  # type: ignore[union-attr]
-            if entry.filter is None or entry.filter in position.name:
+            if entry.filter is None or entry.filter == MATCH_ALL or entry.filter in position.name:
                 return resolve_value(entry.value, position)
         return _UNSET
     return interpolate_gradient([float(v) for v in value], position.fraction)  # type: ignore[union-attr]

@@ -8,23 +8,24 @@ before the first byte of output is written.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
 
 from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
+from shoal.checkpoint.chat_templates import resolve_chat_template
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.model_view import ModelView as _ModelView
 from shoal.merge.model_view import architecture as _architecture
 from shoal.merge.model_view import count_layers as _count_layers
-from shoal.merge.params import TensorPosition, is_unset, resolve_first
-from shoal.merge.recipe import ParamValue, Recipe
+from shoal.merge.params import TensorPosition
+from shoal.merge.plan_modes import mode_warning
+from shoal.merge.plan_params import check_model_count, check_parameter_names, resolve_params
+from shoal.merge.recipe import Recipe
 from shoal.merge.registry import MethodSpec, get_method, python_name
 
 COPY = "copy"
-
-_UNIT_RANGE = {"density", "t", "gamma", "epsilon"}
 
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,6 +50,10 @@ class TensorOp:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     seed: int
+    # the dtype sources are widened to before the method runs (None: as stored): float32 for
+    # half-precision sources whose result is written in another dtype, so that the result is
+    # rounded once, to the output dtype, and never to the inputs' precision on the way
+    compute_dtype: torch.dtype | None = None
 
     @property
     def sources(self) -> tuple[SourceRef, ...]:
@@ -81,6 +86,7 @@ class MergePlan:
     reference: str  # the model whose tensor names, config and layout the output follows
     tokenizer_source: str
     config_updates: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # one line each: ignored parameters, the mode a recipe runs in
 
     @property
     def total_bytes(self) -> int:
@@ -96,84 +102,32 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
-    known = {p.name: p for p in method.params}
-
-    def check(params: Mapping[str, ParamValue], where: str, per_model_only: bool) -> None:
-        for key in params:
-            if key not in known:
-                allowed = ", ".join(known) or "none"
-                raise RecipeError(f"{where}: unknown parameter {key!r} for method {method.name!r} "
-                                  f"(it takes: {allowed})")
-            if per_model_only and not known[key].per_model:
-                raise RecipeError(f"{where}: parameter {key!r} of {method.name!r} applies to the whole "
-                                  "merge; set it under the top-level 'parameters'")
-
-    check(recipe.parameters, "parameters", False)
-    for i, entry in enumerate(recipe.models or []):
-        check(entry.parameters, f"models[{i}] ({entry.model}).parameters", True)
-    for i, sl in enumerate(recipe.slices or []):
-        check(sl.parameters, f"slices[{i}].parameters", False)
-        for j, src in enumerate(sl.sources):
-            check(src.parameters, f"slices[{i}].sources[{j}] ({src.model}).parameters", True)
-
-
-def _check_range(name: str, value: Any, tensor: str) -> None:
-    if name in _UNIT_RANGE and isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise RecipeError(f"parameter {name!r} must lie in [0, 1], got {value} (tensor {tensor})")
-
-
-def _resolve_params(method: MethodSpec, position: TensorPosition,
-                    model_params: list[Mapping[str, ParamValue]],
-                    global_params: list[Mapping[str, ParamValue]]) -> tuple[tuple[str, Any], ...]:
-    resolved: list[tuple[str, Any]] = []
-    for spec in method.params:
-        if spec.per_model:
-            values = []
-            for params in model_params:
-                value = resolve_first([params.get(spec.name)] + [g.get(spec.name) for g in global_params],
-                                      position)
-                value = spec.default if is_unset(value) else value
-                _check_range(spec.name, value, position.name)
-                values.append(value)
-            resolved.append((spec.name, tuple(values)))
-        else:
-            value = resolve_first([g.get(spec.name) for g in global_params], position)
-            if is_unset(value):
-                resolved.append((spec.name, spec.default))  # None: the method picks
-                continue
-            if spec.kind == "bool" and not isinstance(value, bool):
-                raise RecipeError(f"parameter {spec.name!r} must be true or false, got {value!r}")
-            _check_range(spec.name, value, position.name)
-            resolved.append((spec.name, value))
-    return tuple(resolved)
-
-
-def _check_model_count(method: MethodSpec, count: int, where: str) -> None:
-    if count < method.min_models:
-        raise RecipeError(f"{where}: method {method.name!r} needs at least {method.min_models} "
-                          f"model{'s' if method.min_models > 1 else ''} besides the base, got {count}")
-    if method.max_models is not None and count > method.max_models:
-        raise RecipeError(f"{where}: method {method.name!r} takes at most {method.max_models} "
-                          f"model{'s' if method.max_models > 1 else ''} besides the base, got {count}")
-
-
 def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed: int = 0) -> MergePlan:
     """Plan ``recipe`` over opened checkpoints (``readers`` keyed by the names the recipe uses)."""
     method = get_method(recipe.merge_method)
-    _check_parameter_names(recipe, method)
-    if method.needs_base and recipe.base_model is None:
+    warnings = check_parameter_names(recipe, method)
+    if method.needs_base and recipe.base_model is None and not (
+            recipe.slices and all(sl.base_model is not None for sl in recipe.slices)):
         raise RecipeError(f"method {method.name!r} needs 'base_model'")
     for name in recipe.source_models():
         if name not in readers:
             raise RecipeError(f"model {name!r} was not opened")
+    if recipe.chat_template is not None and recipe.chat_template != "auto":
+        resolve_chat_template(recipe.chat_template, [])  # a bad name fails here, before any output
     seed = recipe.seed if recipe.seed is not None else seed
     if recipe.models is not None:
-        return _plan_models(recipe, method, readers, seed)
-    return _plan_slices(recipe, method, readers, seed)
+        plan = _plan_models(recipe, method, readers, seed)
+    else:
+        from shoal.merge.plan_slices import plan_slices
+
+        plan = plan_slices(recipe, method, readers, seed)
+    warning = mode_warning(recipe, method)
+    if warning:
+        warnings.append(warning)
+    return replace(plan, warnings=tuple(warnings) + plan.warnings)
 
 
-def _prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
+def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
     maps: dict[str, dict[str, str]] = {}
     entries = list(recipe.models or []) + [s for sl in recipe.slices or [] for s in sl.sources]
     for entry in entries:
@@ -186,12 +140,33 @@ def _prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
     return maps
 
 
-def _out_dtype(recipe: Recipe, reader: CheckpointReader, name: str) -> torch.dtype:
+def out_dtype(recipe: Recipe, reader: CheckpointReader, name: str) -> torch.dtype:
     chosen = recipe.out_dtype or recipe.dtype
     return DTYPE_BY_NAME[chosen] if chosen else reader.dtype(name)
 
 
-def _check_shapes(out_name: str, refs: list[tuple[_ModelView, str]]) -> tuple[int, ...]:
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(source_dtype: torch.dtype, written: torch.dtype) -> torch.dtype | None:
+    """float32 when half-precision sources give a result in another dtype (see ``TensorOp.compute_dtype``)."""
+    return torch.float32 if source_dtype in _HALF and written != source_dtype else None
+
+
+def merge_op(name: str, method: MethodSpec, recipe: Recipe, base: tuple[_ModelView, str] | None,
+             refs: list[tuple[_ModelView, str]], params: tuple[tuple[str, Any], ...], seed: int) -> TensorOp:
+    """The op that merges ``refs`` (and ``base``) into output tensor ``name``, shapes checked."""
+    shape = check_shapes(name, ([base] if base else []) + refs)
+    lead_view, lead_name = base if base is not None else refs[0]
+    written = out_dtype(recipe, lead_view.reader, lead_name)
+    return TensorOp(name=name, method=method.name,
+                    base=SourceRef(base[0].key, base[1]) if base else None,
+                    models=tuple(SourceRef(v.key, n) for v, n in refs), params=params, shape=shape,
+                    out_dtype=written, seed=tensor_seed(seed, name),
+                    compute_dtype=compute_dtype(lead_view.reader.dtype(lead_name), written))
+
+
+def check_shapes(out_name: str, refs: list[tuple[_ModelView, str]]) -> tuple[int, ...]:
     first_view, first_name = refs[0]
     shape = first_view.reader.shape(first_name)
     for view, name in refs[1:]:
@@ -202,7 +177,7 @@ def _check_shapes(out_name: str, refs: list[tuple[_ModelView, str]]) -> tuple[in
     return tuple(shape)
 
 
-def _source(view: _ModelView, out_name: str) -> str:
+def source_name(view: _ModelView, out_name: str) -> str:
     name = view.source_name(out_name)
     if name is None:
         raise MergeError(f"tensor {out_name!r} is missing from model {view.key}")
@@ -212,11 +187,11 @@ def _source(view: _ModelView, out_name: str) -> str:
 def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, CheckpointReader],
                  seed: int) -> MergePlan:
     assert recipe.models is not None
-    maps = _prefix_maps(recipe)
+    maps = prefix_maps(recipe)
     views = {key: _ModelView(key, readers[key], maps.get(key, {})) for key in recipe.source_models()}
     base_key = recipe.base_model
     entries = [m for m in recipe.models if not (method.uses_base(base_key) and m.model == base_key)]
-    _check_model_count(method, len(entries), "models")
+    check_model_count(method, len(entries), "models")
     reference = base_key if base_key is not None else recipe.models[0].model
     ref_view = views[reference]
     config = readers[reference].config or {}
@@ -225,38 +200,31 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
     ops: list[TensorOp] = []
     for out_name in ref_view.to_source:
         info = describe_tensor(out_name, ref_view.architecture)
-        position = TensorPosition(out_name, info.layer, total_layers,
-                                  after_stack=info.layer is None and info.role != "embed")
+        # the whole model is one slice: its layers at t = layer / (layers - 1), the rest at t = 0
+        position = TensorPosition(out_name, info.layer, total_layers)
         covering = [e for e in entries if views[e.model].covers(out_name)]
-        base_ref = None
-        if method.uses_base(base_key):
-            base_ref = SourceRef(reference, _source(ref_view, out_name))
-        refs = [(views[e.model], _source(views[e.model], out_name)) for e in covering]
-        shape_refs = ([(ref_view, base_ref.tensor)] if base_ref else []) + refs
         if len(covering) < len(entries) or not covering:
             # Outside some model's prefix map (e.g. a vision tower): the reference's own tensor.
-            ops.append(_copy_op(out_name, ref_view, recipe, seed))
+            ops.append(copy_op(out_name, ref_view, recipe, seed))
             continue
-        shape = _check_shapes(out_name, shape_refs)
-        params = _resolve_params(method, position, [e.parameters for e in covering], [recipe.parameters])
-        ops.append(TensorOp(
-            name=out_name, method=method.name, base=base_ref,
-            models=tuple(SourceRef(view.key, name) for view, name in refs), params=params,
-            shape=shape, out_dtype=_out_dtype(recipe, ref_view.reader, ref_view.to_source[out_name]),
-            seed=tensor_seed(seed, out_name)))
+        base = (ref_view, source_name(ref_view, out_name)) if method.uses_base(base_key) else None
+        refs = [(views[e.model], source_name(views[e.model], out_name)) for e in covering]
+        params = resolve_params(method, position, [e.parameters for e in covering], [recipe.parameters],
+                                recipe.compat)
+        ops.append(merge_op(out_name, method, recipe, base, refs, params, seed))
     return MergePlan(recipe=recipe, method=method.name, ops=tuple(ops), reference=reference,
-                     tokenizer_source=_tokenizer_source(recipe, reference),
-                     config_updates=_config_updates(recipe, config, ops))
+                     tokenizer_source=tokenizer_source(recipe, reference),
+                     config_updates=config_updates(recipe, config, ops))
 
 
-def _copy_op(out_name: str, view: _ModelView, recipe: Recipe, seed: int) -> TensorOp:
-    name = _source(view, out_name)
+def copy_op(out_name: str, view: _ModelView, recipe: Recipe, seed: int) -> TensorOp:
+    name = source_name(view, out_name)
     return TensorOp(name=out_name, method=COPY, base=None, models=(SourceRef(view.key, name),),
                     params=(), shape=tuple(view.reader.shape(name)),
-                    out_dtype=_out_dtype(recipe, view.reader, name), seed=tensor_seed(seed, out_name))
+                    out_dtype=out_dtype(recipe, view.reader, name), seed=tensor_seed(seed, out_name))
 
 
-def _tokenizer_source(recipe: Recipe, reference: str) -> str:
+def tokenizer_source(recipe: Recipe, reference: str) -> str:
     source = recipe.tokenizer_source
     if source is None or source == "base":
         return reference if source is None or recipe.base_model is None else recipe.base_model
@@ -265,8 +233,8 @@ def _tokenizer_source(recipe: Recipe, reference: str) -> str:
     return source
 
 
-def _config_updates(recipe: Recipe, config: Mapping[str, Any], ops: list[TensorOp],
-                    layers: int | None = None) -> dict[str, Any]:
+def config_updates(recipe: Recipe, config: Mapping[str, Any], ops: list[TensorOp],
+                   layers: int | None = None) -> dict[str, Any]:
     updates: dict[str, Any] = {}
     chosen = recipe.out_dtype or recipe.dtype
     if chosen:
@@ -279,105 +247,3 @@ def _config_updates(recipe: Recipe, config: Mapping[str, Any], ops: list[TensorO
             updates["vocab_size"] = op.shape[0]
             break
     return updates
-
-
-def _plan_slices(recipe: Recipe, method: MethodSpec, readers: Mapping[str, CheckpointReader],
-                 seed: int) -> MergePlan:
-    assert recipe.slices is not None
-    maps = _prefix_maps(recipe)
-    views = {key: _ModelView(key, readers[key], maps.get(key, {})) for key in recipe.source_models()}
-    first = recipe.slices[0].sources[0].model
-    reference = recipe.base_model if recipe.base_model is not None else first
-    ref_view = views[reference]
-    config = readers[reference].config or {}
-
-    for i, sl in enumerate(recipe.slices):
-        for j, src in enumerate(sl.sources):
-            available = num_layers(readers[src.model].config or {}) if readers[src.model].config \
-                else _count_layers(views[src.model])
-            if src.layer_range[1] > available:
-                raise RecipeError(f"slices[{i}].sources[{j}]: layer_range {list(src.layer_range)} "
-                                  f"exceeds the {available} layers of {src.model}")
-
-    layer_templates: dict[str, list[str]] = {}  # model -> its layer-0-relative tensor names
-    for key, view in views.items():
-        layer_templates[key] = [n for n in view.to_source
-                                if describe_tensor(n, view.architecture).layer is not None]
-
-    ops: list[TensorOp] = []
-    out_layer = 0
-    layer_ops: list[TensorOp] = []
-    for i, sl in enumerate(recipe.slices):
-        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-        base_src = None
-        others = list(sl.sources)
-        if method.uses_base(recipe.base_model):
-            base_src = next((s for s in sl.sources if s.model == recipe.base_model), None)
-            if base_src is None:
-                raise RecipeError(f"slices[{i}]: method {method.name!r} needs the base model "
-                                  f"{recipe.base_model!r} among the slice's sources")
-            others = [s for s in sl.sources if s is not base_src]
-        _check_model_count(method, len(others), f"slices[{i}]")
-        lead = sl.sources[0]
-        lead_view = views[lead.model]
-        for offset in range(length):
-            lead_layer = lead.layer_range[0] + offset
-            templates = [n for n in layer_templates[lead.model]
-                         if describe_tensor(n, lead_view.architecture).layer == lead_layer]
-            for template in templates:
-                out_name = with_layer(template, out_layer)
-                position = TensorPosition(out_name, offset, length)
-
-                def ref_for(src: Any) -> tuple[_ModelView, str]:
-                    view = views[src.model]
-                    wanted = with_layer(template, src.layer_range[0] + offset)
-                    return view, _source(view, wanted)
-
-                refs = [ref_for(s) for s in others]
-                base_ref = ref_for(base_src) if base_src is not None else None
-                shape = _check_shapes(out_name, ([base_ref] if base_ref else []) + refs)
-                params = _resolve_params(method, position, [s.parameters for s in others],
-                                         [sl.parameters, recipe.parameters])
-                layer_ops.append(TensorOp(
-                    name=out_name, method=method.name,
-                    base=SourceRef(base_ref[0].key, base_ref[1]) if base_ref else None,
-                    models=tuple(SourceRef(v.key, n) for v, n in refs), params=params, shape=shape,
-                    out_dtype=_out_dtype(recipe, refs[0][0].reader, refs[0][1]) if refs
-                    else _out_dtype(recipe, base_ref[0].reader, base_ref[1]),  # type: ignore[index]
-                    seed=tensor_seed(seed, out_name)))
-            out_layer += 1
-
-    # Tensors outside the decoder stack (embeddings, final norm, lm_head): copied from the
-    # reference for layer stacking, merged across the first slice's sources otherwise.
-    first_slice = recipe.slices[0]
-    inserted = False
-    for out_name in ref_view.to_source:
-        info = describe_tensor(out_name, ref_view.architecture)
-        if info.layer is not None:
-            if not inserted:
-                ops.extend(layer_ops)
-                inserted = True
-            continue
-        if method.name == "passthrough":
-            ops.append(_copy_op(out_name, ref_view, recipe, seed))
-            continue
-        position = TensorPosition(out_name, None, 1, after_stack=info.role != "embed")
-        base_src = next((s for s in first_slice.sources if s.model == recipe.base_model), None) \
-            if method.uses_base(recipe.base_model) else None
-        others = [s for s in first_slice.sources if s is not base_src]
-        refs = [(views[s.model], _source(views[s.model], out_name)) for s in others]
-        base_ref = (views[base_src.model], _source(views[base_src.model], out_name)) if base_src else None
-        shape = _check_shapes(out_name, ([base_ref] if base_ref else []) + refs)
-        ops.append(TensorOp(
-            name=out_name, method=method.name,
-            base=SourceRef(base_ref[0].key, base_ref[1]) if base_ref else None,
-            models=tuple(SourceRef(v.key, n) for v, n in refs),
-            params=_resolve_params(method, position, [s.parameters for s in others],
-                                   [first_slice.parameters, recipe.parameters]),
-            shape=shape, out_dtype=_out_dtype(recipe, ref_view.reader, ref_view.to_source[out_name]),
-            seed=tensor_seed(seed, out_name)))
-    if not inserted:
-        ops.extend(layer_ops)
-    return MergePlan(recipe=recipe, method=method.name, ops=tuple(ops), reference=reference,
-                     tokenizer_source=_tokenizer_source(recipe, reference),
-                     config_updates=_config_updates(recipe, config, ops, layers=out_layer))

@@ -2,8 +2,10 @@
 
 Accepted as in mergekit: ``models`` (each ``model`` with ``parameters``) or ``slices`` (each with
 ``sources`` of ``model`` + ``layer_range`` and optional ``parameters``), ``merge_method``,
-``base_model``, ``parameters`` (scalars, gradient lists interpolated over layers, or lists of
-``filter``/``value`` entries), ``dtype``, ``out_dtype``, ``tokenizer_source``.
+``base_model`` (also per slice), ``parameters`` (scalars, gradient lists interpolated over
+layers, or lists of ``filter``/``value`` entries), ``dtype`` (what the merge computes in),
+``out_dtype`` (what it writes), ``tokenizer_source``, ``chat_template`` (a built-in name such as
+``chatml``, ``auto``, or a Jinja template).
 
 shoal keys: ``seed`` (random methods), ``compat`` (``paper`` or ``mergekit``: which definition
 of methods whose mergekit results differ from their papers), per-model ``prefix_map`` (rename a
@@ -73,10 +75,14 @@ class SliceSource(_Strict):
 
 
 class Slice(_Strict):
-    """One output slice: its sources are merged layer by layer (all have the same length)."""
+    """One output slice: its sources are merged layer by layer (all have the same length).
+
+    ``base_model``: this slice's base, in place of the recipe's (it must be one of the sources).
+    """
 
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    base_model: str | None = None
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "Slice":
@@ -100,6 +106,7 @@ class Recipe(_Strict):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None
     seed: int | None = None
     compat: Literal["paper", "mergekit"] = "paper"
     base_prefix_map: dict[str, str] = Field(default_factory=dict)
@@ -127,11 +134,20 @@ class Recipe(_Strict):
         else:
             for s in self.slices or []:
                 names.extend(src.model for src in s.sources)
+                if s.base_model is not None:
+                    names.append(s.base_model)
         return list(dict.fromkeys(names))
 
-    def to_yaml(self) -> str:
-        """The recipe as YAML, without keys left at their defaults."""
+    @property
+    def compat_given(self) -> bool:
+        """Whether the recipe chose its mode (``compat``) or left it at the default."""
+        return "compat" in self.model_fields_set
+
+    def to_yaml(self, *, keep: tuple[str, ...] = ()) -> str:
+        """The recipe as YAML, without keys left at their defaults except the top-level keys in ``keep``."""
         data = self.model_dump(mode="json", exclude_defaults=True)
+        for key in keep:
+            data.setdefault(key, getattr(self, key))
         return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -34,7 +34,7 @@ method whose function, given a flat range of every input, returns that range of 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 from shoal.errors import RecipeError
@@ -53,10 +53,17 @@ class ParamSpec:
     low: float | None = None  # range used by evolution; None for bools
     high: float | None = None
     doc: str = ""
+    mergekit_default: float | bool | None = None  # where mergekit's default differs (used under compat: mergekit)
 
     @property
     def evolvable(self) -> bool:
         return self.kind == "float" and self.low is not None and self.high is not None
+
+    def default_for(self, compat: str) -> float | bool | None:
+        """The default a recipe in mode ``compat`` gets when it leaves this parameter unset."""
+        if compat == "mergekit" and self.mergekit_default is not None:
+            return self.mergekit_default
+        return self.default
 
 
 # Every parameter any method may take. A method's signature picks from this table.
@@ -66,7 +73,8 @@ PARAMETERS: dict[str, ParamSpec] = {
         ParamSpec("weight", "float", True, 1.0, 0.0, 1.0, "scale of this model's contribution"),
         ParamSpec("density", "float", True, 1.0, 0.0, 1.0, "fraction of the task vector kept"),
         ParamSpec("gamma", "float", True, 0.01, 0.0, 0.2, "fraction of largest entries removed (breadcrumbs)"),
-        ParamSpec("epsilon", "float", True, 0.1, 0.0, 0.5, "spread of keep probabilities around density (della)"),
+        ParamSpec("epsilon", "float", True, 0.1, 0.0, 0.5, "spread of keep probabilities around density (della)",
+                  mergekit_default=0.15),
         ParamSpec("t", "float", False, 0.5, 0.0, 1.0, "interpolation factor: 0 gives the base, 1 the other model"),
         ParamSpec("lambda", "float", False, 1.0, 0.0, 3.0, "global scale of the merged task vector"),
         ParamSpec("scale", "float", True, 1.0, 0.0, 2.0, "scale applied to a passed-through tensor"),
@@ -86,6 +94,17 @@ PARAMETERS: dict[str, ParamSpec] = {
         ParamSpec("r", "float", False, 0.1, 0.0, 1.0, doc="ramplus_tl: strength of the overlap rescaling"),
         ParamSpec("alpha", "float", False, 0.2, 0.0, 1.0, doc="ramplus_tl: cap on the shared/unique ratio"),
     )
+}
+
+# Parameters mergekit's methods declare that change nothing in shoal's: accepted without a warning.
+# name -> {method: True (any value) or False (only false: a true value would change mergekit's result)}
+_TASK_ARITHMETIC_FAMILY = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                           "breadcrumbs_ties", "della", "della_linear")
+NO_EFFECT_PARAMETERS: dict[str, dict[str, bool]] = {
+    # mergekit computes its sign-agreement masks in int8 to save memory; shoal's are booleans
+    "int8_mask": {name: True for name in _TASK_ARITHMETIC_FAMILY},
+    # task arithmetic sparsifies nothing, so there is nothing to rescale; TIES rescales only when true
+    "rescale": {"task_arithmetic": True, "ties": False},
 }
 
 _PY_NAMES = {"lambda_": "lambda"}
@@ -194,7 +213,7 @@ def merge_method(
                 raise ValueError(f"merge method {name!r}: parameter {p.name!r} is not in PARAMETERS")
             spec = local.get(recipe_name) or PARAMETERS[recipe_name]
             if p.default is not inspect.Parameter.empty and not spec.per_model:
-                spec = ParamSpec(spec.name, spec.kind, spec.per_model, p.default, spec.low, spec.high, spec.doc)
+                spec = replace(spec, default=p.default)
             params.append(spec)
         _REGISTRY[name] = MethodSpec(
             name=name,

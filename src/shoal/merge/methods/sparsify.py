@@ -45,12 +45,12 @@ def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return delta.mul_(keep)
 
 
-def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *,
+def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False,
                   compat: Compat = "paper") -> torch.Tensor:
     """Drop the largest ``gamma`` fraction and the smallest entries, keeping a ``density`` fraction.
 
     When ``density + gamma`` exceeds 1 fewer large entries are dropped, so that ``density``
-    is still kept.
+    is still kept. ``rescale``: the kept entries are scaled to the L1 norm of ``delta``.
     """
     if density >= 1.0:
         return delta
@@ -62,7 +62,9 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *,
     keep = top_k_mask(magnitude, n_top + n_keep)
     if n_top > 0:
         keep &= ~top_k_mask(magnitude, n_top)
-    return delta.masked_fill_(~keep, 0.0)
+    l1_before = magnitude.sum() if rescale else None
+    delta.masked_fill_(~keep, 0.0)
+    return rescale_to_l1(delta, l1_before) if l1_before is not None else delta
 
 
 def drop_random(delta: torch.Tensor, density: float, generator: Randomness, *, model: int = 0,
