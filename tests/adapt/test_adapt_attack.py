@@ -281,3 +281,27 @@ def test_help_still_describes_the_path_options():
         assert code == 0 and "--svd-cache" in stdout and "SVD cache folder" in stdout
     code, stdout, _ = run("adapt", "--help")
     assert "SVF expert files" in stdout and "classifier expert" in stdout
+
+
+def test_bad_training_options_are_refused_before_or_when_they_bite(world, tmp_path):
+    out = tmp_path / "e.safetensors"
+    assert_one_line(*_train(world, out, "--label", "other")[::2], "--label 'other'")
+    code, _, stderr = _train(world, out, "--parametrization", "direct", "--lr", "1e30", "--clip", "1e30",
+                             "--steps", "2", "--eval-every", "1")
+    assert_one_line(code, stderr, "training diverged at step", "smaller lr")
+    code, _, stderr = run("svf", "train-classifier", world["base"], "--experts", world["sort"], world["count"],
+                          "--other-task", "sort", "--out", tmp_path / "c.safetensors", "--quiet")
+    assert_one_line(code, stderr, "--other-task sort", world["sort"])
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_no_expert_with_nan_or_huge_values_is_written(world, tmp_path):
+    from shoal.adapt import ExpertError
+
+    factors = world["factors"]
+    meta = make_meta(factors, task="sort")
+    for value in (float("nan"), 1e30):
+        z = {**factors.ones(), FIRST: torch.full((32,), value)}
+        with pytest.raises(ExpertError, match=FIRST):
+            save_expert(tmp_path / "e.safetensors", z, meta)
+        assert list(tmp_path.iterdir()) == []

@@ -90,8 +90,10 @@ def make_meta(factors: SVDFactors, **fields: object) -> ExpertMeta:
 
 
 def save_expert(path: Path, z: Mapping[str, torch.Tensor], meta: ExpertMeta) -> Path:
-    """Write ``z`` (float32) and ``meta`` to ``path`` atomically (parents are created)."""
+    """Write ``z`` (float32) and ``meta`` to ``path`` atomically (parents are created); z vectors
+    that :func:`load_expert` would refuse (NaN, beyond ``MAX_ABS_Z``, ...) are refused here."""
     tensors = {n: v.detach().to("cpu", torch.float32).contiguous() for n, v in z.items()}
+    _checked_vectors(tensors, meta, Path(path))
     return save_safetensors_atomically(tensors, Path(path), {METADATA_KEY: meta.model_dump_json()})
 
 

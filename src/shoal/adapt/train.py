@@ -297,6 +297,10 @@ def _run(adapter: SVFAdapter, tokenizer: object, task: Task, train: list[Example
         loss = _accumulate(adapter, tokenizer, task, [train[i] for i in indices], params, s, generator)
         torch.nn.utils.clip_grad_norm_(list(params.values()), s.clip)
         optimizer.step()
+        diverged = next((n for n, v in params.items() if not bool(torch.isfinite(v).all())), None)
+        if diverged is not None:  # NaN would spread to every later step; the last saved state is intact
+            raise ConfigError(f"training diverged at step {step + 1}: the vector of {diverged} holds NaN or "
+                              f"infinite values (lr {s.lr:g}, clip {s.clip:g}); use a smaller lr or clip")
         elapsed += time.perf_counter() - began
         timed += 1
         losses.append(loss)

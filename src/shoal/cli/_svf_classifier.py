@@ -86,6 +86,11 @@ def train_classifier(model: str, experts: tuple[Path, ...], other_tasks: tuple[s
             raise ExpertError(f"experts {seen[expert.name]} and {path} have the same category {expert.name!r}; "
                               f"the classifier could not tell them apart")
         seen[expert.name] = path
+    for name in other_tasks:
+        owner = next((path for path, e in zip(experts, loaded_experts) if e.meta.task == name), None)
+        if owner is not None:
+            raise ExpertError(f"--other-task {name} is the task of expert {owner}; its prompts cannot go to "
+                              f"that expert and to no expert at once")
     seed_of_tasks = task_seed_for(model, task_seed)
     sources = [(e.name, get_task(e.meta.task, seed=seed_of_tasks)) for e in loaded_experts]  # type: ignore[arg-type]
     others = [get_task(name, seed=seed_of_tasks) for name in other_tasks]

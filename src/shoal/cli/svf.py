@@ -69,11 +69,12 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
 
-    from shoal.adapt import train_svf
+    from shoal.adapt import OTHER, train_svf
     from shoal.cli._inputs import check_device, check_expert_output, check_output_folder
     from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
+    from shoal.errors import ConfigError
     from shoal.eval import get_task, load_model
 
     check_revision(model, revision)
@@ -82,6 +83,8 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
     check_device(device)
     if svd_cache is not None:
         check_output_folder(svd_cache, "--svd-cache")
+    if label is not None and label.strip() in ("", OTHER):
+        raise ConfigError(f"--label {label!r}: an expert's category must be a name other than {OTHER!r}")
     task = get_task(task_name, seed=task_seed_for(model, task_seed))
     out = check_expert_output(out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors"))
     with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars

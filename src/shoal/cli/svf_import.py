@@ -41,7 +41,8 @@ def import_expert(ref_file: Path, model: str, out: Path, task: str | None, label
     from shoal.cli._inputs import check_device, check_expert_output, check_input_file, check_output_folder
     from shoal.cli._progress import progress_bars
 
-    check_input_file(ref_file, "REF_FILE")
+    if ref_file.is_dir():  # a missing file is the library's to report
+        check_input_file(ref_file, "REF_FILE")
     check_expert_output(out)
     check_device(device)
     if svd_cache is not None:
