@@ -111,11 +111,11 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @command.command("study")
 @click.option("--world", "size", default="small", show_default=True, help="zoo world size (micro, small)")
 @click.option("--world-seed", type=int, default=0, show_default=True)
-@click.option("--world-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--world-root", type=FILE, default=None,
               help="folder of a built world (default: the zoo cache)")
-@click.option("--transfer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--transfer-root", type=FILE, default=None,
               help="a second world of the same size (another seed): apply the experts to its base")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=FILE, required=True, help="folder for results.json and the reports")
 @click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="reinforce", show_default=True,
               help="for the experts and the classifier expert")
 @click.option("--parametrization", type=click.Choice(["reference", "direct"]), default="reference",
@@ -142,11 +142,13 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
     from shoal.studies.svf_study import StudySettings, run_study
+    from shoal.cli._inputs import check_output_folder
     from shoal.cli._options import use_threads
     from shoal.cli._progress import print_text, progress_bars
     from shoal.errors import ConfigError
     from shoal.zoo import load_zoo
 
+    check_output_folder(out, "--out")
     world = load_zoo(size, world_seed, root=world_root)
     if world is None:
         raise ConfigError(f"no built {size} world (seed {world_seed}) at {world_root or 'the zoo cache'}; "
