@@ -62,8 +62,12 @@ def test_adapt_evaluates_generates_and_refuses_foreign_experts(zoo_models):
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["n"] == 4 and sum(result["categories"].values()) == 4 and 0 <= result["score"] <= 1
+    classifier = root / "classifier.safetensors"
+    code, _, stderr = run("svf", "train-classifier", base, "--experts", *experts, "--steps", "1", "--batch-size", "2",
+                          "--validation-limit", "4", "--out", str(classifier), *svd, "--quiet")
+    assert code == 0 and not stderr, stderr  # --quiet: not even transformers' loading bars
     code, stdout, stderr = run("adapt", base, "--experts", *experts, "--strategy", "classifier", "--classifier",
-                               experts[0], "--prompt", "sort : 3 1 2 =", "count : cups hats =",
+                               str(classifier), "--prompt", "sort : 3 1 2 =", "count : cups hats =",
                                "--max-new-tokens", "3", *svd, "--quiet")
     assert code == 0, stderr
     lines = stdout.strip().splitlines()

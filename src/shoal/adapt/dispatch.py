@@ -35,13 +35,51 @@ from shoal.eval.scoring import normalize_words
 from shoal.eval.task import SPLITS, Example, Task
 
 OTHER = "other"
+ROUTING_TASK = "routing"  # the task name a classifier expert records (see :class:`RoutingTask`)
 DEFAULT_TEMPLATE = "Classify the request into one of: {labels}.\nRequest: {prompt}\nCategory:"
 LabelMode = Literal["first-token", "loglik", "generate"]
 
 
 def routing_prompt(prompt: str, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
     """The pass-1 prompt: ``template`` with ``{prompt}`` and ``{labels}`` (comma-separated) filled in."""
+    check_template(template)
     return template.format(prompt=prompt, labels=", ".join(labels))
+
+
+def check_template(template: str) -> str:
+    """ConfigError unless ``template`` is a format string with ``{prompt}`` and no field but
+    ``{prompt}`` and ``{labels}`` (literal braces are written ``{{`` and ``}}``)."""
+    import string
+
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"template {template!r}: {err}; write literal braces as {{{{ and }}}}") from None
+    for name, spec, conversion in fields:
+        if name not in ("prompt", "labels") or spec or conversion:
+            raise ConfigError(f"template {template!r}: unknown field {{{name}}}; use {{prompt}} and {{labels}}")
+    if "prompt" not in [name for name, _, _ in fields]:
+        raise ConfigError(f"template {template!r} has no {{prompt}}: every prompt would be classified alike")
+    return template
+
+
+def is_classifier(expert: Expert) -> bool:
+    """Whether ``expert`` was trained as a classifier expert (on a :func:`routing_task`)."""
+    return expert.meta.task == ROUTING_TASK
+
+
+def check_roles(experts: Sequence[Expert], classifier: Expert | None = None) -> None:
+    """ConfigError unless ``classifier`` (if any) was trained as a classifier expert and none of
+    ``experts`` was (the metadata's task says which, see :func:`is_classifier`)."""
+    for expert in experts:
+        if is_classifier(expert):
+            raise ConfigError(f"expert {expert.path or expert.name} is a classifier expert (task "
+                              f"{ROUTING_TASK!r}); pass it as the classifier, not as an expert")
+    if classifier is not None and not is_classifier(classifier):
+        raise ConfigError(f"classifier {classifier.path or classifier.name} is not a classifier expert: it was "
+                          f"trained on task {classifier.meta.task!r} (objective {classifier.meta.objective}), "
+                          f"not on the {ROUTING_TASK!r} task that routing_task builds")
 
 
 @dataclass(frozen=True)
@@ -207,7 +245,7 @@ class RoutingTask:
     sources: tuple[tuple[str, Task], ...]  # (label, task)
     template: str = DEFAULT_TEMPLATE
     per_task: int | None = None
-    name: str = "routing"
+    name: str = ROUTING_TASK
     kind: Literal["generate", "choice"] = "generate"
     choices: Choices | None = None  # None: the labels themselves, in the order given
     categories: tuple[str, ...] = field(init=False)
@@ -261,6 +299,11 @@ def routing_task(experts_tasks: Sequence[tuple[str, Task]], *, other_tasks: Sequ
     """The classification task for a classifier expert: (label, task) pairs, plus tasks whose
     prompts should be classified as "other". With ``tokenizer``, the answers are the ones
     :func:`classify` reads with that tokenizer (names, or choice numbers)."""
+    check_template(template)
+    labels = [label for label, _ in experts_tasks]
+    repeated = sorted({label for label in labels if labels.count(label) > 1 or label == OTHER})
+    if repeated:
+        raise ConfigError(f"routing labels must be distinct and not {OTHER!r}; {repeated[0]!r} is not")
     sources = tuple(experts_tasks) + tuple((OTHER, t) for t in other_tasks)
     choices = category_choices(tokenizer, [label for label, _ in experts_tasks])
     return RoutingTask(sources, template, per_task, choices=choices)

@@ -7,9 +7,12 @@ category label, objective, steps, KL weight, learning rate, scores, shoal versio
 SVF parametrization: ``reference`` or ``direct``, see :mod:`shoal.adapt.svf`; files written
 before the field existed are ``direct``).
 
-Loading against a base checks the fingerprint and the shapes. A different fingerprint is
-refused unless ``transfer=True`` (z vectors moved to another base of the same shapes);
-different matrices or shapes are always refused.
+Loading checks the file itself: readable safetensors with valid metadata (one line naming
+the key at fault), at least one z vector, each a 1-D floating vector (read as float32) of
+finite values within ``MAX_ABS_Z``, and the same matrix names in the tensors and in the
+metadata. Loading against a base also checks the fingerprint and the shapes. A different
+fingerprint is refused unless ``transfer=True`` (z vectors moved to another base of the same
+shapes); different matrices or shapes are always refused.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from shoal.errors import ShoalError
 
 METADATA_KEY = "shoal.expert"
 FORMAT_VERSION = 1
+# A z value scales a singular value. Trained experts hold values near 1 (direct) or in (0, 1)
+# (reference); a value beyond this bound (a singular value grown ten thousand times) is a
+# corrupt or hand-made file, and would overflow the recomposed weights in half precision.
+MAX_ABS_Z = 1e4
 
 
 class ExpertError(ShoalError):
@@ -83,8 +90,10 @@ def make_meta(factors: SVDFactors, **fields: object) -> ExpertMeta:
 
 
 def save_expert(path: Path, z: Mapping[str, torch.Tensor], meta: ExpertMeta) -> Path:
-    """Write ``z`` (float32) and ``meta`` to ``path`` atomically (parents are created)."""
+    """Write ``z`` (float32) and ``meta`` to ``path`` atomically (parents are created); z vectors
+    that :func:`load_expert` would refuse (NaN, beyond ``MAX_ABS_Z``, ...) are refused here."""
     tensors = {n: v.detach().to("cpu", torch.float32).contiguous() for n, v in z.items()}
+    _checked_vectors(tensors, meta, Path(path))
     return save_safetensors_atomically(tensors, Path(path), {METADATA_KEY: meta.model_dump_json()})
 
 
@@ -93,24 +102,81 @@ def load_expert(path: Path, factors: SVDFactors | None = None, *, transfer: bool
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ExpertError(f"expert file {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise ExpertError(f"expert file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
             z = {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ExpertError(f"expert file {path} is not a readable safetensors file: {err}") from None
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
+        raise ExpertError(f"expert file {path} is not a readable safetensors file: {_one_line(err)}") from None
     if raw is None:
         raise ExpertError(f"expert file {path} has no '{METADATA_KEY}' metadata; not an SVF expert")
-    try:
-        meta = ExpertMeta.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, ValidationError) as err:
-        raise ExpertError(f"expert file {path}: invalid metadata: {err}") from None
-    expert = Expert(z=z, meta=meta, path=path)
+    meta = _parse_meta(raw, path)
+    expert = Expert(z=_checked_vectors(z, meta, path), meta=meta, path=path)
     if factors is not None:
         check_expert(expert, factors, transfer=transfer)
     return expert
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _parse_meta(raw: str, path: Path) -> ExpertMeta:
+    """The metadata, or ExpertError naming the first key at fault (pydantic's report is several lines)."""
+    where = f"expert file {path}: metadata '{METADATA_KEY}'"
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ExpertError(f"{where} is not valid JSON ({_one_line(err)})") from None
+    if not isinstance(data, dict):
+        raise ExpertError(f"{where} is not a JSON object")
+    try:
+        return ExpertMeta.model_validate(data)
+    except ValidationError as err:
+        problems = err.errors()
+        first = problems[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            message = f"unknown key {key!r}"
+        elif first["type"] == "missing":
+            message = f"key {key!r} is missing"
+        else:
+            message = f"key {key!r}: {first['msg']}"
+        more = len(problems) - 1
+        raise ExpertError(f"{where}: {message}" + (f" (and {more} more)" if more else "")) from None
+
+
+def _checked_vectors(z: dict[str, torch.Tensor], meta: ExpertMeta, path: Path) -> dict[str, torch.Tensor]:
+    """The z vectors as float32, or ExpertError naming the first tensor that cannot be one."""
+    if not z:
+        raise ExpertError(f"expert file {path} holds no z vectors")
+    missing = sorted(set(meta.matrices) - set(z))
+    if missing:
+        raise ExpertError(f"expert file {path}: the metadata lists matrix {missing[0]}, which has no z vector")
+    unlisted = sorted(set(z) - set(meta.matrices))
+    if unlisted:
+        raise ExpertError(f"expert file {path}: z vector {unlisted[0]} is not listed in the metadata's matrices")
+    checked = {}
+    for name, vector in z.items():
+        if not vector.dtype.is_floating_point:
+            raise ExpertError(f"expert file {path}: z vector {name} has dtype {str(vector.dtype).replace('torch.', '')}"
+                              f"; z vectors are floating point")
+        if vector.ndim != 1:
+            raise ExpertError(f"expert file {path}: z vector {name} has shape {tuple(vector.shape)}; "
+                              f"a z vector is 1-D")
+        vector = vector.to(torch.float32)
+        if not bool(torch.isfinite(vector).all()):
+            raise ExpertError(f"expert file {path}: z vector {name} holds NaN or infinite values")
+        largest = float(vector.abs().max()) if vector.numel() else 0.0
+        if largest > MAX_ABS_Z:
+            raise ExpertError(f"expert file {path}: z vector {name} holds {largest:.3g}, beyond the "
+                              f"plausible range of +-{MAX_ABS_Z:g}")
+        checked[name] = vector
+    return checked
 
 
 def check_expert(expert: Expert, factors: SVDFactors, *, transfer: bool = False) -> None:

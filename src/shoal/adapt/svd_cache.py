@@ -5,10 +5,18 @@ U (m x k), S (k,), Vh (k x n), k = min(m, n), all float32 on the CPU. The cache 
 ``<cache_dir>/<fingerprint>.safetensors`` with tensors ``<name>::U``, ``<name>::S``,
 ``<name>::Vh``; the fingerprint (see :mod:`shoal.adapt.fingerprint`) covers the names, shapes
 and content of the matrices, so a cache is never reused for other weights.
+
+A cache file is derived data: one that cannot be used as it is (unreadable or truncated, a
+missing factor, another dtype or shape, NaN or infinite values, singular values negative or
+out of order, or factors that do not give the model's matrix back on a random probe vector)
+is recomputed and written again, with a warning through the ``shoal`` logger naming the file
+and the reason. A cache that cannot be written (the folder is a file, or not writable) is a
+CheckpointError naming it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,11 @@ from shoal.adapt.fingerprint import model_fingerprint, select_matrices
 from shoal.checkpoint.atomic import save_safetensors_atomically
 from shoal.errors import CheckpointError
 from shoal.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+# Relative error of W x against U (S * (Vh x)) above which cached factors are not those of W:
+# float32 factors of a float32 SVD agree to ~1e-6; corruption or another matrix is off by O(1).
+PROBE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,8 @@ def compute_svd(model: nn.Module, names: Sequence[str], *, fingerprint: str | No
     Vh: dict[str, torch.Tensor] = {}
     for i, name in enumerate(names):
         weight = params[name].detach().to(torch.float32)
+        if not bool(torch.isfinite(weight).all()):
+            raise CheckpointError(f"matrix {name} holds NaN or infinite values; it has no SVD")
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         U[name], S[name], Vh[name] = u.cpu().contiguous(), s.cpu(), vh.cpu().contiguous()
         progress("svd", i + 1, len(names))
@@ -76,10 +91,18 @@ def _save(factors: SVDFactors, path: Path) -> None:
     for n in factors.names:
         tensors[f"{n}::U"], tensors[f"{n}::S"], tensors[f"{n}::Vh"] = (
             factors.U[n], factors.S[n], factors.Vh[n])
-    save_safetensors_atomically(tensors, path, {"fingerprint": factors.fingerprint})
+    try:
+        save_safetensors_atomically(tensors, path, {"fingerprint": factors.fingerprint})
+    except OSError as err:
+        raise CheckpointError(f"cannot write the SVD cache {path}: {err.strerror or err}") from None
 
 
-def _load(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, int]]) -> SVDFactors:
+class _UnusableCache(Exception):
+    """A cache file that must be recomputed; the message says why."""
+
+
+def _load(path: Path, fingerprint: str, params: Mapping[str, torch.Tensor]) -> SVDFactors:
+    """The cached factors of the matrices ``params``, checked (see the module docstring)."""
     from safetensors import SafetensorError, safe_open
 
     U: dict[str, torch.Tensor] = {}
@@ -87,14 +110,38 @@ def _load(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, int]]) -
     Vh: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            for n, (m, k_cols) in shapes.items():
+            recorded = (f.metadata() or {}).get("fingerprint")
+            if recorded != fingerprint:
+                raise _UnusableCache(f"it records fingerprint {recorded}, not {fingerprint}")
+            for n in params:
                 U[n], S[n], Vh[n] = f.get_tensor(f"{n}::U"), f.get_tensor(f"{n}::S"), f.get_tensor(f"{n}::Vh")
-                k = min(m, k_cols)
-                if U[n].shape != (m, k) or S[n].shape != (k,) or Vh[n].shape != (k, k_cols):
-                    raise CheckpointError(f"SVD cache {path}: factors of {n} do not match shape {(m, k_cols)}")
-    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as err:
-        raise CheckpointError(f"SVD cache {path} is unreadable or incomplete: {err}") from None
-    return SVDFactors(fingerprint, tuple(shapes), dict(shapes), U, S, Vh)
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
+        raise _UnusableCache(" ".join(str(err).split()) or type(err).__name__) from None
+    for n, weight in params.items():
+        _check_factors(n, weight, U[n], S[n], Vh[n])
+    shapes = {n: tuple(w.shape) for n, w in params.items()}
+    return SVDFactors(fingerprint, tuple(params), shapes, U, S, Vh)  # type: ignore[arg-type]
+
+
+def _check_factors(name: str, weight: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+    m, n = weight.shape
+    k = min(m, n)
+    for factor, tensor, shape in (("U", U, (m, k)), ("S", S, (k,)), ("Vh", Vh, (k, n))):
+        if tensor.dtype != torch.float32:
+            raise _UnusableCache(f"{name}::{factor} has dtype {str(tensor.dtype).replace('torch.', '')}, not float32")
+        if tuple(tensor.shape) != shape:
+            raise _UnusableCache(f"{name}::{factor} has shape {tuple(tensor.shape)}, expected {shape}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise _UnusableCache(f"{name}::{factor} holds NaN or infinite values")
+    if bool((S < 0).any()) or bool((S[1:] > S[:-1] * (1 + 1e-5) + 1e-12).any()):
+        raise _UnusableCache(f"the singular values of {name} are negative or not in decreasing order")
+    # One random probe costs three matrix-vector products, against the SVD's cubic cost.
+    probe = torch.randn(n, generator=torch.Generator().manual_seed(k), dtype=torch.float32)
+    expected = (weight.detach().to(torch.float32) @ probe.to(weight.device)).cpu()
+    found = U @ (S * (Vh @ probe))
+    error = float((found - expected).norm() / expected.norm().clamp_min(1e-30))
+    if not error <= PROBE_TOLERANCE:
+        raise _UnusableCache(f"its factors of {name} do not give the matrix back (relative error {error:.2g})")
 
 
 def load_or_compute_svd(model: nn.Module, *, patterns: Sequence[str] | None = None,
@@ -109,12 +156,19 @@ def load_or_compute_svd(model: nn.Module, *, patterns: Sequence[str] | None = No
     names = select_matrices(model, patterns)
     fingerprint = model_fingerprint(model, names)
     params = dict(model.named_parameters())
-    shapes = {n: tuple(params[n].shape) for n in names}
     if not use_cache:
         return compute_svd(model, names, fingerprint=fingerprint, progress=progress)
-    path = (cache_dir or default_cache_dir()) / f"{fingerprint}.safetensors"
+    folder = cache_dir or default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"SVD cache folder {folder} is a file, not a folder")
+    path = folder / f"{fingerprint}.safetensors"
+    if path.is_dir():
+        raise CheckpointError(f"SVD cache {path} is a folder, not a file; remove it")
     if path.exists():
-        return _load(path, fingerprint, shapes)  # type: ignore[arg-type]
+        try:
+            return _load(path, fingerprint, {n: params[n] for n in names})
+        except _UnusableCache as reason:
+            log.warning("SVD cache %s cannot be used (%s); recomputing it", path, reason)
     factors = compute_svd(model, names, fingerprint=fingerprint, progress=progress)
     _save(factors, path)
     return factors

@@ -53,13 +53,16 @@ def recompose(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tenso
 
 
 def check_z(factors: SVDFactors, z: ZVectors, *, source: str = "expert") -> None:
-    """ConfigError naming the matrix when ``z`` has an unknown matrix or a wrong length."""
+    """ConfigError naming the matrix when ``z`` has an unknown matrix, a wrong length or a
+    NaN or infinite value (which would spread through every weight it recomposes)."""
     for name, vector in z.items():
         if name not in factors.S:
             raise ConfigError(f"{source}: matrix {name} is not one of the adapted matrices")
         if tuple(vector.shape) != tuple(factors.S[name].shape):
             raise ConfigError(f"{source}: z for {name} has shape {tuple(vector.shape)}, "
                               f"expected {tuple(factors.S[name].shape)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ConfigError(f"{source}: z for {name} holds NaN or infinite values")
 
 
 class SVFAdapter:

@@ -17,7 +17,8 @@ Each step's batch depends only on ``seed`` and the step number, so a resumed run
 same batches. Every ``eval_every`` steps the expert is scored on the ``validation`` split;
 the best z so far (z = 1, the base, included) is what the expert file holds. The training
 state (parameters, optimizer state, step, best) is saved next to the expert file as
-``<out>.train-state.pt`` at each validation, and a run with ``resume=True`` continues from it.
+``<out>.train-state.pt`` at each validation, and a run with ``resume=True`` continues from it
+(:mod:`shoal.adapt.train_state`: written atomically, checked before it is used).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from shoal.adapt.reinforce import (reference_row_losses, rewards_from_scores, se
                                    sft_loss, shape_rewards)
 from shoal.adapt.svd_cache import SVDFactors, load_or_compute_svd
 from shoal.adapt.svf import Parametrization, SVFAdapter, check_parametrization
+from shoal.adapt.train_state import load_state, restore_optimizer, save_state, state_path
 from shoal.errors import ConfigError
 from shoal.eval.task import Example, Task
 from shoal.progress import ProgressFn, no_progress
@@ -63,11 +65,6 @@ class TrainResult:
     num_parameters: int
     seconds_per_step: float  # training steps only, measured in this process
     history: tuple[TrainRecord, ...]
-
-
-def state_path(out: Path) -> Path:
-    """Where the resumable training state of the expert ``out`` lives."""
-    return out.with_name(out.name + ".train-state.pt")
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> tuple[list[int], torch.Generator]:
@@ -260,15 +257,13 @@ def _run(adapter: SVFAdapter, tokenizer: object, task: Task, train: list[Example
     start, history = 0, []
     ckpt = state_path(out)
     if s.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if (state["fingerprint"] != factors.fingerprint or state["objective"] != s.objective
-                or state.get("parametrization", "direct") != s.parametrization):
-            raise ConfigError(f"training state {ckpt} belongs to another base, objective or parametrization; "
-                              f"remove it or pass resume=False")
+        state = load_state(ckpt, fingerprint=factors.fingerprint, objective=s.objective,
+                           parametrization=s.parametrization, task=task.name,
+                           ranks={n: factors.rank(n) for n in factors.names})
         with torch.no_grad():
             for n in factors.names:
                 params[n].copy_(state["params"][n])
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(ckpt, optimizer, state["optimizer"])
         start = int(state["step"])
         best_z = {n: v.to(device) for n, v in state["best_z"].items()}
         best_score, best_step, base_score = state["best_score"], int(state["best_step"]), state["base_score"]
@@ -285,13 +280,13 @@ def _run(adapter: SVFAdapter, tokenizer: object, task: Task, train: list[Example
         save_expert(out, best_z, meta)
         with torch.no_grad():
             z_now = {n: v.detach().cpu() for n, v in to_z(params, s.parametrization).items()}
-        torch.save({"fingerprint": factors.fingerprint, "objective": s.objective,
-                    "parametrization": s.parametrization, "step": step,
-                    "params": {n: v.detach().cpu() for n, v in params.items()}, "z": z_now,
-                    "optimizer": optimizer.state_dict(),
-                    "best_z": {n: v.detach().cpu() for n, v in best_z.items()}, "best_score": best_score,
-                    "best_step": best_step, "base_score": base_score,
-                    "history": [r.__dict__ for r in history]}, ckpt)
+        save_state(ckpt, {"fingerprint": factors.fingerprint, "objective": s.objective,
+                          "parametrization": s.parametrization, "task": task.name, "step": step,
+                          "params": {n: v.detach().cpu() for n, v in params.items()}, "z": z_now,
+                          "optimizer": optimizer.state_dict(),
+                          "best_z": {n: v.detach().cpu() for n, v in best_z.items()}, "best_score": best_score,
+                          "best_step": best_step, "base_score": base_score,
+                          "history": [r.__dict__ for r in history]})
 
     losses: list[float] = []
     elapsed, timed = 0.0, 0
@@ -302,6 +297,10 @@ def _run(adapter: SVFAdapter, tokenizer: object, task: Task, train: list[Example
         loss = _accumulate(adapter, tokenizer, task, [train[i] for i in indices], params, s, generator)
         torch.nn.utils.clip_grad_norm_(list(params.values()), s.clip)
         optimizer.step()
+        diverged = next((n for n, v in params.items() if not bool(torch.isfinite(v).all())), None)
+        if diverged is not None:  # NaN would spread to every later step; the last saved state is intact
+            raise ConfigError(f"training diverged at step {step + 1}: the vector of {diverged} holds NaN or "
+                              f"infinite values (lr {s.lr:g}, clip {s.clip:g}); use a smaller lr or clip")
         elapsed += time.perf_counter() - began
         timed += 1
         losses.append(loss)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from shoal.adapt import _lm
-from shoal.adapt.dispatch import (DEFAULT_TEMPLATE, OTHER, FewShotMixture, LabelMode, dispatch_classifier,
-                                  dispatch_prompt, few_shot_mixture)
+from shoal.adapt.dispatch import (DEFAULT_TEMPLATE, OTHER, FewShotMixture, LabelMode, check_roles, check_template,
+                                  dispatch_classifier, dispatch_prompt, few_shot_mixture)
 from shoal.adapt.expert import Expert, check_expert, load_expert
 from shoal.adapt.svd_cache import load_or_compute_svd
 from shoal.adapt.svf import SVFAdapter, ZVectors
@@ -74,6 +74,7 @@ def prepare(model: nn.Module, experts: Sequence[Expert | Path], *, classifier: E
     everyone = loaded + ([clf] if clf is not None else [])
     if not everyone:
         raise ConfigError("two-pass inference needs at least one expert")
+    check_roles(loaded, clf)  # before the SVD: a misplaced expert is refused at once
     names = sorted({n for e in everyone for n in e.z})
     factors = load_or_compute_svd(model, patterns=[f"^{re.escape(n)}$" for n in names], cache_dir=cache_dir,
                                   progress=progress)
@@ -152,6 +153,7 @@ def adapt_generate(model: nn.Module, tokenizer: object, prompts: Sequence[str], 
     """Greedy answers to ``prompts`` with two-pass self-adaptation (see the module docstring).
 
     ``few-shot`` needs ``task`` (its scorer) and ``shots`` (labelled examples of it)."""
+    check_template(template)
     adapter, loaded, clf = prepare(model, experts, classifier=classifier, transfer=transfer, cache_dir=cache_dir,
                                    progress=progress)
     try:
@@ -183,6 +185,7 @@ def adapt_evaluate(model: nn.Module, tokenizer: object, task: Task, split: str, 
     evaluated split)."""
     if strategy == "few-shot" and shots_split == split:
         raise ConfigError(f"few-shot examples must come from another split than the evaluated one ({split})")
+    check_template(template)
     examples = list(task.examples(split))[:limit]
     if not examples:
         raise ConfigError(f"task {task.name} has no examples in split {split}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._inputs import FILE
 from shoal.cli._options import hub_options, threads_option, verbosity
 from shoal.cli.adapt import _VariadicCommand
 
@@ -17,13 +18,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 @click.command("train-classifier", cls=_VariadicCommand)
 @click.argument("model", metavar="MODEL")
-@click.option("--experts", "experts", multiple=True, required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--experts", "experts", multiple=True, required=True, type=FILE,
               help="the SVF experts to route between; each names the task it was trained on")
 @click.option("--other-task", "other_tasks", multiple=True,
               help="a task whose prompts should go to no expert (\"other\"); repeatable")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("classifier.safetensors"),
-              show_default=True)
+@click.option("--out", type=FILE, default=Path("classifier.safetensors"), show_default=True,
+              help="classifier expert file to write")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -39,8 +39,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order")
 @click.option("--task-seed", type=int, default=None,
               help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--svd-cache", type=FILE, default=None,
+              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @hub_options
@@ -58,8 +59,9 @@ def train_classifier(model: str, experts: tuple[Path, ...], other_tasks: tuple[s
     import torch
 
     from shoal.adapt import load_expert, train_svf
-    from shoal.adapt.dispatch import DEFAULT_TEMPLATE, routing_task
+    from shoal.adapt.dispatch import DEFAULT_TEMPLATE, check_roles, check_template, routing_task
     from shoal.adapt.expert import ExpertError
+    from shoal.cli._inputs import check_device, check_expert_output, check_output_folder
     from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
@@ -68,18 +70,35 @@ def train_classifier(model: str, experts: tuple[Path, ...], other_tasks: tuple[s
     check_revision(model, revision)
     use_threads(threads)
     use_hub_token(token)
+    check_device(device)
+    if svd_cache is not None:
+        check_output_folder(svd_cache, "--svd-cache")
+    check_expert_output(out)
+    template = check_template(template or DEFAULT_TEMPLATE)
     loaded_experts = [load_expert(path) for path in experts]
+    check_roles(loaded_experts)
     for path, expert in zip(experts, loaded_experts):
         if not expert.meta.task:
             raise ExpertError(f"expert {path} names no task to draw routing prompts from")
+    seen: dict[str, Path] = {}
+    for path, expert in zip(experts, loaded_experts):
+        if expert.name in seen:
+            raise ExpertError(f"experts {seen[expert.name]} and {path} have the same category {expert.name!r}; "
+                              f"the classifier could not tell them apart")
+        seen[expert.name] = path
+    for name in other_tasks:
+        owner = next((path for path, e in zip(experts, loaded_experts) if e.meta.task == name), None)
+        if owner is not None:
+            raise ExpertError(f"--other-task {name} is the task of expert {owner}; its prompts cannot go to "
+                              f"that expert and to no expert at once")
     seed_of_tasks = task_seed_for(model, task_seed)
     sources = [(e.name, get_task(e.meta.task, seed=seed_of_tasks)) for e in loaded_experts]  # type: ignore[arg-type]
     others = [get_task(name, seed=seed_of_tasks) for name in other_tasks]
     matrices = sorted({name for e in loaded_experts for name in e.z})
-    loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
-    routing = routing_task(sources, other_tasks=others, template=template or DEFAULT_TEMPLATE, per_task=per_task,
-                           tokenizer=tokenizer)
-    with progress_bars(enabled=not quiet and not as_json) as progress:
+    with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
+        routing = routing_task(sources, other_tasks=others, template=template, per_task=per_task,
+                               tokenizer=tokenizer)
         result = train_svf(loaded, tokenizer, routing, out=out, objective="sft", lr=lr, steps=steps,
                            batch_size=batch_size, eval_every=eval_every, validation_limit=validation_limit,
                            resume=resume, seed=seed, label="router",

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from shoal.cli._inputs import FILE
 from shoal.cli._options import hub_options, threads_option, verbosity
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -36,12 +37,11 @@ class _VariadicCommand(click.Command):
 
 @click.command("adapt", cls=_VariadicCommand)
 @click.argument("model", metavar="MODEL")
-@click.option("--experts", "experts", multiple=True, required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SVF expert files")
+@click.option("--experts", "experts", multiple=True, required=True, type=FILE, help="SVF expert files")
 @click.option("--strategy", type=click.Choice(["prompt", "classifier", "few-shot", "base"]), default="prompt",
               show_default=True, help="how pass 1 picks the expert")
-@click.option("--classifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="classifier expert (strategy classifier)")
+@click.option("--classifier", type=FILE, default=None,
+              help="classifier expert (strategy classifier; train one with `shoal svf train-classifier`)")
 @click.option("--task", "task_name", default=None, help="evaluate on this task (zoo name, jsonl:<path>, ...)")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="first N examples only")
@@ -64,8 +64,9 @@ class _VariadicCommand(click.Command):
 @click.option("--seed", type=int, default=0, show_default=True, help="CEM seed")
 @click.option("--task-seed", type=int, default=None,
               help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--svd-cache", type=FILE, default=None,
+              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @hub_options
@@ -84,7 +85,8 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
     import torch
 
     from shoal.adapt import adapt_evaluate, adapt_generate, load_expert
-    from shoal.adapt.dispatch import DEFAULT_TEMPLATE
+    from shoal.adapt.dispatch import DEFAULT_TEMPLATE, check_roles, check_template
+    from shoal.cli._inputs import check_device, check_output_folder
     from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
@@ -100,24 +102,33 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
                                "(train one with `shoal svf train-classifier`)")
     if strategy == "few-shot" and task_name is None:
         raise click.UsageError("--strategy few-shot needs --task T for its labelled shots")
+    if classifier is not None and strategy != "classifier":
+        raise click.UsageError(f"--classifier goes with --strategy classifier, not {strategy}")
     check_revision(model, revision)
     use_threads(threads)
     use_hub_token(token)
-    names = [load_expert(path).name for path in experts]
+    check_device(device)
+    if svd_cache is not None:
+        check_output_folder(svd_cache, "--svd-cache")
+    template = check_template(template or DEFAULT_TEMPLATE)
+    loaded_experts = [load_expert(path) for path in experts]  # each file checked before the model loads
+    loaded_classifier = load_expert(classifier) if classifier is not None else None
+    check_roles(loaded_experts, loaded_classifier)
+    names = [expert.name for expert in loaded_experts]
     task = get_task(task_name, seed=task_seed_for(model, task_seed)) if task_name is not None else None
-    common: dict[str, Any] = dict(strategy=strategy, classifier=classifier, mode=mode,
-                                  template=template or DEFAULT_TEMPLATE, per_matrix=per_matrix,
+    common: dict[str, Any] = dict(strategy=strategy, classifier=loaded_classifier, mode=mode,
+                                  template=template, per_matrix=per_matrix,
                                   cem_iterations=cem_iterations, cem_population=cem_population, seed=seed,
                                   transfer=transfer, batch_size=batch_size, cache_dir=svd_cache)
     with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
         loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
         if prompts:
             shot_examples = list(task.examples(shots_split))[:shots] if task is not None else None
-            result = adapt_generate(loaded, tokenizer, list(prompts), list(experts), max_new_tokens=max_new_tokens,
+            result = adapt_generate(loaded, tokenizer, list(prompts), loaded_experts, max_new_tokens=max_new_tokens,
                                     task=task, shots=shot_examples, progress=progress, **common)
         else:
             assert task is not None
-            evaluation = adapt_evaluate(loaded, tokenizer, task, split, list(experts), limit=limit, n_shots=shots,
+            evaluation = adapt_evaluate(loaded, tokenizer, task, split, loaded_experts, limit=limit, n_shots=shots,
                                         shots_split=shots_split, progress=progress, **common)
     if prompts:
         alpha = result.mixture.alpha.tolist() if result.mixture is not None else None

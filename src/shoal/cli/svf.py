@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._inputs import FILE
 from shoal.cli._options import hub_options, threads_option, verbosity
 from shoal.cli._svf_classifier import train_classifier
 
@@ -42,7 +43,7 @@ def command() -> None:
 @click.option("--matrices", "patterns", multiple=True,
               help="regex of the weight names to adapt (repeatable); default: the MLP matrices")
 @click.option("--label", default=None, help="category name used by `shoal adapt` (default: the task name)")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", "out", type=FILE, default=None,
               help="expert file (default: <task>-<objective>.safetensors)")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from <out>.train-state.pt when it exists")
@@ -52,7 +53,7 @@ def command() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
 @click.option("--task-seed", type=int, default=None,
               help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--svd-cache", type=FILE, default=None,
               help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
@@ -68,17 +69,24 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
     """Train an SVF expert for a task on MODEL; keeps the best checkpoint on the validation split."""
     import torch
 
-    from shoal.adapt import train_svf
+    from shoal.adapt import OTHER, train_svf
+    from shoal.cli._inputs import check_device, check_expert_output, check_output_folder
     from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
+    from shoal.errors import ConfigError
     from shoal.eval import get_task, load_model
 
     check_revision(model, revision)
     use_threads(threads)
     use_hub_token(token)
+    check_device(device)
+    if svd_cache is not None:
+        check_output_folder(svd_cache, "--svd-cache")
+    if label is not None and label.strip() in ("", OTHER):
+        raise ConfigError(f"--label {label!r}: an expert's category must be a name other than {OTHER!r}")
     task = get_task(task_name, seed=task_seed_for(model, task_seed))
-    out = out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors")
+    out = check_expert_output(out or Path(f"{task.name.replace(':', '_').replace('/', '_')}-{objective}.safetensors"))
     with progress_bars(enabled=not quiet and not as_json) as progress:  # before loading: no HF bars
         loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype), revision=revision)
         result = train_svf(loaded, tokenizer, task, out=out, objective=objective,  # type: ignore[arg-type]
@@ -103,11 +111,11 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @command.command("study")
 @click.option("--world", "size", default="small", show_default=True, help="zoo world size (micro, small)")
 @click.option("--world-seed", type=int, default=0, show_default=True)
-@click.option("--world-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--world-root", type=FILE, default=None,
               help="folder of a built world (default: the zoo cache)")
-@click.option("--transfer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--transfer-root", type=FILE, default=None,
               help="a second world of the same size (another seed): apply the experts to its base")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=FILE, required=True, help="folder for results.json and the reports")
 @click.option("--objective", type=click.Choice(["reinforce", "sft"]), default="reinforce", show_default=True,
               help="for the experts and the classifier expert")
 @click.option("--parametrization", type=click.Choice(["reference", "direct"]), default="reference",
@@ -134,11 +142,13 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
     from shoal.studies.svf_study import StudySettings, run_study
+    from shoal.cli._inputs import check_output_folder
     from shoal.cli._options import use_threads
     from shoal.cli._progress import print_text, progress_bars
     from shoal.errors import ConfigError
     from shoal.zoo import load_zoo
 
+    check_output_folder(out, "--out")
     world = load_zoo(size, world_seed, root=world_root)
     if world is None:
         raise ConfigError(f"no built {size} world (seed {world_seed}) at {world_root or 'the zoo cache'}; "

@@ -7,22 +7,23 @@ from pathlib import Path
 
 import click
 
+from shoal.cli._inputs import FILE
 from shoal.cli._options import verbosity
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 @click.command("import")
-@click.argument("ref_file", metavar="REF_FILE", type=click.Path(path_type=Path))
+@click.argument("ref_file", metavar="REF_FILE", type=FILE)
 @click.option("--model", "model", required=True, help="the base model the expert was trained on")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "out", required=True, type=FILE,
               help="shoal expert file to write (.safetensors)")
 @click.option("--task", default=None, help="task name recorded in the expert (default: the file name)")
 @click.option("--label", default=None, help="category name used by `shoal adapt` (default: the task)")
 @click.option("--expect-fingerprint", default=None, help="refuse unless the model's MLP fingerprint is this")
-@click.option("--svd-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--svd-cache", type=FILE, default=None,
               help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @verbosity
@@ -37,8 +38,15 @@ def import_expert(ref_file: Path, model: str, out: Path, task: str | None, label
     from shoal.adapt.import_reference import import_reference_expert
     from shoal.eval import load_model
 
+    from shoal.cli._inputs import check_device, check_expert_output, check_input_file, check_output_folder
     from shoal.cli._progress import progress_bars
 
+    if ref_file.is_dir():  # a missing file is the library's to report
+        check_input_file(ref_file, "REF_FILE")
+    check_expert_output(out)
+    check_device(device)
+    if svd_cache is not None:
+        check_output_folder(svd_cache, "--svd-cache")
     with progress_bars(enabled=not quiet and not as_json):  # before loading: no HF bars
         loaded, _ = load_model(model, device=device, dtype=getattr(torch, dtype))
     path = import_reference_expert(ref_file, loaded, out=out, base_model=model, task=task, label=label,

@@ -71,21 +71,46 @@ class JsonlTask:
         return answer_match(output, example.target)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    record: dict[str, object] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
 def _read(path: Path, default_split: str) -> list[tuple[str, Example]]:
+    """(split, example) per non-blank line; TaskError naming ``path:line`` for a bad line."""
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"{path}: cannot read ({err})") from err
+        data = path.read_bytes()
+    except OSError as err:
+        raise TaskError(f"{path}: cannot read ({err.strerror or err})") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        data = data[3:]
     kinds = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    # Split on bytes: str.splitlines would also cut at U+2028 and other separators inside strings.
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TaskError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as err:
-            raise TaskError(f"{where}: not valid JSON ({err.msg})") from err
+            raise TaskError(f"{where}: not valid JSON ({err.msg})") from None
+        except _DuplicateKey as err:
+            raise TaskError(f"{where}: field {err.args[0]!r} appears twice") from None
+        except RecursionError:
+            raise TaskError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise TaskError(f"{where}: expected a JSON object")
         for key in ("prompt", "target"):
