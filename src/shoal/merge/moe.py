@@ -114,11 +114,13 @@ def moe_config(kind: str, base, *, experts: int, experts_per_token: int, dtype: 
     if settings.pop("mlp_bias", False):
         raise MergeError("base_model: has MLP biases (mlp_bias: true), which the MoE experts cannot hold")
     settings.pop("attention_bias", None)
+    try:
+        out = (MixtralConfig if kind == "mixtral" else Qwen2MoeConfig)(**settings)
+    except (TypeError, ValueError) as err:
+        raise MergeError(f"base_model: its config cannot become a {ARCHITECTURES[kind][0]} config: {err}") from None
     if kind == "mixtral":
-        out = MixtralConfig(**settings)
         out.num_local_experts = experts
     else:
-        out = Qwen2MoeConfig(**settings)
         out.num_experts = experts
         out.decoder_sparse_step = 1
         out.mlp_only_layers = []
@@ -259,7 +261,9 @@ def _write_tensors(kind: str, config: MoeConfig, readers: dict[str, CheckpointRe
     outside = [n for n in base.tensor_names() if ".mlp." not in n]
     shared = list(config.shared_experts or ())
     per_layer = 3 * (len(config.experts) + len(shared)) + 1 + (1 if shared else 0)
-    total = len(outside) + num_layers * per_layer
+    zero_biases = [n for n in outside if kind == "qwen" and n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+                   and n.removesuffix("weight") + "bias" not in base]
+    total = len(outside) + len(zero_biases) + num_layers * per_layer
     written = nbytes = 0
 
     def add(name: str, tensor: torch.Tensor) -> None:
@@ -271,10 +275,8 @@ def _write_tensors(kind: str, config: MoeConfig, readers: dict[str, CheckpointRe
 
     for name in outside:
         add(name, base.get(name, dtype=dtype))
-        if kind == "qwen" and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            bias = name.removesuffix("weight") + "bias"
-            if bias not in base:  # Qwen2-MoE attention has biases; a Llama or Mistral base has none: zeros
-                add(bias, torch.zeros(base.shape(name)[0], dtype=dtype))
+        if name in zero_biases:  # Qwen2-MoE attention has biases; a Llama or Mistral base has none: zeros
+            add(name.removesuffix("weight") + "bias", torch.zeros(base.shape(name)[0], dtype=dtype))
     for layer in range(num_layers):
         for index, expert in enumerate([*config.experts, *shared]):
             reader = readers[expert.source_model]
