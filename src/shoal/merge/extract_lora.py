@@ -222,6 +222,7 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
             readers.append(stack.enter_context(open_checkpoint(source, allow_pickle=allow_pickle,
                                                                revision=location.revision)))
         tuned, original = readers
+        base_reference = _peft_base_reference(str(base), location)
         plan = plan_extraction(tuned, original, embed_lora=embed_lora, modules_to_save=modules_to_save,
                                include=include, exclude=exclude, skip_undecomposable=skip_undecomposable)
         if not plan.lora and not plan.whole:
@@ -256,7 +257,7 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
                         writer.add(f"{PEFT_PREFIX}{module}.bias", tuned.get(f"{module}.bias"))
                     progress("lora modules", step, steps)
             top = max(ranks.values(), default=rank)
-            config = adapter_config(base_reference=str(base), rank=top, ranks=ranks,
+            config = adapter_config(base_reference=base_reference, rank=top, ranks=ranks,
                                     target_modules=_target_modules(list(ranks), plan.all_modules),
                                     modules_to_save=plan.modules_to_save, lora_bias=lora_bias)
             (stage / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -272,6 +273,14 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
                                     "`shoal extract-lora`: applied to the base model it approximates the "
                                     "fine-tune below by the truncated SVD of each weight's change."))
     return LoraResult(Path(out), top, ranks, plan.modules_to_save, [m for m, _ in plan.whole])
+
+
+def _peft_base_reference(written: str, location) -> str:  # type: ignore[no-untyped-def]
+    """What adapter_config.json names as the base: the hub id, the folder as written, or, for a
+    scheme reference (``zoo:small/base``) that PEFT cannot resolve, the folder it stands for."""
+    if location.path is None:
+        return str(location.hub_id)
+    return written if Path(written).exists() else str(location.path)
 
 
 def _bias_change(tuned: CheckpointReader, original: CheckpointReader, module: str) -> torch.Tensor:
