@@ -113,3 +113,27 @@ def test_download_failure_is_a_checkpoint_error(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"'org/missing'.*not a local file or folder.*couldn't connect"):
         open_checkpoint("org/missing")
+
+
+def test_a_recipe_names_a_hub_model_at_a_revision(monkeypatch, tmp_path, tiny_model_dir):
+    """`model: owner/name@rev` in a recipe downloads that revision (through the one resolver)
+    and merges it like a local folder."""
+    from click.testing import CliRunner
+
+    from shoal.cli.main import cli
+
+    local = tiny_model_dir("hub-rev-llama", arch="llama")
+    repo = tmp_path / "remote"
+    shutil.copytree(local, repo)
+    calls: list = []
+    fake_hub(monkeypatch, repo, calls)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: org/tiny@v2\n    parameters: {weight: 1.0}\n"
+                      f"  - model: {local}\n    parameters: {{weight: 1.0}}\n")
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert calls and calls[0][:2] == ("org/tiny", "v2")
+    merged = open_checkpoint(tmp_path / "out")
+    source = open_checkpoint(local)
+    assert all(torch.equal(merged.get(n), source.get(n)) for n in source.tensor_names())

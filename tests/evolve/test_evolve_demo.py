@@ -38,4 +38,5 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch) -> None:  # type: ign
     assert {s["model"] for s in data["scores"]} >= {"evolved", "base"}
     assert all(s["n"] == 500 for s in data["scores"])  # test scores always use the whole split
     assert (out / "evolved" / "report.html").exists() and (out / "fitness_runs.png").exists()
+    assert '<img src="../fitness_runs.png"' in (out / "evolved" / "report.html").read_text()
     assert (out / "control" / "best_recipe.yaml").exists()

@@ -141,7 +141,7 @@ def best_source(config: EvolveConfig, *, progress: ProgressFn = no_progress) -> 
 def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int = 120,
              limit: int | None = None, seed: int = 0, resume: bool = True,
              progress: ProgressFn = no_progress) -> DemoResult:
-    from shoal.evolve.report import plot_fitness, trial_curve
+    from shoal.evolve.report import add_figure, plot_fitness, trial_curve
     from shoal.zoo.build import build_zoo
 
     out = Path(out)
@@ -163,6 +163,9 @@ def run_demo(*, size: str = "small", out: str | Path = "runs/demo", trials: int 
     plot_fitness({"evolved": trial_curve(load_run_study(out / "evolved")),
                   "single-source control": trial_curve(load_run_study(out / "control"))},
                  out / "fitness_runs.png", title=f"{CROSS_TASK} fitness per trial")
+    if (out / "evolved" / "report.html").exists():
+        add_figure(out / "evolved" / "report.html", out / "fitness_runs.png",
+                   "fitness per trial: evolved vs single-source control")
     (out / "demo.json").write_text(json.dumps({
         "scores": [asdict(s) for s in evolved.scores], "grid_best": grid_params,
         "evolved_recipe": str(out / "evolved" / "best_recipe.yaml"),
