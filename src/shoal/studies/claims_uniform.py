@@ -92,7 +92,9 @@ def uniform_search(evaluator: Any, folder: str | Path, *, trials: int, sampler: 
     path.write_text(json.dumps({**settings, "trials": trials}, indent=2))
     spec = SearchSpec(sampler=sampler, trials=trials, seed=seed)  # type: ignore[arg-type]
     study = open_study(default_storage(folder), genes.gene_keys, spec, resume=True)
-    run_trials(study, genes.gene_keys, genes.fitness, trials, progress=progress)
+    from shoal.evolve.workers import InProcess
+
+    run_trials(study, genes.gene_keys, InProcess(genes.fitness), trials, progress=progress)
     genome, fitness, validation = select_final(genes, study, progress=progress)
     return UniformFound(values=genes.values(genome), recipe=genes.recipe(genome), fitness=fitness,
                         validation=validation, trials=finished_trials(study))
