@@ -21,6 +21,7 @@ from shoal.merge.model_view import count_layers as _count_layers
 from shoal.merge.params import TensorPosition, is_unset, resolve_first
 from shoal.merge.recipe import ParamValue, Recipe
 from shoal.merge.registry import MethodSpec, get_method, python_name
+from shoal.merge.source_checks import check_floating_sources, check_layer_counts, check_parameter_kinds
 
 COPY = "copy"
 
@@ -168,9 +169,11 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
         if name not in readers:
             raise RecipeError(f"model {name!r} was not opened")
     seed = recipe.seed if recipe.seed is not None else seed
-    if recipe.models is not None:
-        return _plan_models(recipe, method, readers, seed)
-    return _plan_slices(recipe, method, readers, seed)
+    check_parameter_kinds(recipe, method)
+    check_layer_counts(recipe, readers)
+    plan = (_plan_models if recipe.models is not None else _plan_slices)(recipe, method, readers, seed)
+    check_floating_sources(plan.ops, readers, COPY)
+    return plan
 
 
 def _prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
