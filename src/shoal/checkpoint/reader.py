@@ -59,7 +59,7 @@ class CheckpointReader:
         self._mappings: dict[Path, mmap.mmap] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._identity: dict[Path, tuple[int, int, int, int]] = {}  # at header read (see check_unchanged)
-        self._leased: set[Path] = set()
+        self._leased: dict[Path, bool] = {}  # shard -> whether a read lease on it is held (map_range)
         if files.format == "safetensors":
             self._index_safetensors()
         else:
@@ -223,7 +223,9 @@ class CheckpointReader:
         if nbytes == 0:
             return torch.empty(0, dtype=dtype)
         fd = self._fd(shard)
-        if shard not in self._leased:
+        if shard not in self._leased:  # taken before the first mapping, which then keeps it
+            self._leased[shard] = take_read_lease(fd)
+        if not self._leased[shard]:
             return self.read_ranges(name, [(start, stop)])
         if not lease_held(fd):  # a writer waits for the lease to go
             raise CheckpointError(f"{shard}: another process opened the file for writing or truncated it "
@@ -288,13 +290,10 @@ class CheckpointReader:
             except BaseException:
                 os.close(fd)
                 raise
-            leased = take_read_lease(fd)
             kept = self._fds.setdefault(shard, fd)  # another thread may have opened it meanwhile
             if kept != fd:
                 os.close(fd)
                 fd = kept
-            elif leased:
-                self._leased.add(shard)
         return fd
 
     def _check_same(self, shard: Path, now: tuple[int, int, int, int], when: str) -> None:
