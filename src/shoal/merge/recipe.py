@@ -56,9 +56,12 @@ def _value(raw: Any, *, filters: bool) -> Any:
     if not raw:
         raise ValueError("an empty list: give a number, a gradient of numbers"
                          + (" or filter entries" if filters else ""))
-    if filters and all(isinstance(entry, dict) for entry in raw):
+    if filters and all(isinstance(entry, (dict, FilterValue)) for entry in raw):
         entries = []
         for i, entry in enumerate(raw):
+            if isinstance(entry, FilterValue):  # built in code (evolve's genomes), already checked
+                entries.append(entry)
+                continue
             try:
                 entries.append(FilterValue.model_validate(entry))
             except ValidationError as err:
