@@ -230,3 +230,112 @@ def test_missing_tensor_and_missing_paths(tmp_path, two_tensor_file):
     shutil.copy(path, many / "one.safetensors")
     shutil.copy(path, many / "two.safetensors")
     fails(many, str(many), "several weight files")
+
+
+# -- issue 18: deep JSON, sources that change while read, staging -------------------------------
+
+def test_deeply_nested_header_and_index(tmp_path, raw_safetensors):
+    import struct
+
+    deep = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    deep += b" " * (-len(deep) % 8)
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    fails(path, "nested too deeply")
+    folder = tmp_path / "deep_index"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map":' + "[" * 200_000 + "]" * 200_000 + "}")
+    fails(folder, "model.safetensors.index.json", "nested too deeply")
+
+
+def test_file_replaced_between_header_and_data(tmp_path, two_tensor_file):
+    import os
+    import shutil
+
+    path = two_tensor_file()
+    twin = tmp_path / "twin.safetensors"
+    shutil.copy(path, twin)
+    reader = open_checkpoint(path)
+    os.replace(twin, path)  # same bytes, another file
+    with pytest.raises(CheckpointError, match="replaced by another file since its header was read"):
+        reader.get(reader.tensor_names()[0])
+    reader.close()
+
+
+def test_check_unchanged_names_a_rewritten_file(two_tensor_file):
+    import os
+
+    path = two_tensor_file()
+    with open_checkpoint(path) as reader:
+        reader.get(reader.tensor_names()[0])
+        reader.check_unchanged()
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+        with pytest.raises(CheckpointError, match=f"{path}: the file was rewritten"):
+            reader.check_unchanged()
+
+
+def test_mapped_reads_stop_when_a_writer_waits_on_the_lease(tmp_path):
+    """A truncation waits on the read lease; the next mapped read refuses instead of dying of SIGBUS."""
+    import os
+    import threading
+    import time
+
+    from shoal.checkpoint.file_guard import lease_held
+
+    path = tmp_path / "leased.safetensors"
+    save_file({"w": torch.arange(1 << 16, dtype=torch.float32)}, str(path))
+    reader = open_checkpoint(path)
+    first = reader.map_range("w", 0, 1024)
+    assert float(first[5]) == 5.0
+    if not reader._leased.get(path):
+        reader.close()
+        pytest.skip("no read lease on this filesystem")
+    done = threading.Event()
+    truncating = threading.Thread(target=lambda: (os.truncate(path, 8), done.set()))
+    truncating.start()
+    fd = reader._fds[path]
+    while lease_held(fd):
+        time.sleep(0.01)
+    assert not done.is_set()  # the truncation waits for the lease
+    with pytest.raises(CheckpointError, match="opened the file for writing or truncated it"):
+        reader.map_range("w", 1024, 2048)
+    del first
+    reader.close()
+    truncating.join(timeout=60)
+    assert done.is_set() and path.stat().st_size == 8
+
+
+def test_staging_removes_stale_folders_only(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from shoal.checkpoint.staging import _host, staged_output
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    destination = tmp_path / "out"
+    stale = tmp_path / f".out.staging-{gone.pid}@{_host()}-aaaa1111"
+    alive = tmp_path / f".out.staging-{os.getpid()}@{_host()}-bbbb2222"
+    elsewhere = tmp_path / f".out.staging-{gone.pid}@otherhost-cccc3333"  # another machine's (shared disk)
+    other_out = tmp_path / f".other.staging-{gone.pid}@{_host()}-dddd4444"
+    for folder in (stale, alive, elsewhere, other_out):
+        folder.mkdir()
+    with staged_output(destination) as stage:
+        (stage / "x").write_text("1")
+    assert (destination / "x").read_text() == "1"
+    assert not stale.exists() and alive.exists() and elsewhere.exists() and other_out.exists()
+    assert any("removed 1 staging folder" in r.getMessage() and stale.name in r.getMessage() for r in caplog.records)
+
+
+def test_staging_disk_full_removes_everything(tmp_path):
+    import errno
+
+    from shoal.checkpoint.staging import staged_output
+
+    with pytest.raises(CheckpointError, match=r"out: no space left on the device .*needs at least"):
+        with staged_output(tmp_path / "out") as stage:
+            (stage / "part").write_bytes(b"x" * 10_000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -72,6 +72,8 @@ def read_index(index: Path, root: Path | None = None) -> WeightFiles:
         raise CheckpointError(f"{index}: cannot read index: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{index}: index is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise CheckpointError(f"{index}: index is not valid JSON (nested too deeply)") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: index has no 'weight_map' object naming tensors and shards")

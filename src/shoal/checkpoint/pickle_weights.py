@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,9 +29,10 @@ def refuse_pickle(path: Path) -> CheckpointError:
 def _unpickler_reason(exc: Exception) -> str:
     # torch's message suggests weights_only=False, which shoal never does; keep only the cause.
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for line in text.splitlines():
-        if "Unpickler error" in line or "Unsupported" in line:
-            return line.split(" Please use")[0].strip()
+    for marker in ("unsupported", "unpickler error"):
+        for line in text.splitlines():
+            if marker in line.lower():
+                return line.split(" Please use")[0].strip().rstrip(":").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
@@ -42,13 +44,17 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     the legacy format is read into memory.
     """
     try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            # mmap needs the zip format; anything else is a real error.
-            if zipfile.is_zipfile(path) or "mmap" not in str(exc):
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns (two lines on stderr) about pickle protocols it does not expect; whether
+        # the file is refused or loaded, the error below or the tensors say all there is.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                # mmap needs the zip format; anything else is a real error.
+                if zipfile.is_zipfile(path) or "mmap" not in str(exc):
+                    raise
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused by torch.load(weights_only=True), it holds more than tensors "

@@ -5,6 +5,16 @@ sharded index), a single weight file, an index file, or a hub id. Shapes and dty
 from the validated safetensors headers without reading tensor data. Three ways to read:
 ``get`` (one whole tensor, converted to a dtype and device), ``read_ranges`` (flat ranges,
 copied) and ``map_range`` (a flat range as a view of the file's pages, for chunked work).
+
+Sources that change while they are read are refused, never mixed: each file's identity (device,
+inode, size, mtime) is taken when its header is read, compared whenever it is opened and read,
+and by :meth:`CheckpointReader.check_unchanged` before an output is moved into place. A file is
+memory-mapped only while this reader holds a read lease on it (Linux ``F_SETLEASE``): a process
+that then opens it for writing or truncates it waits until the lease is given up, and the next
+mapped read refuses with an error naming the file, instead of the process dying of SIGBUS on a
+page that vanished. Without a lease (another process has the file open for writing, a
+filesystem without leases, a file of another user) ranges are copied with positioned reads
+(:mod:`shoal.checkpoint.file_guard`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import torch
 from shoal.checkpoint.hub import download_checkpoint, hub_cache_root, looks_like_hub_id
 from shoal.checkpoint.locate import WeightFiles, locate_weights
 from shoal.checkpoint.pickle_weights import load_pickle_state_dict, refuse_pickle
+from shoal.checkpoint.file_guard import changed_error, fd_identity, lease_held, path_identity, take_read_lease
 from shoal.checkpoint.safetensors_header import TensorEntry, read_header
 from shoal.errors import CheckpointError
 
@@ -47,6 +58,8 @@ class CheckpointReader:
         self._fds: dict[Path, int] = {}
         self._mappings: dict[Path, mmap.mmap] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._identity: dict[Path, tuple[int, int, int, int]] = {}  # at header read (see check_unchanged)
+        self._leased: dict[Path, bool] = {}  # shard -> whether a read lease on it is held (map_range)
         if files.format == "safetensors":
             self._index_safetensors()
         else:
@@ -59,6 +72,7 @@ class CheckpointReader:
         for shard in self.files.shards:
             header = read_header(shard)
             self._data_start[shard] = header.data_start
+            self._identity[shard] = header.identity
             for entry in header.tensors:
                 if wanted is not None and wanted.get(entry.name) != shard:
                     continue  # listed under another shard, or not in the index at all
@@ -87,7 +101,10 @@ class CheckpointReader:
 
     def _load_pickle(self, shard: Path) -> dict[str, torch.Tensor]:
         if shard not in self._pickled:
+            before = path_identity(shard)
             self._pickled[shard] = load_pickle_state_dict(shard)
+            self._identity.setdefault(shard, before)
+            self._check_same(shard, path_identity(shard), "while it was loaded")
         return self._pickled[shard]
 
     # -- the public surface ----------------------------------------------------------------
@@ -176,8 +193,9 @@ class CheckpointReader:
         not stay in this process's resident memory, and safe from several threads at once. No
         finiteness check (see :meth:`check_range`).
         """
-        dtype = self._where(name, 0, 0)[2]  # a tensor not in a safetensors file raises here
+        dtype, shard = self._where(name, 0, 0)[2:]  # a tensor not in a safetensors file raises here
         places = [self._where(name, start, stop) for start, stop in bounds]
+        self._check_same(shard, fd_identity(self._fd(shard)), "while it was read")
         buffer = torch.empty(sum(nbytes for _, nbytes, _, _ in places), dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         at = 0
@@ -204,6 +222,14 @@ class CheckpointReader:
         offset, nbytes, dtype, shard = self._where(name, start, stop)
         if nbytes == 0:
             return torch.empty(0, dtype=dtype)
+        fd = self._fd(shard)
+        if shard not in self._leased:  # taken before the first mapping, which then keeps it
+            self._leased[shard] = take_read_lease(fd)
+        if not self._leased[shard]:
+            return self.read_ranges(name, [(start, stop)])
+        if not lease_held(fd):  # a writer waits for the lease to go
+            raise CheckpointError(f"{shard}: another process opened the file for writing or truncated it "
+                                  f"while tensor {name!r} was read; nothing was merged from a changed file")
         return torch.frombuffer(self._mapping(shard), dtype=dtype, count=stop - start, offset=offset)
 
     def release_range(self, name: str, start: int, stop: int) -> None:
@@ -259,11 +285,30 @@ class CheckpointReader:
                 fd = os.open(shard, os.O_RDONLY)
             except OSError as exc:
                 raise CheckpointError(f"{shard}: cannot open file: {exc.strerror or exc}") from exc
+            try:
+                self._check_same(shard, fd_identity(fd), "since its header was read")
+            except BaseException:
+                os.close(fd)
+                raise
             kept = self._fds.setdefault(shard, fd)  # another thread may have opened it meanwhile
             if kept != fd:
                 os.close(fd)
                 fd = kept
         return fd
+
+    def _check_same(self, shard: Path, now: tuple[int, int, int, int], when: str) -> None:
+        then = self._identity.get(shard)
+        if then is not None and now != then:
+            raise changed_error(shard, then, now, when)
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CheckpointError` naming the first weight file replaced or rewritten since it was opened."""
+        for shard in self._identity:
+            try:
+                now = path_identity(shard)
+            except OSError:
+                raise CheckpointError(f"{shard}: the file was removed while it was read") from None
+            self._check_same(shard, now, "while it was read")
 
     def close(self) -> None:
         """Release file handles and any loaded pickle shards."""
@@ -277,6 +322,7 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._leased.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -311,6 +357,8 @@ def _read_config(folder: Path) -> dict | None:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read model config: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read model config: JSON nested too deeply") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model config is not a JSON object")
     return config

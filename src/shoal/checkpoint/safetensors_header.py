@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from shoal.checkpoint.file_guard import file_identity
 from shoal.errors import CheckpointError
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
@@ -81,6 +83,7 @@ class SafetensorsHeader:
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str]
     data_start: int
+    identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # the file read: see file_identity
 
     def by_name(self) -> dict[str, TensorEntry]:
         return {entry.name: entry for entry in self.tensors}
@@ -140,8 +143,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
         with path.open("rb") as handle:
+            stat = os.fstat(handle.fileno())
+            file_size = stat.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise _fail(path, f"truncated safetensors file ({file_size} bytes, no header)")
@@ -162,6 +166,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, "corrupt safetensors header: not valid UTF-8 JSON") from exc
+    except RecursionError:  # a header is one level of objects; this one nests thousands deep
+        raise _fail(path, "corrupt safetensors header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise _fail(path, "corrupt safetensors header: not a JSON object")
 
@@ -200,4 +206,5 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             f"corrupt safetensors file: {data_len - position} bytes after the last tensor "
             f"(data section {data_len} bytes, tensors cover {position})",
         )
-    return SafetensorsHeader(path=path, tensors=tuple(entries), metadata=metadata, data_start=data_start)
+    return SafetensorsHeader(path=path, tensors=tuple(entries), metadata=metadata, data_start=data_start,
+                             identity=file_identity(stat))

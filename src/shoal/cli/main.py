@@ -45,7 +45,8 @@ class _ShoalGroup(click.Group):
             err.exit_code = EXIT_USAGE
             raise
         except ShoalError as err:
-            click.echo(f"error: {cli_message(str(err))}", err=True)
+            # one line, whatever the message holds (a path or a quoted library message may span lines)
+            click.echo(f"error: {' '.join(cli_message(str(err)).split())}", err=True)
             ctx.exit(EXIT_BAD_DATA)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

@@ -31,8 +31,8 @@ def _refuse_no_copy_tokenizer(ctx: click.Context, param: click.Parameter, value:
 
 
 @click.command("merge")
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path))  # a folder or a missing file: one line from load_recipe
+@click.argument("out", type=click.Path(path_type=Path))  # a file in the way: one line from the staging
 @click.option("--device", default=None, help="cpu, cuda or cuda:N: where the math runs  [default: cpu]")
 @click.option("--cuda/--no-cuda", "cuda", default=None, help="mergekit's spelling of --device cuda / --device cpu")
 @click.option("--shard-size", "--out-shard-size", "shard_size", default="5GB", show_default=True,
@@ -108,7 +108,13 @@ def _check_device(device: str) -> None:
 
     from shoal.errors import MergeError
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise MergeError(f"--device {device}: not a device shoal merges on; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise MergeError(f"--device {device}: CUDA is not available on this machine")
 
 

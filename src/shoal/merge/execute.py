@@ -267,8 +267,10 @@ def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEF
         plan = plan_merge(recipe, readers, seed=seed)
         if on_plan is not None:
             on_plan(plan)
-        with staged_output(out, overwrite=overwrite) as stage:
+        with staged_output(out, overwrite=overwrite, expected_bytes=plan.total_bytes) as stage:
             written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
                                    progress=progress, options=options)
             write_support(plan, readers, stage, seed=seed)
+            for reader in readers.values():  # a source replaced or rewritten meanwhile: no output
+                reader.check_unchanged()
     return MergeResult(out=out, tensors=len(plan.ops), total_bytes=written, plan=plan)

@@ -24,6 +24,7 @@ from shoal.merge.plan_modes import mode_warning
 from shoal.merge.plan_params import check_model_count, check_parameter_names, resolve_params
 from shoal.merge.recipe import Recipe
 from shoal.merge.registry import MethodSpec, get_method, python_name
+from shoal.merge.source_checks import check_floating_sources, check_layer_counts, check_parameter_kinds
 
 COPY = "copy"
 
@@ -115,12 +116,15 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
     if recipe.chat_template is not None and recipe.chat_template != "auto":
         resolve_chat_template(recipe.chat_template, [])  # a bad name fails here, before any output
     seed = recipe.seed if recipe.seed is not None else seed
+    check_parameter_kinds(recipe, method)
+    check_layer_counts(recipe, readers)
     if recipe.models is not None:
         plan = _plan_models(recipe, method, readers, seed)
     else:
         from shoal.merge.plan_slices import plan_slices
 
         plan = plan_slices(recipe, method, readers, seed)
+    check_floating_sources(plan.ops, readers, COPY)
     warning = mode_warning(recipe, method)
     if warning:
         warnings.append(warning)

@@ -17,10 +17,12 @@ Unknown keys are errors that name the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+import math
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
+                      field_validator, model_validator)
 
 from shoal.errors import RecipeError
 
@@ -28,6 +30,50 @@ DTYPES = ("float32", "float16", "bfloat16")
 DTypeName = Literal["float32", "float16", "bfloat16"]
 
 Scalar = Union[bool, float]
+
+
+def _number(raw: Any, what: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError(f"{what} must be a number, got {_shown(raw)}")
+    if not math.isfinite(raw):
+        raise ValueError(f"{what} must be a finite number, got {raw}")
+    return float(raw)
+
+
+def _shown(raw: Any) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return repr(raw) if isinstance(raw, (str, int, float)) else f"a {type(raw).__name__}"
+
+
+def _value(raw: Any, *, filters: bool) -> Any:
+    """A parameter value: true/false, a number, a gradient (a non-empty list of numbers) or, where
+    ``filters``, a non-empty list of ``filter``/``value`` entries. One shape, one message."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)):
+        return _number(raw, "a value")
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a number, true/false or a list, got {_shown(raw)}")
+    if not raw:
+        raise ValueError("an empty list: give a number, a gradient of numbers"
+                         + (" or filter entries" if filters else ""))
+    if filters and all(isinstance(entry, (dict, FilterValue)) for entry in raw):
+        entries = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, FilterValue):  # built in code (evolve's genomes), already checked
+                entries.append(entry)
+                continue
+            try:
+                entries.append(FilterValue.model_validate(entry))
+            except ValidationError as err:
+                first = err.errors()[0]
+                key = str(first["loc"][0]) if first["loc"] else ""
+                problem = (f"unknown key {key!r} (an entry has 'filter' and 'value')"
+                           if first["type"] == "extra_forbidden" else f"{key}: {first['msg']}")
+                raise ValueError(f"filter entry {i}: {problem}") from None
+        return entries
+    return [_number(v, f"gradient entry {i}") for i, v in enumerate(raw)]
 
 
 class FilterValue(BaseModel):
@@ -39,10 +85,20 @@ class FilterValue(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Annotated[Union[Scalar, list[float]], PlainValidator(lambda raw: _value(raw, filters=False)),
+                     PlainSerializer(lambda value: _plain(value))]
 
 
-ParamValue = Union[Scalar, list[float], list[FilterValue]]
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, FilterValue):
+        return value.model_dump(mode="json", exclude_none=True)
+    return value
+
+
+ParamValue = Annotated[Union[Scalar, list[float], list[FilterValue]],
+                       PlainValidator(lambda raw: _value(raw, filters=True)), PlainSerializer(_plain)]
 
 
 class _Strict(BaseModel):
@@ -157,6 +213,8 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = f"unknown key {str(first['loc'][-1])!r}"
+    elif first["type"] == "value_error":  # our validators' own words, without pydantic's prefix
+        message = str(first.get("ctx", {}).get("error", message))
     more = len(err.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{where}: {loc}: {message}{suffix}"
@@ -173,19 +231,10 @@ def parse_recipe(data: Any, *, where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe. Tags that would build Python objects are refused."""
+    """Read and validate a YAML recipe: UTF-8, plain data (no tags that build Python objects), no
+    key given twice, not nested absurdly deep (:mod:`shoal.merge.strict_yaml`)."""
+    from shoal.merge.strict_yaml import load_yaml_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as err:
-        tag = getattr(err, "problem", "") or str(err)
-        raise RecipeError(f"{path}: refused YAML tag ({tag.strip()}); recipes are plain data") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+    data = load_yaml_file(path, error=RecipeError, what="recipe")
     return parse_recipe(data, where=str(path))

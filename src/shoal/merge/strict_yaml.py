@@ -1,0 +1,91 @@
+"""Read a YAML file of plain data, refusing what a user did not mean: the loader recipes (and configs) use.
+
+``yaml.safe_load`` already refuses tags that build Python objects. This loader also refuses
+
+- text that is not UTF-8 (a binary file, a Latin-1 file): the error names the byte offset;
+- a key given twice in one mapping (plain YAML keeps the last without a word): the error names
+  the key and both lines;
+- nesting deeper than :data:`MAX_DEPTH` (PyYAML composes recursively: a file nested 50,000 deep
+  would exhaust Python's stack).
+
+Every problem is raised as the caller's error class, with a message that names the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoal.errors import ShoalError
+
+MAX_DEPTH = 100  # mappings and lists inside each other; recipes need about six
+
+
+class _Refused(Exception):
+    """A problem found while composing; turned into the caller's error class with the file name."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so below
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _Refused(f"key {key!r} appears twice in one mapping (lines {first} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: Path, *, error: type[ShoalError], what: str = "file") -> Any:
+    """The plain data of the YAML file at ``path``; every problem is an ``error`` naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not a UTF-8 text file (byte {err.start} is {raw[err.start]:#04x}); "
+                    f"save the {what} as UTF-8") from None
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as err:
+        raise error(f"{path}: {err}") from None
+    except yaml.constructor.ConstructorError as err:
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if "constructor for the tag" in problem:
+            raise error(f"{path}: refused YAML tag ({problem}); a {what} is plain data") from None
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}: invalid YAML{at}: {problem}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise error(f"{path}: invalid YAML{at}: {problem}") from None
+    except RecursionError:  # deep nesting PyYAML recurses on beyond the composer (should not happen)
+        raise error(f"{path}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
