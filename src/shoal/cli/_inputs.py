@@ -91,3 +91,39 @@ def check_device(device: str) -> str:
     if parsed.index is not None and parsed.type in ("cuda", "xpu") and parsed.index >= backend.device_count():
         raise ConfigError(f"--device {device}: this machine has {backend.device_count()} {parsed.type} device(s)")
     return device
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_run_options(function):  # type: ignore[no-untyped-def]
+    """The options of every command that loads MODEL to train or adapt SVF experts:
+    ``--task-seed``, ``--svd-cache``, ``--device``, ``--dtype``, ``--json``, ``--revision`` /
+    ``--token``, ``--threads`` and ``-q`` / ``-v``."""
+    from shoal.cli._options import hub_options, threads_option, verbosity
+
+    function = verbosity(threads_option(hub_options(function)))
+    for option in reversed([
+        click.option("--task-seed", type=int, default=None,
+                     help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)"),
+        click.option("--svd-cache", type=FILE, default=None,
+                     help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)"),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object"),
+    ]):
+        function = option(function)
+    return function
+
+
+def prepare_model_run(model: str, revision: str | None, token: str | None, threads: int, device: str,
+                      svd_cache: Path | None) -> None:
+    """Check and apply what :func:`model_run_options` parsed, before anything is loaded."""
+    from shoal.cli._options import check_revision, use_hub_token, use_threads
+
+    check_revision(model, revision)
+    use_threads(threads)
+    use_hub_token(token)
+    check_device(device)
+    if svd_cache is not None:
+        check_output_folder(svd_cache, "--svd-cache")

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import click
 
-from shoal.cli._inputs import FILE
-from shoal.cli._options import hub_options, threads_option, verbosity
+from shoal.cli._inputs import FILE, model_run_options, prepare_model_run
 from shoal.cli.adapt import _VariadicCommand
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @click.command("train-classifier", cls=_VariadicCommand)
@@ -37,16 +35,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from <out>.train-state.pt when it exists")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order")
-@click.option("--task-seed", type=int, default=None,
-              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=FILE, default=None,
-              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@hub_options
-@threads_option
-@verbosity
+@model_run_options
 def train_classifier(model: str, experts: tuple[Path, ...], other_tasks: tuple[str, ...], out: Path, steps: int,
                      lr: float, batch_size: int, eval_every: int, validation_limit: int, per_task: int | None,
                      template: str | None, resume: bool, seed: int, task_seed: int | None, svd_cache: Path | None,
@@ -61,18 +50,12 @@ def train_classifier(model: str, experts: tuple[Path, ...], other_tasks: tuple[s
     from shoal.adapt import load_expert, train_svf
     from shoal.adapt.dispatch import DEFAULT_TEMPLATE, check_roles, check_template, routing_task
     from shoal.adapt.expert import ExpertError
-    from shoal.cli._inputs import check_device, check_expert_output, check_output_folder
-    from shoal.cli._options import check_revision, use_hub_token, use_threads
+    from shoal.cli._inputs import check_expert_output
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
     from shoal.eval import get_task, load_model
 
-    check_revision(model, revision)
-    use_threads(threads)
-    use_hub_token(token)
-    check_device(device)
-    if svd_cache is not None:
-        check_output_folder(svd_cache, "--svd-cache")
+    prepare_model_run(model, revision, token, threads, device, svd_cache)
     check_expert_output(out)
     template = check_template(template or DEFAULT_TEMPLATE)
     loaded_experts = [load_expert(path) for path in experts]

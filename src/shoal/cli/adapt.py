@@ -8,10 +8,8 @@ from typing import Any
 
 import click
 
-from shoal.cli._inputs import FILE
-from shoal.cli._options import hub_options, threads_option, verbosity
+from shoal.cli._inputs import FILE, model_run_options, prepare_model_run
 
-_DTYPES = ("float32", "bfloat16", "float16")
 _VARIADIC = ("--experts", "--prompt")
 
 
@@ -62,16 +60,7 @@ class _VariadicCommand(click.Command):
 @click.option("--transfer", is_flag=True, help="accept experts trained on another base of the same shapes")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="CEM seed")
-@click.option("--task-seed", type=int, default=None,
-              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=FILE, default=None,
-              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@hub_options
-@threads_option
-@verbosity
+@model_run_options
 def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Path | None, task_name: str | None,
             split: str, limit: int | None, prompts: tuple[str, ...], max_new_tokens: int, mode: str,
             template: str | None, shots: int, shots_split: str, per_matrix: bool, cem_iterations: int,
@@ -86,8 +75,6 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
 
     from shoal.adapt import adapt_evaluate, adapt_generate, load_expert
     from shoal.adapt.dispatch import DEFAULT_TEMPLATE, check_roles, check_template
-    from shoal.cli._inputs import check_device, check_output_folder
-    from shoal.cli._options import check_revision, use_hub_token, use_threads
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
     from shoal.eval import get_task, load_model
@@ -104,12 +91,7 @@ def command(model: str, experts: tuple[Path, ...], strategy: str, classifier: Pa
         raise click.UsageError("--strategy few-shot needs --task T for its labelled shots")
     if classifier is not None and strategy != "classifier":
         raise click.UsageError(f"--classifier goes with --strategy classifier, not {strategy}")
-    check_revision(model, revision)
-    use_threads(threads)
-    use_hub_token(token)
-    check_device(device)
-    if svd_cache is not None:
-        check_output_folder(svd_cache, "--svd-cache")
+    prepare_model_run(model, revision, token, threads, device, svd_cache)
     template = check_template(template or DEFAULT_TEMPLATE)
     loaded_experts = [load_expert(path) for path in experts]  # each file checked before the model loads
     loaded_classifier = load_expert(classifier) if classifier is not None else None

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 
-from shoal.cli._inputs import FILE
-from shoal.cli._options import hub_options, threads_option, verbosity
+from shoal.cli._inputs import FILE, model_run_options, prepare_model_run
+from shoal.cli._options import threads_option, verbosity
 from shoal.cli._svf_classifier import train_classifier
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @click.group("svf")
@@ -51,16 +50,7 @@ def command() -> None:
               help="REINFORCE on sampled (temperature 1) or greedy completions")
 @click.option("--reward-norm", is_flag=True, help="REINFORCE: standardise the rewards over each batch (a baseline)")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order and sampling")
-@click.option("--task-seed", type=int, default=None,
-              help="seed of zoo task splits (default: the seed of MODEL's zoo world, else 0)")
-@click.option("--svd-cache", type=FILE, default=None,
-              help="SVD cache folder (default: $SHOAL_CACHE/svd or ~/.cache/shoal/svd)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-@hub_options
-@threads_option
-@verbosity
+@model_run_options
 def train(model: str, task_name: str, objective: str, parametrization: str, kl: float, steps: int, lr: float,
           batch_size: int, micro_batch_size: int, clip: float, eval_every: int, validation_limit: int,
           patterns: tuple[str, ...], label: str | None, out: Path | None, resume: bool, sample: bool,
@@ -70,19 +60,13 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
     import torch
 
     from shoal.adapt import OTHER, train_svf
-    from shoal.cli._inputs import check_device, check_expert_output, check_output_folder
-    from shoal.cli._options import check_revision, use_hub_token, use_threads
+    from shoal.cli._inputs import check_expert_output
     from shoal.cli._progress import progress_bars
     from shoal.cli._tasks import task_seed_for
     from shoal.errors import ConfigError
     from shoal.eval import get_task, load_model
 
-    check_revision(model, revision)
-    use_threads(threads)
-    use_hub_token(token)
-    check_device(device)
-    if svd_cache is not None:
-        check_output_folder(svd_cache, "--svd-cache")
+    prepare_model_run(model, revision, token, threads, device, svd_cache)
     if label is not None and label.strip() in ("", OTHER):
         raise ConfigError(f"--label {label!r}: an expert's category must be a name other than {OTHER!r}")
     task = get_task(task_name, seed=task_seed_for(model, task_seed))
