@@ -54,8 +54,10 @@ def test_save_then_auto_load_gives_the_same_logits(word_sources, word_tokenizer,
 def run_fresh(parts: list[str], cwd, **env_updates) -> list[str]:
     """Run the script ``parts`` in a fresh interpreter; its last stdout line, split.
 
-    PYTHONPATH is cleared unless given (the shoal under test lives on it)."""
+    PYTHONPATH is cleared unless given (the shoal under test lives on it). ``{threads}`` in a
+    part becomes this process's torch thread count."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    parts = [part.replace("{threads}", str(torch.get_num_threads())) for part in parts]
     env.update({k: str(v) for k, v in env_updates.items()})
     script = "".join(textwrap.dedent(part) for part in parts)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -67,6 +69,7 @@ def run_fresh(parts: list[str], cwd, **env_updates) -> list[str]:
 LOGITS = """
     import torch
     from transformers import AutoModelForCausalLM
+    torch.set_num_threads({{threads}})  # the test process's count: the same reduction order, the same bits
     model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32{extra})
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([{ids}])).logits[0, -1]
