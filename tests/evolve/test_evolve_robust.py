@@ -219,3 +219,20 @@ def test_evolve_json_prints_one_object_for_scripts(tmp_path: Path, micro_world) 
     record = json.loads(result.stdout)
     assert record["trials"] == 2 and record["report"] == str(run_dir / "report.html")
     assert record["scores"] and {"model", "task", "score", "n", "stderr"} <= set(record["scores"][0])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"models: [a]\nmethod: ties\nmodels: [b]\n", "key 'models' appears twice"),
+    (b"method: t\xe9s\n", "not a UTF-8 text file"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested"),
+    (b"method: !!python/object/apply:os.system [ls]\n", "refused YAML tag"),
+])
+def test_a_malformed_config_file_is_one_line_and_writes_nothing(tmp_path: Path, content: bytes,
+                                                                  message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, cli_args(config, run_dir))
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not run_dir.exists()

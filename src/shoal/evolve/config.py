@@ -25,7 +25,6 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shoal.errors import ConfigError
@@ -173,11 +172,10 @@ def parse_evolve_config(data: object, *, where: str = "config") -> EvolveConfig:
 
 
 def load_evolve_config(path: str | Path) -> EvolveConfig:
+    """Read an evolve config as recipes are read: UTF-8, bounded nesting, no duplicate keys, no
+    tags that build objects; every problem is one :class:`ConfigError` naming the file."""
+    from shoal.merge.strict_yaml import load_yaml_file
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    data = load_yaml_file(path, error=ConfigError, what="config")
     return parse_evolve_config(data, where=str(path))
