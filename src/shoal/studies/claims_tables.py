@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from shoal.errors import ConfigError
+from shoal.eval.scoring import mean_stderr
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,7 @@ def paired_difference(better: Sequence[float], baseline: Sequence[float]) -> tup
     if n < 2:
         raise ConfigError("a paired difference needs at least two problems")
     diffs = [a - b for a, b in zip(better, baseline)]
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return mean, math.sqrt(var / n)
+    return sum(diffs) / n, mean_stderr(diffs)
 
 
 def claim_table(claim: Claim, seeds: Mapping[int, Mapping[str, Sequence[float]]]) -> list[Difference]:
@@ -113,7 +112,7 @@ def raw_markdown(seeds: Mapping[int, Mapping[str, Sequence[float]]],
                 cells.append("–")
                 continue
             p = sum(scores) / len(scores)
-            se = math.sqrt(max(p * (1 - p), 0.0) / len(scores))
+            se = mean_stderr(scores)  # the one standard error shoal reports (n - 1, as lm-eval)
             note = labels.get(s, {}).get(name, "")
             cells.append(f"{100 * p:.1f} ± {100 * se:.1f}" + (f" ({note})" if note else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
