@@ -138,28 +138,8 @@ class ShardedWriter:
             raise RuntimeError("ShardedWriter.close called twice")
         self._flush()
         self._closed = True
-        if not self._written:
-            single = self.directory / f"{self.prefix}.safetensors"
-            save_file({}, str(single), metadata=dict(SAFETENSORS_METADATA))
-            return {}
-        count = len(self._written)
-        weight_map: dict[str, str] = {}
-        for number, (temporary, names) in enumerate(self._written, start=1):
-            final = (
-                f"{self.prefix}.safetensors"
-                if count == 1
-                else f"{self.prefix}-{number:05d}-of-{count:05d}.safetensors"
-            )
-            os.replace(temporary, self.directory / final)
-            weight_map.update({name: final for name in names})
-        if count > 1:
-            index = {
-                "metadata": {"total_size": self._total_bytes, "total_parameters": self._total_parameters},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            index_path = self.directory / f"{self.prefix}.safetensors.index.json"
-            index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return weight_map
+        return finish_shards(self.directory, self.prefix, list(self._written),
+                             self._total_bytes, self._total_parameters)
 
     def abort(self) -> None:
         """Drop buffered tensors and delete shards written so far."""
@@ -180,6 +160,28 @@ class ShardedWriter:
             self.abort()
         elif not self._closed:
             self.close()
+
+
+def finish_shards(directory: Path, prefix: str, shards: list[tuple[Path, list[str]]], total_bytes: int,
+                  total_parameters: int) -> dict[str, str]:
+    """Give written shards (temporary path, tensor names) their final names and write the index
+    (only for several shards, as transformers does); no shard at all becomes an empty
+    ``PREFIX.safetensors``. Returns the weight map. Both writers end here."""
+    if not shards:
+        save_file({}, str(directory / f"{prefix}.safetensors"), metadata=dict(SAFETENSORS_METADATA))
+        return {}
+    count = len(shards)
+    weight_map: dict[str, str] = {}
+    for number, (temporary, names) in enumerate(shards, start=1):
+        final = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{number:05d}-of-{count:05d}.safetensors"
+        os.replace(temporary, directory / final)
+        weight_map.update({name: final for name in names})
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes, "total_parameters": total_parameters},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
+                                                                     encoding="utf-8")
+    return weight_map
 
 
 def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -281,22 +283,8 @@ class ShardWriter:
         self._closed = True
         for _, _, fd in self._files:
             os.close(fd)
-        if not self._files:
-            save_file({}, str(self.directory / f"{self.prefix}.safetensors"), metadata=dict(SAFETENSORS_METADATA))
-            return {}
-        count = len(self._files)
-        weight_map: dict[str, str] = {}
-        for number, (temporary, names, _) in enumerate(self._files, start=1):
-            final = (f"{self.prefix}.safetensors" if count == 1
-                     else f"{self.prefix}-{number:05d}-of-{count:05d}.safetensors")
-            os.replace(temporary, self.directory / final)
-            weight_map.update({name: final for name in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self._total_bytes, "total_parameters": self._total_parameters},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(
-                json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return weight_map
+        return finish_shards(self.directory, self.prefix, [(t, names) for t, names, _ in self._files],
+                             self._total_bytes, self._total_parameters)
 
     def abort(self) -> None:
         """Close and delete the shard files."""
