@@ -1,0 +1,144 @@
+"""The drawing world's networks and how long each trains, per world size.
+
+A pipeline in diffusers' Stable Diffusion layout: a CLIP text encoder over the world's word
+tokenizer, a small ``AutoencoderKL`` (32 x 32 RGB images <-> 8 x 8 x 4 latents), a small
+``UNet2DConditionModel`` with cross-attention in both of its down and up blocks, and a DDIM
+scheduler with trailing timesteps (so that a 4-step schedule, 999/749/499/249, is a subset
+of the 20-step one, and distillation can read the teacher's trajectory at the student's
+timesteps). diffusers and transformers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal.errors import ConfigError
+
+IMAGE_SIZE = 32
+LATENT_CHANNELS = 4
+PROMPT_TOKENS = 8  # <s> + the six words of a prompt + one pad
+MANY_STEPS = 20
+FEW_STEPS = 4
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How one model is trained: optimizer steps, batch size, peak learning rate."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 20
+
+
+@dataclass(frozen=True)
+class DrawingSize:
+    """Everything that differs between drawing-world sizes."""
+
+    name: str
+    vae_channels: tuple[int, ...]
+    unet_channels: tuple[int, int]
+    text_hidden: int
+    text_layers: int
+    vae: Stage
+    base: Stage
+    lang: Stage
+    fast: Stage
+    judge: Stage
+    latent_pool: int  # how many (image, prompt) pairs are encoded once for training
+    distill_pool: int  # how many teacher trajectories the fast specialist learns from
+
+
+DRAWING_SIZES: dict[str, DrawingSize] = {
+    "micro": DrawingSize(
+        "micro", vae_channels=(8, 16, 16), unet_channels=(16, 32), text_hidden=32, text_layers=1,
+        vae=Stage(40, 32, 2e-3, 5), base=Stage(40, 32, 2e-3, 5), lang=Stage(15, 32, 1e-3, 5),
+        fast=Stage(15, 32, 5e-4, 5), judge=Stage(40, 64, 3e-3, 5),
+        latent_pool=256, distill_pool=64),
+    "small": DrawingSize(
+        "small", vae_channels=(16, 32, 32), unet_channels=(32, 64), text_hidden=64, text_layers=2,
+        vae=Stage(600, 32, 2e-3), base=Stage(1500, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),
+        fast=Stage(400, 32, 2e-4), judge=Stage(600, 64, 3e-3),
+        latent_pool=4096, distill_pool=1024),
+}
+
+
+def get_drawing_size(name: str) -> DrawingSize:
+    """The drawing-world size ``name``. Unknown name: ConfigError listing the known ones."""
+    size = DRAWING_SIZES.get(name)
+    if size is None:
+        raise ConfigError(f"unknown drawing-world size {name!r}; known: {', '.join(DRAWING_SIZES)}")
+    return size
+
+
+def drawing_tokenizer() -> Any:
+    """The world's word tokenizer set up for a text encoder: right padding to PROMPT_TOKENS."""
+    from shoal.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = PROMPT_TOKENS
+    return tokenizer
+
+
+def new_text_encoder(size: DrawingSize, tokenizer: Any) -> Any:
+    """A fresh ``CLIPTextModel`` over the tokenizer's vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=size.text_hidden,
+        intermediate_size=4 * size.text_hidden, num_hidden_layers=size.text_layers,
+        num_attention_heads=4, max_position_embeddings=PROMPT_TOKENS,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, projection_dim=size.text_hidden)
+    return CLIPTextModel(config).to(torch.float32)
+
+
+def new_vae(size: DrawingSize) -> Any:
+    """A fresh ``AutoencoderKL``: 32 x 32 x 3 <-> 8 x 8 x LATENT_CHANNELS."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(size.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=size.vae_channels,
+        layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
+        sample_size=IMAGE_SIZE).to(torch.float32)
+
+
+def new_unet(size: DrawingSize) -> Any:
+    """A fresh ``UNet2DConditionModel`` over 8 x 8 latents, cross-attending to the prompt."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        layers_per_block=1, block_out_channels=size.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=size.text_hidden, attention_head_dim=8,
+        norm_num_groups=8).to(torch.float32)
+
+
+def new_scheduler() -> Any:
+    """DDIM over Stable Diffusion's betas, trailing timesteps, final alpha 1 (eta 0)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing",
+                         prediction_type="epsilon")
+
+
+def assemble_pipeline(*, unet: Any, text_encoder: Any, vae: Any, tokenizer: Any,
+                      scheduler: Any) -> Any:
+    """The components as a ``StableDiffusionPipeline`` (no safety checker), progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
