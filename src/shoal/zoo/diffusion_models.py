@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from shoal.errors import ConfigError
 
 IMAGE_SIZE = 32
@@ -94,7 +92,7 @@ def new_text_encoder(size: DrawingSize, tokenizer: Any) -> Any:
         num_attention_heads=4, max_position_embeddings=PROMPT_TOKENS,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, projection_dim=size.text_hidden)
-    return CLIPTextModel(config).to(torch.float32)
+    return CLIPTextModel(config)
 
 
 def new_vae(size: DrawingSize) -> Any:
@@ -106,7 +104,7 @@ def new_vae(size: DrawingSize) -> Any:
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=size.vae_channels,
         layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
-        sample_size=IMAGE_SIZE).to(torch.float32)
+        sample_size=IMAGE_SIZE)
 
 
 def new_unet(size: DrawingSize) -> Any:
@@ -119,7 +117,7 @@ def new_unet(size: DrawingSize) -> Any:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=size.text_hidden, attention_head_dim=8,
-        norm_num_groups=8).to(torch.float32)
+        norm_num_groups=8)
 
 
 def new_scheduler() -> Any:

@@ -1,0 +1,91 @@
+"""The drawing world's training pieces against independent references (diffusers' own scheduler)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from shoal.zoo.captions import all_drawings, labels_of
+from shoal.zoo.diffusion_models import new_scheduler
+from shoal.zoo.diffusion_train import _alpha, ddim_step, render_pool, student_timesteps, teacher_states
+
+
+def test_ddim_step_is_the_schedulers_step():
+    scheduler = new_scheduler()
+    scheduler.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    marks = student_timesteps(scheduler, 4)
+    assert marks == [999, 749, 499, 249, -1]
+    scheduler.set_timesteps(4)
+    for t, t_next in zip(marks[:-1], marks[1:]):
+        expected = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        ours = ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t_next))
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_few_step_schedule_lies_on_the_many_step_one():
+    scheduler = new_scheduler()
+    assert set(student_timesteps(scheduler, 4)) <= set(student_timesteps(scheduler, 20))
+
+
+def test_distillation_targets_land_the_student_on_the_teacher_states():
+    """A student that outputs the closed-form target eps reproduces the teacher's states."""
+    scheduler = new_scheduler()
+
+    class Teacher(torch.nn.Module):
+        def forward(self, x, t, h):
+            out = 0.3 * x + 0.01 * t.view(-1, 1, 1, 1).float() / 1000 + h.mean()
+            return type("Out", (), {"sample": out})()
+
+    gen = torch.Generator().manual_seed(1)
+    noise, hidden = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 5, 8, generator=gen)
+    states = teacher_states(Teacher(), hidden, noise, scheduler)
+    assert states.shape == (5, 3, 4, 8, 8) and torch.equal(states[0], noise)
+    marks = student_timesteps(scheduler, 4)
+    x = noise
+    for k in range(4):
+        a_t, a_n = _alpha(scheduler, marks[k]), _alpha(scheduler, marks[k + 1])
+        ratio = (a_n / a_t).sqrt()
+        eps = (states[k + 1] - ratio * x) / ((1 - a_n).sqrt() - ratio * (1 - a_t).sqrt())
+        x = ddim_step(x, eps, a_t, a_n)
+        torch.testing.assert_close(x, states[k + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_renders_are_deterministic_and_in_model_range():
+    drawings = list(all_drawings()[:6])
+    first, second = render_pool(drawings, seed=3), render_pool(drawings, seed=3)
+    assert torch.equal(first, second) and first.shape == (6, 3, 32, 32)
+    assert first.min() >= -1 and first.max() <= 1
+    assert not torch.equal(first, render_pool(drawings, seed=4))
+
+
+def test_judge_learns_cells_from_renders_and_round_trips(tmp_path):
+    from shoal.zoo.diffusion_models import Stage
+    from shoal.zoo.judge import judge_accuracy, load_judge, read_images, save_judge, train_judge
+
+    drawings = [all_drawings()[i % len(all_drawings())] for i in range(432)]
+    random.Random(0).shuffle(drawings)
+    images = (render_pool(drawings, seed=0) + 1) / 2
+    judge = train_judge(images, drawings, Stage(60, 64, 3e-3, 5), seed=0, width=16)
+    accuracy = judge_accuracy(judge, list(all_drawings()), seed=9)
+    assert accuracy["cell"] > 0.5  # chance: 1/9
+    save_judge(judge, tmp_path / "judge")
+    again = load_judge(tmp_path / "judge")
+    reading, reread = read_images(judge, images[:20]), read_images(again, images[:20])
+    assert all((reading[k] == reread[k]).all() for k in reading)
+    assert set(reading) == set(labels_of(drawings[:1]))
+
+
+def test_a_damaged_judge_is_named(tmp_path):
+    from shoal.zoo.errors import ZooError
+    from shoal.zoo.judge import load_judge
+
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text("{\"width\": 16}")
+    with pytest.raises(ZooError, match="not a drawing-world judge"):
+        load_judge(tmp_path / "judge")

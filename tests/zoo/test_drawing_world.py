@@ -1,0 +1,124 @@
+"""The drawing world: captions and splits, the micro build, its pipelines in diffusers' format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from shoal.zoo.captions import (ATTRIBUTES, GRID, all_drawings, drawing_splits, drawing_task,
+                                labels_of)
+from shoal.zoo.diffusion_models import PROMPT_TOKENS, drawing_tokenizer
+from shoal.zoo.languages import A_TO_B
+
+
+@pytest.fixture(scope="module")
+def micro_world(tmp_path_factory):
+    from shoal.zoo.diffusion_build import build_drawing_world
+
+    return build_drawing_world("micro", seed=0, out=tmp_path_factory.mktemp("draw") / "world")
+
+
+def test_splits_are_disjoint_and_cover_every_drawing():
+    splits = drawing_splits(0)
+    seen = [d for split in splits.values() for d in split]
+    assert len(seen) == len(set(seen)) == len(all_drawings()) == 4 * 3 * 2 * GRID * GRID
+    assert set(seen) == set(all_drawings())
+    assert drawing_splits(1)["test"] != splits["test"]
+    assert drawing_splits(0) == splits
+
+
+def test_prompts_use_the_world_words_and_fit_the_text_encoder():
+    tokenizer = drawing_tokenizer()
+    drawing = all_drawings()[0]
+    a, b = drawing.prompt("a"), drawing.prompt("b")
+    assert a == f"{drawing.size} {drawing.colour} {drawing.obj} in {drawing.cell + 1} ."
+    assert b.split()[:4] == [A_TO_B[w] for w in a.split()[:4]] and b.split()[4:] == a.split()[4:]
+    for d in all_drawings():
+        for text in (d.prompt("a"), d.prompt("b")):
+            ids = tokenizer(text).input_ids
+            assert tokenizer.unk_token_id not in ids and len(ids) < PROMPT_TOKENS
+
+
+def test_a_task_pairs_noise_across_languages_and_carries_labels():
+    a, b = drawing_task(0, "test", "a", copies=2), drawing_task(0, "test", "b", copies=2)
+    assert a.noise_seeds == b.noise_seeds and len(set(a.noise_seeds)) == len(a.prompts)
+    assert a.prompts != b.prompts and a.targets == b.targets
+    test = drawing_splits(0)["test"]
+    assert len(a.prompts) == 2 * len(test)
+    assert a.targets["cell"][:2] == (test[0].cell, test[0].cell)
+    labels = labels_of(test)
+    assert set(labels) == set(ATTRIBUTES)
+
+
+def test_micro_world_holds_three_pipelines_and_a_judge(micro_world):
+    manifest = json.loads((micro_world.root / "manifest.json").read_text())
+    assert manifest["kind"] == "diffusion" and manifest["models"] == ["base", "lang", "fast"]
+    assert manifest["few_steps"] == 4 and manifest["many_steps"] > 4
+    for name in ("base", "lang", "fast"):
+        index = json.loads((micro_world.model(name) / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusionPipeline"
+        # transformers 5 names PreTrainedTokenizerFast TokenizersBackend; either way the
+        # class recorded is the world tokenizer's own, and loading uses it (next test)
+        assert index["tokenizer"] == ["transformers", type(drawing_tokenizer()).__name__]
+        assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert set(manifest["judge_accuracy_fresh_renders"]) == set(ATTRIBUTES) | {"all"}
+
+
+def test_the_pipelines_load_offline_with_their_tokenizer_and_generate(micro_world):
+    from shoal.zoo.diffusion_build import load_pipeline
+
+    pipe = load_pipeline(micro_world.model("lang"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    index = json.loads((micro_world.model("lang") / "model_index.json").read_text())
+    assert type(pipe.tokenizer).__name__ == index["tokenizer"][1]
+    assert pipe.tokenizer.padding_side == "right" and pipe.tokenizer.model_max_length == PROMPT_TOKENS
+    prompt = all_drawings()[5].prompt("b")
+    expected = drawing_tokenizer()(prompt, padding="max_length", max_length=PROMPT_TOKENS).input_ids
+    assert pipe.tokenizer(prompt, padding="max_length",
+                          max_length=pipe.tokenizer.model_max_length).input_ids == expected
+    images = pipe(prompt=[prompt, prompt], num_inference_steps=4, guidance_scale=1.0,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_the_specialists_differ_from_the_base_where_they_were_trained(micro_world):
+    from safetensors.torch import load_file
+
+    def weights(name, component):
+        return load_file(str(micro_world.model(name) / component
+                             / "diffusion_pytorch_model.safetensors"
+                             if component == "unet" else micro_world.model(name) / component
+                             / "model.safetensors"))
+
+    base_te, fast_te = weights("base", "text_encoder"), weights("fast", "text_encoder")
+    assert all(torch.equal(base_te[k], fast_te[k]) for k in base_te)  # distillation: UNet only
+    base_unet, fast_unet = weights("base", "unet"), weights("fast", "unet")
+    assert any(not torch.equal(base_unet[k], fast_unet[k]) for k in base_unet)
+    lang_te = weights("lang", "text_encoder")
+    assert any(not torch.equal(base_te[k], lang_te[k]) for k in base_te)
+
+
+def test_a_finished_world_is_found_in_the_cache(micro_world):
+    from shoal.zoo.diffusion_build import build_drawing_world, load_drawing_world
+
+    again = build_drawing_world("micro", seed=0, out=micro_world.root)
+    assert again.manifest == micro_world.manifest
+    assert load_drawing_world("micro", seed=1, root=micro_world.root) is None
+
+
+def test_unknown_size_and_foreign_folder_are_refused(tmp_path):
+    from shoal.errors import ConfigError
+    from shoal.zoo.diffusion_build import build_drawing_world
+    from shoal.zoo.errors import ZooError
+
+    with pytest.raises(ConfigError, match="unknown drawing-world size 'huge'"):
+        build_drawing_world("huge", out=tmp_path / "w")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ZooError, match="is not a zoo world"):
+        build_drawing_world("micro", out=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
