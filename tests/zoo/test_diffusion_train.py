@@ -89,3 +89,25 @@ def test_a_damaged_judge_is_named(tmp_path):
     (tmp_path / "judge" / "config.json").write_text("{\"width\": 16}")
     with pytest.raises(ZooError, match="not a drawing-world judge"):
         load_judge(tmp_path / "judge")
+
+
+def test_denoiser_training_is_deterministic_for_a_seed():
+    from shoal.zoo.diffusion_models import (DRAWING_SIZES, Stage, drawing_tokenizer,
+                                            new_text_encoder, new_unet)
+    from shoal.zoo.diffusion_train import prompt_ids, train_denoiser
+
+    size, tokenizer = DRAWING_SIZES["micro"], drawing_tokenizer()
+    drawings = list(all_drawings()[:8])
+    ids = prompt_ids(tokenizer, [d.prompt("a") for d in drawings])
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(seed):
+        torch.manual_seed(0)
+        unet, text = new_unet(size), new_text_encoder(size, tokenizer)
+        losses = train_denoiser(unet, text, ids, latents, new_scheduler(), Stage(3, 4, 1e-3, 1),
+                                seed=seed, name="t")
+        return losses, unet.state_dict()
+
+    (first, a), (second, b), (other, _) = run(1), run(1), run(2)
+    assert first == second and first != other
+    assert all(torch.equal(a[k], b[k]) for k in a)

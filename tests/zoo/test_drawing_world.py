@@ -17,9 +17,20 @@ from shoal.zoo.languages import A_TO_B
 
 @pytest.fixture(scope="module")
 def micro_world(tmp_path_factory):
-    from shoal.zoo.diffusion_build import build_drawing_world
+    """The micro drawing world, built through the CLI (``shoal zoo build --kind diffusion``)."""
+    from click.testing import CliRunner
 
-    return build_drawing_world("micro", seed=0, out=tmp_path_factory.mktemp("draw") / "world")
+    from shoal.cli.main import cli
+    from shoal.zoo.diffusion_build import load_drawing_world
+
+    out = tmp_path_factory.mktemp("draw") / "world"
+    result = CliRunner().invoke(cli, ["zoo", "build", "--kind", "diffusion", "--size", "micro",
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    world = load_drawing_world("micro", 0, root=out)
+    assert world is not None
+    return world
 
 
 def test_splits_are_disjoint_and_cover_every_drawing():
@@ -103,11 +114,44 @@ def test_the_specialists_differ_from_the_base_where_they_were_trained(micro_worl
 
 
 def test_a_finished_world_is_found_in_the_cache(micro_world):
+    from click.testing import CliRunner
+
+    from shoal.cli.main import cli
     from shoal.zoo.diffusion_build import build_drawing_world, load_drawing_world
 
     again = build_drawing_world("micro", seed=0, out=micro_world.root)
     assert again.manifest == micro_world.manifest
     assert load_drawing_world("micro", seed=1, root=micro_world.root) is None
+    cached = CliRunner().invoke(cli, ["zoo", "build", "--kind", "diffusion", "--size", "micro",
+                                      "--out", str(micro_world.root)])
+    assert cached.exit_code == 0 and "cached" in cached.stderr
+
+
+def test_zoo_references_name_drawing_models(micro_world, monkeypatch):
+    import shutil
+
+    from shoal.zoo.diffusion_build import default_drawing_root
+    from shoal.zoo.references import resolve_zoo_reference
+
+    monkeypatch.setenv("SHOAL_CACHE", str(micro_world.root.parent / "cache"))
+    root = default_drawing_root("micro", 0)
+    root.parent.mkdir(parents=True)
+    shutil.copytree(micro_world.root, root)
+    assert resolve_zoo_reference("drawing-micro/fast") == root / "fast"
+
+
+def test_cli_refuses_a_foreign_folder_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from shoal.cli.main import cli
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(cli, ["zoo", "build", "--kind", "diffusion", "--size", "micro",
+                                      "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 2
+    assert "is not a zoo world" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
 def test_unknown_size_and_foreign_folder_are_refused(tmp_path):

@@ -11,7 +11,7 @@ import click
 from shoal.cli._options import threads_option, verbosity
 
 
-@click.command("demo")
+@click.group("demo", invoke_without_command=True)
 @click.option("--size", type=click.Choice(["micro", "small"]), default="small", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True)
@@ -23,13 +23,18 @@ from shoal.cli._options import threads_option, verbosity
               help="print the result as one JSON object (scores, grid point, paths) instead of the table")
 @threads_option
 @verbosity
-def command(size: str, out: Path, trials: int, limit: int | None, seed: int, as_json: bool, threads: int,
-            quiet: bool) -> None:
+@click.pass_context
+def command(ctx: click.Context, size: str, out: Path, trials: int, limit: int | None, seed: int, as_json: bool,
+            threads: int, quiet: bool) -> None:
     """Evolve a merge of the language-B and math specialists for math problems written in B.
 
     Stages: world build (or the cached world), uniform grid search, best source, control search,
     main search, test-score report. About 2 minutes with the small world cached on a quiet
-    machine; building the small world first takes 8-18 minutes on 2 cores."""
+    machine; building the small world first takes 8-18 minutes on 2 cores.
+
+    Other demos are subcommands: ``shoal demo diffusion``."""
+    if ctx.invoked_subcommand is not None:
+        return
     from shoal.cli._options import use_threads
     from shoal.cli._progress import print_text, progress_bars, quiet_optuna
 
@@ -52,3 +57,12 @@ def command(size: str, out: Path, trials: int, limit: int | None, seed: int, as_
     print_text(markdown_table(result.scores))
     click.echo(f"report: {paths['report']}; evolved recipe: {paths['evolved_recipe']}; "
                f"merged model: {paths['model']}")
+
+
+def _add_subcommands() -> None:
+    from shoal.cli.demo_diffusion import command as diffusion
+
+    command.add_command(diffusion)
+
+
+_add_subcommands()

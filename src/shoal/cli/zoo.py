@@ -18,6 +18,8 @@ def command() -> None:
 
 
 @command.command("build")
+@click.option("--kind", type=click.Choice(["llm", "diffusion"]), default="llm", show_default=True,
+              help="llm: the language world; diffusion: the drawing world (text-to-image pipelines)")
 @click.option("--size", type=click.Choice(_SIZES), default="small", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="world folder (default: the user's cache folder)")
@@ -26,12 +28,23 @@ def command() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads (weights are reproducible for the same count)")
 @verbosity
-def build(size: str, out: Path | None, seed: int, force: bool, threads: int,
+def build(kind: str, size: str, out: Path | None, seed: int, force: bool, threads: int,
           quiet: bool) -> None:
     """Build the world (or find it in the cache) and print its folder."""
     from shoal.cli._progress import progress_bars
     from shoal.zoo import build_zoo, load_zoo
 
+    if kind == "diffusion":
+        from shoal.zoo.diffusion_build import build_drawing_world, load_drawing_world
+
+        cached = None if force else load_drawing_world(size, seed, root=out)
+        with progress_bars(enabled=not quiet and cached is None) as progress:
+            world = build_drawing_world(size, out=out, seed=seed, force=force, progress=progress,
+                                        threads=threads)
+        if cached is not None:
+            click.echo(f"cached: {world.root}", err=True)
+        click.echo(str(world.root))
+        return
     cached = None if force else load_zoo(size, seed, root=out) if out else load_zoo(size, seed)
     with progress_bars(enabled=not quiet and cached is None) as progress:
         world = build_zoo(size, out=out, seed=seed, force=force, progress=progress,

@@ -65,20 +65,22 @@ class DiffusionDemoResult:
 
 def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], path: Path,
               scale: int = 3) -> None:
-    """One row of images per model, one column per prompt, labels on the left."""
+    """One row of images per model, one column per prompt (headed by its A reading: the
+    models were given the B prompt), labels on the left."""
     from PIL import Image, ImageDraw
 
     side = rows[0][1].shape[-1] * scale
-    label_width, pad = 190, 4
+    label_width, pad, header = 190, 4, 28
     width = label_width + len(prompts) * (side + pad)
-    height = 16 + len(rows) * (side + pad)
+    height = header + len(rows) * (side + pad)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
-    for j, prompt in enumerate(prompts):
-        pen.text((label_width + j * (side + pad), 2), prompt.split(" in ")[-1].rstrip(" ."),
-                 fill=(0, 0, 0))
+    for j, prompt in enumerate(prompts):  # "big red apples in 5 ." -> "big red" / "apples 5"
+        words = prompt.split()
+        pen.text((label_width + j * (side + pad), 2), " ".join(words[:2]), fill=(0, 0, 0))
+        pen.text((label_width + j * (side + pad), 14), f"{words[2]} {words[4]}", fill=(0, 0, 0))
     for i, (label, images) in enumerate(rows):
-        top = 16 + i * (side + pad)
+        top = header + i * (side + pad)
         pen.text((4, top + side // 2 - 6), label[:30], fill=(0, 0, 0))
         for j in range(len(prompts)):
             array = (images[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
@@ -141,8 +143,8 @@ def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
     result = DiffusionDemoResult(rows=tuple(rows), out=out, evolved_fitness=max(evolved.fitness),
                                  evolved_validation=evolved.picked_validation,
                                  uniform_weight=uniform_weight, evaluations=evaluations)
-    _write_outputs(result, world, space, evolved_weights, evolved, uniform, drawn,
-                   test_task.prompts[::test_copies][:GRID_PROMPTS])
+    shown = world.task("test", "a", copies=test_copies).prompts[::test_copies][:GRID_PROMPTS]
+    _write_outputs(result, world, space, evolved_weights, evolved, uniform, drawn, shown)
     return result
 
 

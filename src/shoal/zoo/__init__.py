@@ -21,6 +21,8 @@ _EXPORTS = {
     "ZooError": "shoal.zoo.errors",
     "resolve_zoo_ref": "shoal.zoo.references", "resolve_zoo_reference": "shoal.zoo.references",
     "zoo_reference": "shoal.zoo.references",
+    "DrawingWorld": "shoal.zoo.diffusion_build", "build_drawing_world": "shoal.zoo.diffusion_build",
+    "load_drawing_world": "shoal.zoo.diffusion_build",
     "ZOO_TASKS": "shoal.zoo.tasks", "ZooTask": "shoal.zoo.tasks", "get_zoo_task": "shoal.zoo.tasks",
 }
 

@@ -122,8 +122,9 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
     drawings = all_drawings()
     b_train = drawing_splits(seed)["train"]
     pool = [drawings[i % len(drawings)] for i in range(spec.latent_pool)]
-    report("render scenes", 0, None)
+    report("render scenes", 0, 1)
     images = render_pool(pool, seed=seed + 1)  # (n, 3, 32, 32) in [-1, 1]
+    report("render scenes", 1, 1)
     torch.manual_seed(seed)
     vae = new_vae(spec)
     losses = {"vae": _mean_tail(train_vae(vae, images, spec.vae, seed=seed, progress=report))}
@@ -156,8 +157,9 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
         hidden = text_encoder(prompt_ids(tokenizer, [d.prompt("a") for d in distill])).last_hidden_state
     noise = torch.randn((spec.distill_pool, *latents.shape[1:]),
                         generator=torch.Generator().manual_seed(seed + 3))
-    report("teacher trajectories", 0, None)
+    report("teacher trajectories", 0, 1)
     states = teacher_states(unet, hidden, noise, scheduler)
+    report("teacher trajectories", 1, 1)
     fast_unet = copy.deepcopy(unet)
     losses["fast"] = _mean_tail(distill_few_steps(fast_unet, hidden, states, scheduler, spec.fast,
                                                   seed=seed + 3, progress=report))

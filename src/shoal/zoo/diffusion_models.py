@@ -53,9 +53,9 @@ class DrawingSize:
 DRAWING_SIZES: dict[str, DrawingSize] = {
     "micro": DrawingSize(
         "micro", vae_channels=(8, 16, 16), unet_channels=(16, 32), text_hidden=32, text_layers=1,
-        vae=Stage(40, 32, 2e-3, 5), base=Stage(40, 32, 2e-3, 5), lang=Stage(15, 32, 1e-3, 5),
-        fast=Stage(15, 32, 5e-4, 5), judge=Stage(40, 64, 3e-3, 5),
-        latent_pool=256, distill_pool=64),
+        vae=Stage(25, 16, 2e-3, 5), base=Stage(25, 16, 2e-3, 5), lang=Stage(10, 16, 1e-3, 5),
+        fast=Stage(10, 16, 5e-4, 5), judge=Stage(30, 32, 3e-3, 5),
+        latent_pool=256, distill_pool=32),
     "small": DrawingSize(
         "small", vae_channels=(16, 32, 32), unet_channels=(32, 64), text_hidden=64, text_layers=2,
         vae=Stage(600, 32, 2e-3), base=Stage(1500, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),

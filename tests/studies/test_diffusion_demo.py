@@ -1,0 +1,48 @@
+"""``shoal demo diffusion`` end to end on the micro drawing world (built into a temporary cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+pytest.importorskip("diffusers")
+
+
+def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from shoal.cli.main import cli
+    from shoal.zoo.diffusion_build import load_drawing_world
+
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
+                                      "--evaluations", "4", "--test-copies", "1", "--json",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    labels = [r["label"] for r in payload["rows"]]
+    assert labels[:5] == ["base", "base", "lang (B specialist)", "fast (4-step specialist)",
+                          "uniform merge (weight 1)"]
+    assert labels[5].startswith("uniform search") and labels[6] == "evolved (per block)"
+    assert [r["steps"] for r in payload["rows"]][:2] == [20, 4]
+    world = load_drawing_world("micro", 0)
+    assert world is not None  # the demo built the world into the cache it was given
+    test_n = len(world.task("test", "b").prompts)
+    assert all(r["n"] == test_n and 0 <= r["accuracy"] <= 1 and r["stderr"] >= 0
+               for r in payload["rows"])
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] > 8 * 32 * 3 and grid.size[0] > 8 * 32 * 3  # 8 rows, 8 prompts, 3x
+    recipe = yaml.safe_load((out / "evolved_recipe.yaml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic"
+    assert recipe["base_model"] == str(world.model("base"))
+    trace = json.loads((out / "trace.json").read_text())
+    assert len(trace["evolved"]["fitness"]) == 4 and len(trace["uniform"]["fitness"]) == 4
+    report = (out / "report.md").read_text()
+    assert "| evolved (per block) | 4 |" in report and "grid.png" in report
+    table = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
+                                     "--evaluations", "2", "--test-copies", "1", "--quiet"])
+    assert table.exit_code == 0 and "| base | 20 |" in table.stdout
