@@ -26,6 +26,8 @@ def leaf_commands(group: click.Group = cli, prefix: str = "") -> dict[str, click
     for name, command in group.commands.items():
         path = f"{prefix}{name}"
         if isinstance(command, click.Group):
+            if command.invoke_without_command:  # a group that runs by itself (shoal demo)
+                found[path] = command
             found.update(leaf_commands(command, path + " "))
         else:
             found[path] = command
