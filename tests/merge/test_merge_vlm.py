@@ -128,3 +128,81 @@ def test_a_base_whose_map_leaves_no_unmapped_model_is_refused(tmp_path: Path, tr
     assert result.exit_code == 2
     assert "base_model" in result.output and "prefix map" in result.output
     assert not out.exists()
+
+
+def modules_recipe(trio: dict[str, Path], **modules: object) -> dict:
+    recipe = vlm_recipe(trio, "dare_ties", seed=5)
+    text_models = recipe.pop("models")
+    recipe["modules"] = {"text_decoder": {"models": text_models},
+                         "vision_tower": {"models": [{"model": str(trio["vlm"])}]},
+                         "multi_modal_projector": {"models": [{"model": str(trio["vlm"])}]}, **modules}
+    return recipe
+
+
+def test_modules_recipe_gives_the_models_recipe_bitwise(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    plain, result = merge(tmp_path, vlm_recipe(trio, "dare_ties", seed=5), "plain")
+    assert result.exit_code == 0, result.output
+    by_module, result = merge(tmp_path, modules_recipe(trio), "modules")
+    assert result.exit_code == 0, result.output
+    a, b = weights(plain), weights(by_module)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the saved recipe reruns as it is
+    again, result = merge(tmp_path, yaml.safe_load((by_module / "shoal_recipe.yaml").read_text()), "again")
+    assert result.exit_code == 0, result.output
+    c = weights(again)
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_module_parameters_come_before_the_recipes(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    recipe = modules_recipe(trio)
+    recipe["merge_method"] = "task_arithmetic"
+    for entry in recipe["modules"]["text_decoder"]["models"]:
+        entry["parameters"] = {}
+    recipe["parameters"] = {"weight": 0.25}
+    recipe["modules"]["text_decoder"]["parameters"] = {"weight": [{"filter": "mlp", "value": 0.5}]}
+    out, result = merge(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    got, vlm, base, spec = weights(out), weights(trio["vlm"]), weights(trio["base"]), weights(trio["spec"])
+    for name, weight in (("model.layers.0.mlp.up_proj.weight", 0.5), ("model.layers.0.self_attn.q_proj.weight", 0.25)):
+        out_name = "language_model." + name
+        expected = base[name] + weight * (vlm[out_name] - base[name]) + weight * (spec[name] - base[name])
+        torch.testing.assert_close(got[out_name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_module_left_out_is_not_written_and_a_warning_says_so(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    recipe = modules_recipe(trio)
+    del recipe["modules"]["vision_tower"]
+    path = tmp_path / "partial.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["merge", str(path), str(tmp_path / "partial")])
+    assert result.exit_code == 0, result.output
+    assert "modules: vision_tower not listed" in result.output
+    got = weights(tmp_path / "partial")
+    assert not any(n.startswith("vision_tower.") for n in got)
+    assert any(n.startswith("multi_modal_projector.") for n in got)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"vision_encoder": {"models": [{"model": "VLM"}]}}, "has no module 'vision_encoder' (it has: text_decoder, "
+                                                         "vision_tower, multi_modal_projector)"),
+    ({"vision_tower": {"slices": [{"sources": [{"model": "VLM", "layer_range": [0, 1]}]}]}},
+     "modules.vision_tower.slices"),
+    ({"vision_tower": {}}, "exactly one of 'models' or 'slices'"),
+])
+def test_bad_modules_are_one_line_errors(tmp_path: Path, trio, change: dict, message: str) -> None:  # type: ignore[no-untyped-def]
+    recipe = modules_recipe(trio)
+    recipe["modules"].update(json.loads(json.dumps(change).replace("VLM", str(trio["vlm"]))))
+    out, result = merge(tmp_path, recipe)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+def test_a_mapped_base_cannot_stand_in_for_tensors_two_models_merge(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    other = build_llava(tmp_path / "vlm2", trio["spec"], seed=4)
+    recipe = vlm_recipe(trio)
+    recipe["models"][1] = {"model": str(other), "parameters": {"weight": 0.5}}
+    out, result = merge(tmp_path, recipe)
+    assert result.exit_code == 2, result.output
+    assert "prefix map does not reach it" in result.output and "multi_modal_projector." in result.output
+    assert not out.exists()

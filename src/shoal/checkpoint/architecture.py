@@ -90,14 +90,14 @@ FAMILIES["gpt2"] = Family(
     class_prefix="GPT2",
 )
 
-# LLaVA: a Llama-like language model (the zoo's and LLaVA-1.5's) behind a vision tower and projector.
-FAMILIES["llava"] = Family(
-    name="llava", **_LLAMA_LIKE,
-    modeling_module="transformers.models.llava.modeling_llava", class_prefix="Llava",
-    modules=(("text_decoder", ("language_model.", "model.language_model.", "lm_head.")),
-             ("vision_tower", ("vision_tower.", "model.vision_tower.")),
-             ("multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector."))),
-)
+# Vision-language models: a Llama-like language model (the zoo's, LLaVA-1.5's, Mistral 3's) behind a
+# vision tower and projector; the module names are mergekit's (its mistral3.json).
+_VLM_MODULES = (("text_decoder", ("language_model.", "model.language_model.", "lm_head.")),
+                ("vision_tower", ("vision_tower.", "model.vision_tower.")),
+                ("multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector.")))
+for _name, _prefix in (("llava", "Llava"), ("mistral3", "Mistral3")):
+    FAMILIES[_name] = Family(name=_name, **_LLAMA_LIKE, modeling_module=f"transformers.models.{_name}.modeling_{_name}",
+                             class_prefix=_prefix, modules=_VLM_MODULES)
 
 # Top-level modules of vision-language models that are not the language model (after an
 # optional ``model.``): LLaVA and its kin, Qwen-VL (``visual``), Idefics/SigLIP-style (``vision_model``).
@@ -108,6 +108,7 @@ _VISION = re.compile(r"^((?:model\.)?(?:" + "|".join(VISION_MODULES) + r")\.)")
 # transformers class names -> family; model_type strings map to themselves.
 _ARCHITECTURE_CLASSES = {
     "LlavaForConditionalGeneration": "llava",
+    "Mistral3ForConditionalGeneration": "mistral3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",

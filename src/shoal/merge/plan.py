@@ -105,6 +105,10 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed: int = 0) -> MergePlan:
     """Plan ``recipe`` over opened checkpoints (``readers`` keyed by the names the recipe uses)."""
+    if recipe.modules is not None:
+        from shoal.merge.plan_modules import plan_modules
+
+        return plan_modules(recipe, readers, seed=seed)
     method = get_method(recipe.merge_method)
     warnings = check_parameter_names(recipe, method)
     if method.needs_base and recipe.base_model is None and not (
@@ -133,7 +137,10 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
 
 def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
     maps: dict[str, dict[str, str]] = {}
-    entries = list(recipe.models or []) + [s for sl in recipe.slices or [] for s in sl.sources]
+    parts = [(recipe.models, recipe.slices)] if recipe.modules is None else [
+        (m.models, m.slices) for m in recipe.modules.values()]
+    entries = [e for models, slices in parts
+               for e in list(models or []) + [s for sl in slices or [] for s in sl.sources]]
     for entry in entries:
         if entry.prefix_map:
             if entry.model in maps and maps[entry.model] != entry.prefix_map:
@@ -208,6 +215,9 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
         # the whole model is one slice: its layers at t = layer / (layers - 1), the rest at t = 0
         position = TensorPosition(out_name, info.layer, total_layers)
         covering = [e for e in entries if views[e.model].covers(out_name)]
+        if base_view is not None and not base_view.covers(out_name) and len(covering) > 1:
+            raise RecipeError(f"tensor {out_name!r}: base_model {base_key}'s prefix map does not reach it, "
+                              f"but {len(covering)} models have it; the method needs the base's tensor")
         if len(covering) < len(entries) or not covering or (base_view is not None
                                                              and not base_view.covers(out_name)):
             # Outside some model's prefix map (e.g. a vision tower): the reference's own tensor.
