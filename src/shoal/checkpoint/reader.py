@@ -373,9 +373,15 @@ def open_checkpoint(
     pickle file (only with ``allow_pickle``), or a Hugging Face hub id (downloaded into the
     hub cache; ``revision`` picks a branch, tag or commit). Every safetensors header is
     validated before use; every problem is a :class:`CheckpointError` naming the file.
+    A diffusers pipeline folder or a single-file Stable Diffusion checkpoint opens as a
+    :class:`~shoal.checkpoint.diffusion.DiffusionCheckpoint` (``COMPONENT/NAME`` tensors).
     """
+    from shoal.checkpoint import diffusion
+
     name = str(source)
     local = Path(name).expanduser()
+    if diffusion.is_pipeline_folder(local):
+        return diffusion.open_pipeline_folder(local, name)  # type: ignore[return-value]
     root: Path | None = None
     if not local.exists():
         if isinstance(source, Path) or not looks_like_hub_id(name):
@@ -387,4 +393,7 @@ def open_checkpoint(
         raise refuse_pickle(files.index or files.shards[0])
     folder = local if local.is_dir() else local.parent
     path = folder if files.index is not None else local
-    return CheckpointReader(name, path, files, _read_config(folder))
+    reader = CheckpointReader(name, path, files, _read_config(folder))
+    if files.index is None and files.format == "safetensors" and diffusion.looks_like_single_file(reader.tensor_names()):
+        return diffusion.single_file_checkpoint(reader)  # type: ignore[return-value]
+    return reader
