@@ -63,7 +63,7 @@ def build_tiny_pipeline(out: Path, seed: int = 0, *, base: Path | None = None, n
         pipe = StableDiffusionPipeline(
             unet=UNet2DConditionModel(**UNET_CONFIG), vae=AutoencoderKL(**VAE_CONFIG),
             text_encoder=CLIPTextModel(text_config), tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-            scheduler=DDIMScheduler(num_train_timesteps=100), safety_checker=None, feature_extractor=None,
+            scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
