@@ -243,3 +243,71 @@ def test_cli_merges_a_pipeline_and_dry_run_lists_components(pipes, tmp_path: Pat
     failed = run(["merge", bad, tmp_path / "out2"])
     assert failed.exit_code == 2 and "unknown component 'text_encoder_3'" in failed.output
     assert len(failed.output.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()
+
+
+def test_sharded_output_tokenizer_source_and_the_in_memory_merge(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Shards load in diffusers; the tokenizer comes from ``tokenizer_source``; the tensors merged in
+    memory (plan + compute_op, as evolve's candidates are) are bitwise those written, on either backend."""
+    import shutil
+
+    from shoal.merge.execute import ExecutorOptions
+
+    other_tokenizer = tmp_path / "ft2-tok"
+    shutil.copytree(pipes["ft2"], other_tokenizer)
+    config = json.loads((other_tokenizer / "tokenizer" / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 15
+    (other_tokenizer / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    spec = next(s for s in all_methods() if s.name == "dare_ties")
+    raw = method_recipe(spec, pipes)
+    raw["models"][1]["model"] = str(other_tokenizer)
+    raw["tokenizer_source"] = str(other_tokenizer)
+    recipe = parse_recipe(raw)
+    fast, reference = tmp_path / "fast", tmp_path / "reference"
+    merge(recipe, fast, shard_size=40_000)
+    merge(recipe, reference, shard_size=40_000, options=ExecutorOptions(backend="reference"))
+    unet_index = fast / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    assert unet_index.is_file() and (fast / "text_encoder" / "model.safetensors.index.json").is_file()
+    assert json.loads((fast / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 15
+    readers = open_all(recipe.source_models())
+    plan = plan_merge(recipe, readers)
+    written: dict[str, torch.Tensor] = {}
+    for folder in (fast / "unet", fast / "text_encoder", fast / "vae"):
+        for shard in folder.glob("*.safetensors"):
+            written.update({f"{folder.name}/{k}": v for k, v in load_file(shard).items()})
+    again: dict[str, torch.Tensor] = {}
+    for folder in (reference / "unet", reference / "text_encoder", reference / "vae"):
+        for shard in folder.glob("*.safetensors"):
+            again.update({f"{folder.name}/{k}": v for k, v in load_file(shard).items()})
+    assert written.keys() == again.keys() == {op.name for op in plan.ops}
+    for op in plan.ops:
+        in_memory = compute_op(op, lambda r: readers[r.model].get(r.tensor), compat=recipe.compat)
+        assert torch.equal(in_memory, written[op.name]) and torch.equal(written[op.name], again[op.name]), op.name
+    pipe = load_pipeline(fast)
+    assert pipe.tokenizer.model_max_length == 15 and torch.isfinite(generate(pipe)).all()
+
+
+def test_single_file_extras_are_copied_and_half_precision_sources(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    sources = []
+    for key in ("ft1.sf", "ft2.sf"):
+        state = {k: v.half() for k, v in load_file(pipes[key]).items()}
+        state["alphas_cumprod"] = torch.linspace(1, 0, 10, dtype=torch.float64) * (2 if key == "ft2.sf" else 1)
+        sources.append(tmp_path / Path(key).name.replace(".sf", ".safetensors"))
+        save_file(state, str(sources[-1]))
+    recipe = {"merge_method": "slerp", "base_model": str(sources[0]), "parameters": {"t": 0.5},
+              "out_dtype": "float32", "models": [{"model": str(sources[1])}]}
+    result = merge(parse_recipe(recipe), tmp_path / "out")
+    assert dict(result.plan.components)["other"] == "copy"
+    merged, first = load_file(tmp_path / "out" / "model.safetensors"), load_file(sources[0])
+    assert torch.equal(merged["alphas_cumprod"], first["alphas_cumprod"])
+    assert merged["model.diffusion_model.out.2.weight"].dtype == torch.float32
+    assert merged["first_stage_model.decoder.conv_out.weight"].dtype == torch.float16  # copied as stored
+    assert torch.equal(merged["first_stage_model.decoder.conv_out.weight"], first["first_stage_model.decoder.conv_out.weight"])
+
+
+def test_chat_template_is_refused_for_pipelines(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = {"merge_method": "linear", "chat_template": "chatml",
+              "models": [{"model": str(pipes["ft1"])}, {"model": str(pipes["ft2"])}]}
+    with pytest.raises(RecipeError, match="chat_template"):
+        merge(parse_recipe(recipe), tmp_path / "out")

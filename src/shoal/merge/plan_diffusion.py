@@ -51,6 +51,8 @@ def check_diffusion_sources(recipe: Recipe, readers: Mapping[str, object]) -> No
     if recipe.slices is not None:
         raise RecipeError("slices: diffusion pipelines merge with 'models' (layer ranges do not apply; "
                           "use gradients or block filters such as 'filter: IN04')")
+    if recipe.chat_template is not None:
+        raise RecipeError("chat_template: applies to language models, not to diffusion pipelines")
     kinds = {}
     for name in recipe.source_models():
         reader = readers[name]
