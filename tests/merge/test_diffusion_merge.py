@@ -311,3 +311,22 @@ def test_chat_template_is_refused_for_pipelines(pipes, tmp_path: Path) -> None: 
               "models": [{"model": str(pipes["ft1"])}, {"model": str(pipes["ft2"])}]}
     with pytest.raises(RecipeError, match="chat_template"):
         merge(parse_recipe(recipe), tmp_path / "out")
+
+
+def test_the_example_recipe_runs_as_shown(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``shoal merge examples/diffusion_blocks.yaml OUT`` with the example's folders made tiny pipelines."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "diffusion_blocks.yaml"
+    text = example.read_text()
+    for name, key in (("models/sd15-base", "base"), ("models/sd15-style-a", "ft1"), ("models/sd15-style-b", "ft2")):
+        assert name in text
+        text = text.replace(name, str(pipes[key]))
+    recipe = tmp_path / "diffusion_blocks.yaml"
+    recipe.write_text(text)
+    done = run(["merge", recipe, tmp_path / "sd-blocks"])
+    assert done.exit_code == 0, done.output
+    readers = open_all(parse_recipe(yaml.safe_load(text)).source_models())
+    plan = plan_merge(parse_recipe(yaml.safe_load(text)), readers)
+    by_name = {op.name: dict(op.params) for op in plan.ops}
+    assert by_name["unet/mid_block.resnets.0.conv1.weight"]["weight"][1] == pytest.approx(0.7)
+    assert by_name["text_encoder/encoder.layers.0.mlp.fc1.weight"]["weight"][1] == pytest.approx(0.3)
+    assert torch.isfinite(generate(load_pipeline(tmp_path / "sd-blocks"))).all()
