@@ -271,6 +271,14 @@ def open_pipeline_folder(folder: Path, source: str | None = None) -> DiffusionCh
     return DiffusionCheckpoint(source or str(folder), folder, FOLDER, components, index)
 
 
+def by_components(reader: CheckpointReader) -> CheckpointReader | DiffusionCheckpoint:
+    """``reader`` itself, or, when it is a single-file Stable Diffusion checkpoint, that file read by components."""
+    if reader.files.index is None and reader.files.format == "safetensors" and looks_like_single_file(
+            reader.tensor_names()):
+        return single_file_checkpoint(reader)
+    return reader
+
+
 def single_file_checkpoint(reader: CheckpointReader) -> DiffusionCheckpoint:
     """A single-file Stable Diffusion checkpoint (already opened as a plain reader) read by components."""
     present = {_owner(name, SINGLE_FILE) for name in reader.tensor_names()}

@@ -372,9 +372,8 @@ def open_checkpoint(
     ``source`` is a model folder, a ``.safetensors`` file, an ``*.index.json`` file, a
     pickle file (only with ``allow_pickle``), or a Hugging Face hub id (downloaded into the
     hub cache; ``revision`` picks a branch, tag or commit). Every safetensors header is
-    validated before use; every problem is a :class:`CheckpointError` naming the file.
-    A diffusers pipeline folder or a single-file Stable Diffusion checkpoint opens as a
-    :class:`~shoal.checkpoint.diffusion.DiffusionCheckpoint` (``COMPONENT/NAME`` tensors).
+    validated before use; every problem is a :class:`CheckpointError` naming the file. Diffusion
+    pipelines open as a :class:`~shoal.checkpoint.diffusion.DiffusionCheckpoint`.
     """
     from shoal.checkpoint import diffusion
 
@@ -393,7 +392,4 @@ def open_checkpoint(
         raise refuse_pickle(files.index or files.shards[0])
     folder = local if local.is_dir() else local.parent
     path = folder if files.index is not None else local
-    reader = CheckpointReader(name, path, files, _read_config(folder))
-    if files.index is None and files.format == "safetensors" and diffusion.looks_like_single_file(reader.tensor_names()):
-        return diffusion.single_file_checkpoint(reader)  # type: ignore[return-value]
-    return reader
+    return diffusion.by_components(CheckpointReader(name, path, files, _read_config(folder)))
