@@ -171,3 +171,40 @@ def to_single_file(folder: Path, out: Path) -> Path:
         tensors["cond_stage_model.transformer." + inner] = t
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
     return out
+
+
+SDXL_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+                        norm_num_groups=8)
+
+
+def build_tiny_sdxl(out: Path, seed: int = 0, *, base: Path | None = None, noise: float = 0.02) -> Path:
+    """A tiny SDXL-shaped pipeline (two text encoders, a text-time UNet); with ``base``, a fine-tune of it."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    if base is not None:
+        pipe = DiffusionPipeline.from_pretrained(base)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+                for p in module.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * noise)
+    else:
+        tokenizer_dir = out.parent / f".{out.name}-tokenizer"
+        write_tokenizer(tokenizer_dir)
+        vocab = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+        text_config = CLIPTextConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1, **TEXT_CONFIG)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        pipe = StableDiffusionXLPipeline(
+            unet=UNet2DConditionModel(**SDXL_UNET_CONFIG), vae=AutoencoderKL(**VAE_CONFIG),
+            text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+            tokenizer=tokenizer, tokenizer_2=tokenizer,
+            scheduler=EulerDiscreteScheduler(num_train_timesteps=100, steps_offset=1))
+    pipe.save_pretrained(out)
+    return out

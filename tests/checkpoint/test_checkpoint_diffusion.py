@@ -229,3 +229,26 @@ def test_bad_pipelines_are_one_line_errors(tiny_pipeline, tmp_path: Path) -> Non
     (broken / "model_index.json").write_text("{not json")
     with pytest.raises(ShoalError, match="model_index.json"):
         open_checkpoint(broken)
+
+
+def test_an_sdxl_single_file_has_two_text_encoders(tmp_path: Path) -> None:
+    names = ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight",
+             "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+             "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+             "first_stage_model.decoder.conv_out.weight", "denoiser.sigmas"]
+    file = tmp_path / "xl.safetensors"
+    save_file({n: torch.full((2, 2), float(i)) for i, n in enumerate(names)}, str(file))
+    with open_checkpoint(file) as reader:
+        assert sorted(reader.components) == ["other", "text_encoder", "text_encoder_2", "unet", "vae"]
+        assert sorted(reader.tensor_names()) == sorted([
+            "unet/input_blocks.0.0.weight", "unet/label_emb.0.0.weight",
+            "text_encoder/transformer.text_model.final_layer_norm.weight",
+            "text_encoder_2/model.transformer.resblocks.0.attn.in_proj_weight",
+            "vae/decoder.conv_out.weight", "other/denoiser.sigmas"])
+        for i, name in enumerate(names):
+            outer = next(n for n in reader.tensor_names() if reader.stored_name(n) == name)
+            assert torch.equal(reader.get(outer), torch.full((2, 2), float(i)))
+    plain = tmp_path / "plain.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, str(plain))
+    with open_checkpoint(plain) as reader:
+        assert not isinstance(reader, DiffusionCheckpoint)  # a language model's file stays as it is

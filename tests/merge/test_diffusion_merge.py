@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from diffusion_tiny import build_tiny_pipeline, generate, to_single_file
+from diffusion_tiny import build_tiny_pipeline, build_tiny_sdxl, generate, to_single_file
 from shoal.cli.main import cli
 from shoal.errors import MergeError, RecipeError
 from shoal.merge import merge, parse_recipe
@@ -330,3 +330,34 @@ def test_the_example_recipe_runs_as_shown(pipes, tmp_path: Path) -> None:  # typ
     assert by_name["unet/mid_block.resnets.0.conv1.weight"]["weight"][1] == pytest.approx(0.7)
     assert by_name["text_encoder/encoder.layers.0.mlp.fc1.weight"]["weight"][1] == pytest.approx(0.3)
     assert torch.isfinite(generate(load_pipeline(tmp_path / "sd-blocks"))).all()
+
+
+def test_sdxl_folders_merge_both_text_encoders(tmp_path: Path) -> None:
+    base = build_tiny_sdxl(tmp_path / "xl-base")
+    tunes = [build_tiny_sdxl(tmp_path / f"xl-ft{i}", seed=i, base=base) for i in (1, 2)]
+    recipe = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5},
+              "models": [{"model": str(t), "parameters": {"weight": 0.5}} for t in tunes]}
+    out = tmp_path / "merged"
+    result = merge(parse_recipe(recipe), out)
+    assert dict(result.plan.components) == {"text_encoder": "merge", "text_encoder_2": "merge", "unet": "merge",
+                                            "vae": "copy"}
+    merged = load_file(out / "text_encoder_2" / "model.safetensors")
+    source = load_file(base / "text_encoder_2" / "model.safetensors")
+    assert merged.keys() == source.keys() and any(not torch.equal(merged[n], source[n]) for n in merged)
+    pipe = load_pipeline(out)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and torch.isfinite(generate(pipe)).all()
+
+
+def test_a_model_without_a_merged_component_is_named(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in load_file(pipes["ft2.sf"]).items() if k.startswith("model.diffusion_model.")},
+              str(unet_only))
+    recipe = {"merge_method": "linear", "models": [{"model": str(pipes["ft1.sf"])}, {"model": str(unet_only)}]}
+    with pytest.raises(RecipeError, match="has no component 'text_encoder'.*text_encoder: copy"):
+        merge(parse_recipe(recipe), tmp_path / "out")
+    recipe["components"] = {"text_encoder": "copy"}
+    merged = load_file(merge(parse_recipe(recipe), tmp_path / "out").out / "model.safetensors")
+    first = load_file(pipes["ft1.sf"])
+    assert all(torch.equal(merged[n], first[n]) for n in first if n.startswith("cond_stage_model."))

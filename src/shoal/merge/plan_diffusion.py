@@ -101,6 +101,11 @@ def plan_diffusion(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Dif
     reference = base_key if base_key is not None else recipe.models[0].model
     ref_reader = readers[reference]
     modes = component_modes(recipe, ref_reader)
+    for entry in entries:  # a merged component every model must have (a UNet-only file lacks the text encoder)
+        missing = [c for c, mode in modes.items() if mode == MERGE and c not in readers[entry.model].components]
+        if missing:
+            raise RecipeError(f"model {entry.model!r} has no component {missing[0]!r}; copy it from the reference "
+                              f"with 'components: {{{missing[0]}: copy}}'")
     ref_view = views[reference]
     positions = _positions(list(ref_view.to_source))
     ops: list[TensorOp] = []
