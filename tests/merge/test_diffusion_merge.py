@@ -361,3 +361,17 @@ def test_a_model_without_a_merged_component_is_named(pipes, tmp_path: Path) -> N
     merged = load_file(merge(parse_recipe(recipe), tmp_path / "out").out / "model.safetensors")
     first = load_file(pipes["ft1.sf"])
     assert all(torch.equal(merged[n], first[n]) for n in first if n.startswith("cond_stage_model."))
+
+
+def test_only_the_folders_model_index_names_are_copied(pipes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    source = tmp_path / "with-extras"
+    shutil.copytree(pipes["ft1"], source)
+    (source / "samples").mkdir()
+    (source / "samples" / "grid.png").write_bytes(b"not a model")
+    (source / "unet" / "notes.txt").write_text("kept: a non-weight file of a component")
+    recipe = {"merge_method": "linear", "models": [{"model": str(source)}, {"model": str(pipes["ft2"])}]}
+    out = merge(parse_recipe(recipe), tmp_path / "out").out
+    assert not (out / "samples").exists() and (out / "unet" / "notes.txt").is_file()
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", UNET, "notes.txt"]

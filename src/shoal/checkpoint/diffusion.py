@@ -249,15 +249,20 @@ def _component_files(folder: Path) -> WeightFiles | None:
     return None
 
 
+def listed_folders(index: Mapping[str, object]) -> list[str]:
+    """The component folders ``model_index.json`` names (``[library, class]`` entries, not ``[null, null]``)."""
+    return [name for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[0] is not None]
+
+
 def open_pipeline_folder(folder: Path, source: str | None = None) -> DiffusionCheckpoint:
     """Open a diffusers pipeline folder (``model_index.json`` and one folder per component)."""
     index = _read_json(folder / MODEL_INDEX, "pipeline index")
     components = []
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
-            continue  # "_class_name", "_diffusers_version", and components left out ([null, null])
+    for name in listed_folders(index):
+        entry = index[name]
         sub = folder / name
-        if not sub.is_dir():
+        if "/" in name or name in (".", "..") or not sub.is_dir():
             raise CheckpointError(f"{folder / MODEL_INDEX}: component {name!r} has no folder {sub}")
         files = _component_files(sub)
         if files is None:

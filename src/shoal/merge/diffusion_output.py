@@ -25,8 +25,7 @@ from typing import Mapping
 
 import torch
 
-from shoal.checkpoint.diffusion import DiffusionCheckpoint, component_of, is_weight_file
-from shoal.checkpoint.model_card import RECIPE_FILENAME
+from shoal.checkpoint.diffusion import MODEL_INDEX, DiffusionCheckpoint, component_of, is_weight_file, listed_folders
 from shoal.errors import MergeError
 from shoal.merge.plan import MergePlan
 from shoal.merge.plan_diffusion import LAYOUT_SINGLE_FILE
@@ -34,7 +33,6 @@ from shoal.progress import ProgressFn, no_progress
 
 SINGLE_FILE_NAME = "model.safetensors"
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-_NEVER_COPIED = ("README.md", RECIPE_FILENAME)
 
 
 def write_pipeline_tensors(plan: MergePlan, readers: Mapping[str, DiffusionCheckpoint], stage: Path, *,
@@ -77,18 +75,15 @@ def write_pipeline_support(plan: MergePlan, readers: Mapping[str, DiffusionCheck
         return
     reference = readers[plan.reference]
     folder = Path(reference.path)
-    weight_folders = set(reference.components)
-    for entry in sorted(folder.iterdir()):
-        if entry.name in _NEVER_COPIED or entry.name.startswith("."):
-            continue
-        if entry.is_dir() and entry.name in weight_folders:
-            for item in sorted(entry.iterdir()):  # config.json, generation_config.json, ...: not the weights
+    shutil.copyfile(folder / MODEL_INDEX, stage / MODEL_INDEX)
+    for name in listed_folders(reference.config or {}):
+        source = folder / name
+        if name in reference.components:  # config.json and the other non-weight files; the weights are merged
+            for item in sorted(source.iterdir()):
                 if item.is_file() and not is_weight_file(item.name):
-                    shutil.copyfile(item, stage / entry.name / item.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, stage / entry.name, symlinks=False)
-        elif entry.is_file():
-            shutil.copyfile(entry, stage / entry.name)
+                    shutil.copyfile(item, stage / name / item.name)
+        elif source.is_dir():  # tokenizer, scheduler, feature extractor
+            shutil.copytree(source, stage / name)
     if plan.tokenizer_source != plan.reference:
         _copy_tokenizers(readers[plan.tokenizer_source], stage)
 
