@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -31,13 +31,16 @@ from shoal.merge.plan import MergePlan
 from shoal.merge.plan_diffusion import LAYOUT_SINGLE_FILE
 from shoal.progress import ProgressFn, no_progress
 
-SINGLE_FILE_NAME = "model.safetensors"
+if TYPE_CHECKING:
+    from shoal.merge.execute import ExecutorOptions
+
+SINGLE_FILE_PREFIX = "model"  # OUT/model.safetensors
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 
 
 def write_pipeline_tensors(plan: MergePlan, readers: Mapping[str, DiffusionCheckpoint], stage: Path, *,
                            shard_size: int, device: str | torch.device = "cpu", progress: ProgressFn = no_progress,
-                           options: object = None) -> int:
+                           options: ExecutorOptions | None = None) -> int:
     """The merged tensors of ``plan`` into ``stage``, laid out as ``plan.output_layout`` says; returns bytes."""
     from shoal.merge.execute import ExecutorOptions, write_tensor_ops
 
@@ -45,9 +48,8 @@ def write_pipeline_tensors(plan: MergePlan, readers: Mapping[str, DiffusionCheck
     reference = readers[plan.reference]
     if plan.output_layout == LAYOUT_SINGLE_FILE:
         ops = [replace(op, name=reference.stored_name(op.name)) for op in plan.ops]
-        written = write_tensor_ops(ops, readers, stage, compat=plan.recipe.compat, shard_size=1 << 62,
-                                   device=device, progress=progress, options=options)  # type: ignore[arg-type]
-        return written
+        return write_tensor_ops(ops, readers, stage, compat=plan.recipe.compat, shard_size=1 << 62,  # type: ignore[arg-type]
+                                device=device, progress=progress, options=options, filename_prefix=SINGLE_FILE_PREFIX)
     by_component: dict[str, list] = {}
     for op in plan.ops:
         component, inner = component_of(op.name)
