@@ -2,7 +2,8 @@
 
 Reading (:func:`open_checkpoint`, :class:`CheckpointReader`), writing
 (:class:`ShardedWriter`, :func:`staged_output`, :func:`copy_support_files`,
-:func:`write_model_card`) and architecture knowledge (:func:`describe_tensor` and friends).
+:func:`write_model_card`) and architecture knowledge (:func:`describe_tensor` and friends;
+:func:`unet_blocks` for diffusion UNets).
 """
 
 from shoal.checkpoint.architecture import (
@@ -21,6 +22,7 @@ from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
 from shoal.checkpoint.safetensors_header import read_header
 from shoal.checkpoint.staging import staged_output
 from shoal.checkpoint.support_files import copy_support_files, update_config
+from shoal.checkpoint.unet import unet_block_map, unet_block_of, unet_blocks
 from shoal.checkpoint.writer import ShardedWriter, parse_byte_size
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "parse_byte_size",
     "read_header",
     "staged_output",
+    "unet_block_map",
+    "unet_block_of",
+    "unet_blocks",
     "update_config",
     "with_layer",
     "write_model_card",

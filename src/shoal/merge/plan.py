@@ -15,6 +15,7 @@ import torch
 
 from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
 from shoal.checkpoint.chat_templates import resolve_chat_template
+from shoal.checkpoint.diffusion import is_diffusion
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.model_view import ModelView as _ModelView
 from shoal.merge.model_view import architecture as _architecture
@@ -88,6 +89,8 @@ class MergePlan:
     tokenizer_source: str
     config_updates: Mapping[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # one line each: ignored parameters, the mode a recipe runs in
+    output_layout: str = "hf"  # "hf" (a model folder), "diffusers" (a pipeline folder) or "single_file"
+    components: tuple[tuple[str, str], ...] = ()  # diffusion pipelines: (component, "merge" or "copy")
 
     @property
     def total_bytes(self) -> int:
@@ -121,18 +124,32 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
         resolve_chat_template(recipe.chat_template, [])  # a bad name fails here, before any output
     seed = recipe.seed if recipe.seed is not None else seed
     check_parameter_kinds(recipe, method)
-    check_layer_counts(recipe, readers)
+    if any(is_diffusion(reader) for reader in readers.values()):
+        from shoal.merge.plan_diffusion import check_diffusion_sources, plan_diffusion
+
+        check_diffusion_sources(recipe, readers)
+        plan = plan_diffusion(recipe, method, readers, seed)  # type: ignore[arg-type]
+    elif recipe.components:
+        raise RecipeError("components: applies to diffusion pipelines (model_index.json folders or single-file "
+                          "Stable Diffusion checkpoints), and no model of this recipe is one")
+    else:
+        check_layer_counts(recipe, readers)
+        plan = _plan_any(recipe, method, readers, seed)
+    check_floating_sources(plan.ops, readers, COPY)
+    warning = mode_warning(recipe, method)
+    if warning:
+        warnings.append(warning)
+    return replace(plan, warnings=tuple(warnings) + plan.warnings)
+
+
+def _plan_any(recipe: Recipe, method: MethodSpec, readers: Mapping[str, CheckpointReader], seed: int) -> MergePlan:
     if recipe.models is not None:
         plan = _plan_models(recipe, method, readers, seed)
     else:
         from shoal.merge.plan_slices import plan_slices
 
         plan = plan_slices(recipe, method, readers, seed)
-    check_floating_sources(plan.ops, readers, COPY)
-    warning = mode_warning(recipe, method)
-    if warning:
-        warnings.append(warning)
-    return replace(plan, warnings=tuple(warnings) + plan.warnings)
+    return plan
 
 
 def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:

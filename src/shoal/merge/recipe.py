@@ -13,7 +13,9 @@ single-module model, its own ``models`` or ``slices`` and ``parameters``).
 
 shoal keys: ``seed`` (random methods), ``compat`` (``paper`` or ``mergekit``: which definition
 of methods whose mergekit results differ from their papers), per-model ``prefix_map`` (rename a
-model's tensors, e.g. to merge the language model inside a vision-language checkpoint).
+model's tensors, e.g. to merge the language model inside a vision-language checkpoint),
+``components`` (diffusion pipelines: which components merge and which are copied, e.g.
+``{unet: merge, text_encoder: merge, vae: copy}``; see docs/diffusion.md).
 
 Unknown keys are errors that name the key.
 """
@@ -186,6 +188,7 @@ class Recipe(_Strict):
     seed: int | None = None
     compat: Literal["paper", "mergekit"] = "paper"
     base_prefix_map: dict[str, str] = Field(default_factory=dict)
+    components: dict[str, Literal["merge", "copy"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "Recipe":
