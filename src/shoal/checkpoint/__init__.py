@@ -2,7 +2,8 @@
 
 Reading (:func:`open_checkpoint`, :class:`CheckpointReader`), writing
 (:class:`ShardedWriter`, :func:`staged_output`, :func:`copy_support_files`,
-:func:`write_model_card`) and architecture knowledge (:func:`describe_tensor` and friends).
+:func:`write_model_card`) and architecture knowledge (:func:`describe_tensor` and friends;
+:func:`unet_blocks` for diffusion UNets).
 """
 
 from shoal.checkpoint.architecture import (
@@ -12,6 +13,7 @@ from shoal.checkpoint.architecture import (
     is_tied,
     layer_count_key,
     map_prefix,
+    module_of,
     num_layers,
     with_layer,
 )
@@ -20,6 +22,7 @@ from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
 from shoal.checkpoint.safetensors_header import read_header
 from shoal.checkpoint.staging import staged_output
 from shoal.checkpoint.support_files import copy_support_files, update_config
+from shoal.checkpoint.unet import unet_block_map, unet_block_of, unet_blocks
 from shoal.checkpoint.writer import ShardedWriter, parse_byte_size
 
 __all__ = [
@@ -33,11 +36,15 @@ __all__ = [
     "is_tied",
     "layer_count_key",
     "map_prefix",
+    "module_of",
     "num_layers",
     "open_checkpoint",
     "parse_byte_size",
     "read_header",
     "staged_output",
+    "unet_block_map",
+    "unet_block_of",
+    "unet_blocks",
     "update_config",
     "with_layer",
     "write_model_card",

@@ -372,10 +372,15 @@ def open_checkpoint(
     ``source`` is a model folder, a ``.safetensors`` file, an ``*.index.json`` file, a
     pickle file (only with ``allow_pickle``), or a Hugging Face hub id (downloaded into the
     hub cache; ``revision`` picks a branch, tag or commit). Every safetensors header is
-    validated before use; every problem is a :class:`CheckpointError` naming the file.
+    validated before use; every problem is a :class:`CheckpointError` naming the file. Diffusion
+    pipelines open as a :class:`~shoal.checkpoint.diffusion.DiffusionCheckpoint`.
     """
+    from shoal.checkpoint import diffusion
+
     name = str(source)
     local = Path(name).expanduser()
+    if diffusion.is_pipeline_folder(local):
+        return diffusion.open_pipeline_folder(local, name)  # type: ignore[return-value]
     root: Path | None = None
     if not local.exists():
         if isinstance(source, Path) or not looks_like_hub_id(name):
@@ -387,4 +392,4 @@ def open_checkpoint(
         raise refuse_pickle(files.index or files.shards[0])
     folder = local if local.is_dir() else local.parent
     path = folder if files.index is not None else local
-    return CheckpointReader(name, path, files, _read_config(folder))
+    return diffusion.by_components(CheckpointReader(name, path, files, _read_config(folder)))

@@ -146,6 +146,9 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     click.echo(f"merge plan: {plan.method}, output follows {plan.reference}")
     for line in mode_lines(plan.recipe, get_method(plan.method)):
         click.echo(line)
+    if plan.components:  # a diffusion pipeline
+        modes = ", ".join(f"{name} {mode}" for name, mode in plan.components)
+        click.echo(f"components ({plan.output_layout}): {modes}")
     for row in rows:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "

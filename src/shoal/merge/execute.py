@@ -130,19 +130,27 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
                  shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
                  progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> int:
     """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written."""
+    if plan.output_layout != "hf":  # a diffusion pipeline: one folder per component, or one file
+        from shoal.merge.diffusion_output import write_pipeline_tensors
+
+        return write_pipeline_tensors(plan, readers, out_dir, shard_size=shard_size, device=device,
+                                      progress=progress, options=options)
     return write_tensor_ops(plan.ops, readers, out_dir, compat=plan.recipe.compat, shard_size=shard_size,
                             device=device, progress=progress, options=options)
 
 
 def write_tensor_ops(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], out_dir: Path, *,
                      compat: str = "paper", shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
-                     progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> int:
+                     progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions(),
+                     filename_prefix: str = "model") -> int:
     """Compute ``ops`` (merges, or copies: :meth:`TensorOp.copy`) into safetensors shards in ``out_dir``.
 
     Shards, their names and the index are those of the op order and ``shard_size``, whatever
-    the backend. Returns the bytes of tensor data written.
+    the backend (``filename_prefix``: ``PREFIX.safetensors``, ``PREFIX-00001-of-00002.safetensors``).
+    Returns the bytes of tensor data written.
     """
-    writer = ShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in ops], max_shard_bytes=shard_size)
+    writer = ShardWriter(out_dir, [(op.name, op.out_dtype, op.shape) for op in ops], max_shard_bytes=shard_size,
+                         filename_prefix=filename_prefix)
     total = len(ops)
     with writer:
         if options.backend == "reference":

@@ -17,6 +17,12 @@ from shoal.merge.registry import get_method
 def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stage: Path, *,
                   seed: int) -> None:
     """Config, tokenizer, generation config, the recipe and the model card."""
+    if plan.output_layout != "hf":  # a diffusion pipeline: model_index.json, component configs, support folders
+        from shoal.merge.diffusion_output import write_pipeline_support
+
+        write_pipeline_support(plan, readers, stage)
+        _write_card(plan, readers, stage, seed=seed)
+        return
     copy_support_files(readers[plan.reference], stage, config_updates=dict(plan.config_updates))
     if plan.tokenizer_source != plan.reference:
         _copy_tokenizer(readers[plan.tokenizer_source], stage)
@@ -26,6 +32,11 @@ def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stag
         template = resolve_chat_template(recipe.chat_template, folders)
         if template is not None:
             write_chat_template(stage, template)
+    _write_card(plan, readers, stage, seed=seed)
+
+
+def _write_card(plan: MergePlan, readers: Mapping[str, CheckpointReader], stage: Path, *, seed: int) -> None:
+    recipe = plan.recipe
     if recipe.seed is None and _uses_randomness(plan):
         recipe = recipe.model_copy(update={"seed": seed})
     method = get_method(plan.method)

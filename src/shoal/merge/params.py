@@ -27,6 +27,7 @@ class TensorPosition:
     name: str
     layer: int | None
     num_layers: int
+    block: str | None = None  # the UNet block (``IN04``) of a diffusion model's tensor
 
     @property
     def fraction(self) -> float:
@@ -59,7 +60,8 @@ def resolve_value(value: ParamValue, position: TensorPosition) -> float | bool |
         return float(value)
     if value and isinstance(value[0], FilterValue):
         for entry in value:  # type: ignore[union-attr]
-            if entry.filter is None or entry.filter == MATCH_ALL or entry.filter in position.name:
+            if (entry.filter is None or entry.filter == MATCH_ALL or entry.filter in position.name
+                    or entry.filter == position.block):
                 return resolve_value(entry.value, position)
         return _UNSET
     return interpolate_gradient([float(v) for v in value], position.fraction)  # type: ignore[union-attr]
