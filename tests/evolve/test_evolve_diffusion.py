@@ -159,3 +159,31 @@ def test_weights_decode_to_a_block_filtered_recipe(pipes):
     assert "text_encoder/encoder.layers.0." in filters  # the names as transformers 5 saves them
     assert all(f is None or f in space.groups or f.startswith("text_encoder/") for f in filters)
     assert lang[-1] == {"value": 0.25} and all(v["value"] == 0.25 for v in lang)
+
+
+def test_the_decoded_recipe_merges_to_the_in_memory_candidate(pipes, tmp_path):
+    """What the search scored is what ``shoal merge`` builds from the recipe it writes."""
+    from safetensors.torch import load_file
+
+    from shoal.merge import merge, parse_recipe
+
+    base, specialists = pipes
+    folders = {}
+    for name, pipe in {"base": base, **specialists}.items():
+        pipe.save_pretrained(str(tmp_path / name), safe_serialization=True)
+        folders[name] = str(tmp_path / name)
+    candidates = PipelineCandidates(base, specialists)
+    space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"))
+    rng = np.random.default_rng(3)
+    weights = space.weights(rng.uniform(0, 1, space.size).tolist())
+    resident = candidates.apply(weights)
+    recipe = weights_recipe(space, weights, base=folders["base"],
+                            sources={m: folders[m] for m in specialists})
+    merge(parse_recipe(recipe), tmp_path / "merged")
+    for component, filename in (("unet", "diffusion_pytorch_model.safetensors"),
+                                ("text_encoder", "model.safetensors")):
+        written = load_file(str(tmp_path / "merged" / component / filename))
+        live = getattr(resident, component).state_dict()
+        assert set(written) == set(live)
+        for name, tensor in written.items():
+            torch.testing.assert_close(tensor, live[name], rtol=1e-5, atol=1e-6, msg=name)
