@@ -43,6 +43,13 @@ def test_hits_need_every_attribute_and_stderr_is_n_minus_1():
     assert score.fitness == 0.75  # three distinct readings of four targets: no penalty
 
 
+def test_an_open_target_accepts_any_reading():
+    task = DrawingTask(name="t", prompts=("a", "b"), noise_seeds=(1, 2),
+                       targets={"cell": (-1, 1), "colour": (0, 0)})
+    score = judge_images(_images_lit_at([3, 2]), task, _CellReader())
+    assert score.hits == (1.0, 0.0)
+
+
 def test_one_safe_image_cannot_win():
     task = _task([0, 1, 2, 3, 0, 1, 2, 3])
     collapsed = judge_images(_images_lit_at([0] * 8), task, _CellReader())

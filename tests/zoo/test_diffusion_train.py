@@ -68,12 +68,13 @@ def test_judge_learns_cells_from_renders_and_round_trips(tmp_path):
     from shoal.zoo.diffusion_models import Stage
     from shoal.zoo.judge import judge_accuracy, load_judge, read_images, save_judge, train_judge
 
-    drawings = [all_drawings()[i % len(all_drawings())] for i in range(432)]
+    named = [d for d in all_drawings() if d.cell >= 0]
+    drawings = [named[i % len(named)] for i in range(384)]
     random.Random(0).shuffle(drawings)
     images = (render_pool(drawings, seed=0) + 1) / 2
     judge = train_judge(images, drawings, Stage(60, 64, 3e-3, 5), seed=0, width=16)
-    accuracy = judge_accuracy(judge, list(all_drawings()), seed=9)
-    assert accuracy["cell"] > 0.5  # chance: 1/9
+    accuracy = judge_accuracy(judge, named, seed=9)
+    assert accuracy["cell"] > 0.5  # chance: 1/4
     save_judge(judge, tmp_path / "judge")
     again = load_judge(tmp_path / "judge")
     reading, reread = read_images(judge, images[:20]), read_images(again, images[:20])

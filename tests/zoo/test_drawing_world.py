@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
-from shoal.zoo.captions import (ATTRIBUTES, GRID, all_drawings, drawing_splits, drawing_task,
-                                labels_of)
+from shoal.zoo.captions import (ANY_CELL, ATTRIBUTES, GRID, Drawing, all_drawings,
+                                drawing_splits, drawing_task, labels_of)
 from shoal.zoo.diffusion_models import PROMPT_TOKENS, drawing_tokenizer
 from shoal.zoo.languages import A_TO_B
 
@@ -36,7 +37,7 @@ def micro_world(tmp_path_factory):
 def test_splits_are_disjoint_and_cover_every_drawing():
     splits = drawing_splits(0)
     seen = [d for split in splits.values() for d in split]
-    assert len(seen) == len(set(seen)) == len(all_drawings()) == 4 * 3 * 2 * GRID * GRID
+    assert len(seen) == len(set(seen)) == len(all_drawings()) == 4 * 3 * 2 * (GRID * GRID + 1)
     assert set(seen) == set(all_drawings())
     assert drawing_splits(1)["test"] != splits["test"]
     assert drawing_splits(0) == splits
@@ -44,10 +45,15 @@ def test_splits_are_disjoint_and_cover_every_drawing():
 
 def test_prompts_use_the_world_words_and_fit_the_text_encoder():
     tokenizer = drawing_tokenizer()
-    drawing = all_drawings()[0]
+    drawing = next(d for d in all_drawings() if d.cell == 2)
     a, b = drawing.prompt("a"), drawing.prompt("b")
-    assert a == f"{drawing.size} {drawing.colour} {drawing.obj} in {drawing.cell + 1} ."
+    assert a == f"{drawing.size} {drawing.colour} {drawing.obj} in 3 ."
     assert b.split()[:4] == [A_TO_B[w] for w in a.split()[:4]] and b.split()[4:] == a.split()[4:]
+    anywhere = Drawing(drawing.obj, drawing.colour, drawing.size, ANY_CELL)
+    assert anywhere.prompt("a") == f"{drawing.size} {drawing.colour} {drawing.obj} ."
+    assert labels_of([anywhere])["cell"].tolist() == [-1]
+    cells = {anywhere.scene(random.Random(i)).things[0].cell for i in range(40)}
+    assert cells == set(range(GRID * GRID))  # an unnamed cell is drawn anywhere
     for d in all_drawings():
         for text in (d.prompt("a"), d.prompt("b")):
             ids = tokenizer(text).input_ids
@@ -60,7 +66,7 @@ def test_a_task_pairs_noise_across_languages_and_carries_labels():
     assert a.prompts != b.prompts and a.targets == b.targets
     test = drawing_splits(0)["test"]
     assert len(a.prompts) == 2 * len(test)
-    assert a.targets["cell"][:2] == (test[0].cell, test[0].cell)
+    assert a.targets["cell"][:2] == (test[0].cell, test[0].cell)  # -1 when unnamed
     labels = labels_of(test)
     assert set(labels) == set(ATTRIBUTES)
 

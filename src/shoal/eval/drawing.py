@@ -1,7 +1,7 @@
 """Fitness for text-to-image models: prompts -> images (fixed noise per prompt) -> a judge's reading.
 
 An image *hits* when the judge reads every attribute the prompt asks for (shape, colour, size,
-cell, ...). The noise each prompt starts from is a function of its noise seed only, so every
+cell, ...); a target class below 0 means the prompt leaves that attribute open. The noise each prompt starts from is a function of its noise seed only, so every
 model draws a prompt from the same starting point and scores are paired across models.
 
 One safe image cannot win: besides the hit rate, the score counts how many *distinct*
@@ -110,7 +110,8 @@ def judge_images(images: torch.Tensor, task: DrawingTask, read: ReadFn) -> Drawi
     missing = [k for k in task.targets if k not in reading]
     if missing:
         raise DrawingTaskError(f"the judge does not read {', '.join(missing)}")
-    hits_per = {k: np.asarray(reading[k])[:n] == np.asarray(v) for k, v in task.targets.items()}
+    hits_per = {k: (np.asarray(v) < 0) | (np.asarray(reading[k])[:n] == np.asarray(v))
+                for k, v in task.targets.items()}
     hit = np.logical_and.reduce(list(hits_per.values())).astype(np.float64)
     read_rows = set(zip(*(np.asarray(reading[k]).tolist() for k in task.targets)))
     target_rows = set(zip(*(tuple(v) for v in task.targets.values())))

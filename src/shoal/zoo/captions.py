@@ -1,12 +1,16 @@
-"""What the drawing world's models are asked to draw: one thing in one cell, in A or B words.
+"""What the drawing world's models are asked to draw: one thing, in A or B words.
 
 A *drawing* is one object (drawn as its shape, :data:`shoal.zoo.scenes.SHAPES`), a colour,
-a size and a cell of a 3 x 3 grid; its prompt in language A is ``"big red apples in 5 ."``
-(cells are numbered 1..9, row-major) and in language B the same words through
-:func:`shoal.zoo.languages.to_b` (the cell number stays: digits are shared by A and B).
+a size and a cell of a 2 x 2 grid; its prompt in language A is ``"big red apples in 3 ."``
+(cells are numbered 1..4, row-major) and in language B the same words through
+:func:`shoal.zoo.languages.to_b` (the cell number stays: digits are shared by A and B). A
+drawing may leave its cell unnamed (``cell = -1``, ``"big red apples ."``): the thing may then
+sit in any cell, so the image is not determined by the prompt, and a sampler that takes few
+steps without having been distilled for them blurs between the possible pictures (the reason
+SDXL-Turbo / Lightning exist); the judge then does not check the cell.
 
-The 216 drawings are split once per world seed into ``train`` / ``fitness`` / ``validation``
-/ ``test``. Every model of a world sees every drawing in language A (the world's visual
+The 120 drawings (96 with a cell, 24 without) are split once per world seed into ``train`` /
+``fitness`` / ``validation`` / ``test``. Every model of a world sees every drawing in language A (the world's visual
 knowledge); only ``train`` drawings are ever captioned in B for training, so the B prompts
 of the other three splits are held out from every model.
 """
@@ -22,7 +26,8 @@ import numpy as np
 from shoal.zoo.languages import to_b
 from shoal.zoo.scenes import COLOURS, MAX_OFFSET, SHAPES, SIZES, Scene, Thing, render
 
-GRID = 3
+GRID = 2
+ANY_CELL = -1
 LANGUAGES = ("a", "b")
 SPLITS = ("train", "fitness", "validation", "test")
 _SPLIT_FRACTIONS = {"fitness": 0.15, "validation": 0.10, "test": 0.25}  # train: the rest
@@ -31,7 +36,8 @@ _SPLIT_SALT = 7919
 
 @dataclass(frozen=True, order=True)
 class Drawing:
-    """One thing to draw: ``obj`` (a key of SHAPES), ``colour``, ``size`` and ``cell`` (0..8)."""
+    """One thing to draw: ``obj`` (a key of SHAPES), ``colour``, ``size`` and ``cell``
+    (0..3, or ANY_CELL when the prompt does not say where)."""
 
     obj: str
     colour: str
@@ -39,8 +45,9 @@ class Drawing:
     cell: int
 
     def prompt(self, language: str = "a") -> str:
-        """The prompt in ``language`` ("a" or "b"): ``"big red apples in 5 ."`` in A."""
-        text = f"{self.size} {self.colour} {self.obj} in {self.cell + 1} ."
+        """The prompt in ``language`` ("a" or "b"): ``"big red apples in 3 ."`` in A."""
+        where = f" in {self.cell + 1}" if self.cell >= 0 else ""
+        text = f"{self.size} {self.colour} {self.obj}{where} ."
         if language == "a":
             return text
         if language == "b":
@@ -48,11 +55,15 @@ class Drawing:
         raise ValueError(f"unknown language {language!r}; known: a, b")
 
     def scene(self, rng: random.Random | None = None) -> Scene:
-        """The drawing as a scene; ``rng`` nudges the thing inside its cell (None: centred)."""
+        """The drawing as a scene; ``rng`` nudges the thing inside its cell (None: centred) and
+        picks the cell when the drawing leaves it unnamed (None: the first)."""
         dx = dy = 0.0
+        cell = self.cell
         if rng is not None:
+            if cell < 0:
+                cell = rng.randrange(GRID * GRID)
             dx, dy = rng.uniform(-MAX_OFFSET, MAX_OFFSET), rng.uniform(-MAX_OFFSET, MAX_OFFSET)
-        return Scene(things=(Thing(self.obj, self.colour, self.size, self.cell, dx, dy),),
+        return Scene(things=(Thing(self.obj, self.colour, self.size, max(cell, 0), dx, dy),),
                      grid=GRID)
 
 
@@ -64,9 +75,9 @@ ATTRIBUTES: dict[str, tuple[str, ...] | tuple[int, ...]] = {
 
 
 def all_drawings() -> tuple[Drawing, ...]:
-    """Every drawing of the world, in a fixed order."""
+    """Every drawing of the world, in a fixed order (those with an unnamed cell included)."""
     return tuple(Drawing(o, c, s, cell) for o, c, s, cell in
-                 product(SHAPES, COLOURS, SIZES, range(GRID * GRID)))
+                 product(SHAPES, COLOURS, SIZES, (ANY_CELL, *range(GRID * GRID))))
 
 
 def drawing_splits(seed: int) -> dict[str, tuple[Drawing, ...]]:
@@ -84,8 +95,10 @@ def drawing_splits(seed: int) -> dict[str, tuple[Drawing, ...]]:
 
 
 def labels_of(drawings: list[Drawing] | tuple[Drawing, ...]) -> dict[str, np.ndarray]:
-    """Class indices per attribute (the judge's targets), each of shape ``(n,)``."""
-    return {name: np.array([classes.index(getattr(d, name)) for d in drawings], dtype=np.int64)
+    """Class indices per attribute (the judge's targets), each of shape ``(n,)``; an unnamed
+    cell is -1 (any reading is right)."""
+    return {name: np.array([-1 if name == "cell" and d.cell < 0 else classes.index(getattr(d, name))
+                            for d in drawings], dtype=np.int64)
             for name, classes in ATTRIBUTES.items()}
 
 

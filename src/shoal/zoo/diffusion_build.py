@@ -165,9 +165,11 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
                                                   seed=seed + 3, progress=report))
     _save_pipeline(staging / "fast", unet=fast_unet, text_encoder=text_encoder, **common)
 
-    judge = train_judge((images + 1) / 2, pool, spec.judge, seed=seed + 4, progress=report)
+    named = [i for i, d in enumerate(pool) if d.cell >= 0]  # the judge learns cells it can check
+    judge = train_judge((images[named] + 1) / 2, [pool[i] for i in named], spec.judge,
+                        seed=seed + 4, progress=report)
     save_judge(judge, staging / "judge")
-    accuracy = judge_accuracy(judge, list(drawings) * 2, seed=seed + 5)
+    accuracy = judge_accuracy(judge, [d for d in drawings if d.cell >= 0] * 4, seed=seed + 5)
     return {"final_train_loss": losses,
             "judge_accuracy_fresh_renders": {k: round(v, 4) for k, v in accuracy.items()}}
 

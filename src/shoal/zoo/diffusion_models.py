@@ -17,7 +17,7 @@ from shoal.errors import ConfigError
 
 IMAGE_SIZE = 32
 LATENT_CHANNELS = 4
-PROMPT_TOKENS = 8  # <s> + the six words of a prompt + one pad
+PROMPT_TOKENS = 8  # <s> + at most six words + one pad
 MANY_STEPS = 20
 FEW_STEPS = 4
 
@@ -58,9 +58,9 @@ DRAWING_SIZES: dict[str, DrawingSize] = {
         latent_pool=256, distill_pool=32),
     "small": DrawingSize(
         "small", vae_channels=(16, 32, 32), unet_channels=(32, 64), text_hidden=64, text_layers=2,
-        vae=Stage(600, 32, 2e-3), base=Stage(1500, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),
-        fast=Stage(400, 32, 2e-4), judge=Stage(600, 64, 3e-3),
-        latent_pool=4096, distill_pool=1024),
+        vae=Stage(400, 32, 2e-3), base=Stage(1800, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),
+        fast=Stage(300, 32, 2e-4), judge=Stage(500, 64, 3e-3),
+        latent_pool=3840, distill_pool=768),
 }
 
 
