@@ -54,12 +54,15 @@ class DiffusionDemoResult:
     evaluations: int
 
     def markdown(self) -> str:
-        lines = ["| model | steps | test accuracy (B prompts) | SE | n | diversity | fitness |",
-                 "|---|---|---|---|---|---|---|"]
+        attributes = list(self.rows[0].score.per_attribute) if self.rows else []
+        lines = ["| model | steps | test accuracy (B prompts) | SE | n | diversity | fitness | "
+                 + " | ".join(attributes) + " |",
+                 "|---|---|---|---|---|---|---|" + "---|" * len(attributes)]
         for row in self.rows:
             s = row.score
             lines.append(f"| {row.label} | {row.steps} | {s.accuracy:.3f} | {s.stderr:.3f} | {s.n} "
-                         f"| {s.diversity:.2f} | {s.fitness:.3f} |")
+                         f"| {s.diversity:.2f} | {s.fitness:.3f} | "
+                         + " | ".join(f"{s.per_attribute[a]:.2f}" for a in attributes) + " |")
         return "\n".join(lines) + "\n"
 
 
