@@ -78,10 +78,11 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
     height = header + len(rows) * (side + pad)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
-    for j, prompt in enumerate(prompts):  # "big red apples in 5 ." -> "big red" / "apples 5"
-        words = prompt.split()
+    for j, prompt in enumerate(prompts):  # "big red apples in 3 ." -> "big red" / "apples 3"
+        words = prompt.rstrip(" .").split()
+        where = words[4] if len(words) > 4 else "any"
         pen.text((label_width + j * (side + pad), 2), " ".join(words[:2]), fill=(0, 0, 0))
-        pen.text((label_width + j * (side + pad), 14), f"{words[2]} {words[4]}", fill=(0, 0, 0))
+        pen.text((label_width + j * (side + pad), 14), f"{words[2]} {where}", fill=(0, 0, 0))
     for i, (label, images) in enumerate(rows):
         top = header + i * (side + pad)
         pen.text((4, top + side // 2 - 6), label[:30], fill=(0, 0, 0))

@@ -93,9 +93,20 @@ def load_pipeline(folder: Path) -> Any:
     """A drawing-world pipeline folder loaded with ``DiffusionPipeline.from_pretrained``
     (offline), float32, progress bars off."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
-                                             local_files_only=True)
+    bars = diffusers_logging.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # the library does not print
+    hf_logging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                 local_files_only=True)
+    finally:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            hf_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
