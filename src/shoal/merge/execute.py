@@ -130,6 +130,8 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
                  shard_size: int = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu",
                  progress: ProgressFn = no_progress, options: ExecutorOptions = ExecutorOptions()) -> int:
     """Write every tensor of ``plan`` into ``out_dir`` (already a staging folder); returns bytes written."""
+    if plan.vocabulary is not None:  # per-token tensors rebuilt in the output vocabulary
+        readers = plan.vocabulary.wrap(readers)
     return write_tensor_ops(plan.ops, readers, out_dir, compat=plan.recipe.compat, shard_size=shard_size,
                             device=device, progress=progress, options=options)
 
