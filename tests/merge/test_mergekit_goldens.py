@@ -97,7 +97,6 @@ XFAIL: dict[tuple[str, str], str] = {
                          "top-variance pick changes with precision, 1-2% of entries differ (the function-level "
                          "golden in test_new_methods.py agrees within rounding otherwise)"),
     ("f_modules", "plain"): "shoal refuses: unknown key 'modules'",
-    ("f_multimerge", "plain"): "shoal refuses a multi-document (mergekit-multi) recipe: invalid YAML, found another document",
     # the paper's definition, by decision (docs/merge-methods.md "Paper and mergekit modes"): shoal warns
     # when such a recipe leaves `compat` out, and states the mode in the dry-run plan and the model card;
     # the compat variants of these recipes match
