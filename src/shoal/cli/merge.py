@@ -119,12 +119,13 @@ def _merge_stages(recipe: Path, out: Path, intermediate_dir: Path | None, *, dry
     import shutil
     import tempfile
 
-    from shoal.merge.multi_stage import parse_stages, read_documents, run_stages
+    from shoal.errors import RecipeError
+    from shoal.merge.multi_stage import parse_stages, read_documents
 
     folder = intermediate_dir or Path("(a temporary folder beside OUT)")
     stages = parse_stages(read_documents(recipe), folder, where=str(recipe))
     if all(stage.name is not None for stage in stages):
-        raise click.UsageError(f"{recipe}: every stage has a name, so none would be written to OUT; leave the "
+        raise RecipeError(f"{recipe}: every stage has a name, so none would be written to OUT; leave the "
                                "final merge's name out, or run shoal merge-multi")
     if dry_run:
         print_stages(stages, folder, out)
