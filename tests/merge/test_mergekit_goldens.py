@@ -106,6 +106,7 @@ XFAIL: dict[tuple[str, str], str] = {
     ("t_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_ties_qwen2", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_fp32_inputs_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
+    ("f_ties_rescale", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("t_dare_ties", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.38x mergekit's",
     ("f_int8_mask_dare", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.67x mergekit's",
     ("f_breadcrumbs_ties", "plain"): (_PAPER_MODE + "plain breadcrumbs_ties normalizes (methods/breadcrumbs.py "
