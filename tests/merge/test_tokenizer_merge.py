@@ -90,7 +90,8 @@ def test_the_output_loads_in_transformers_and_its_ids_index_the_rows(tmp_path: P
                          {"model": str(ckpt / "llama_vocab_c"), "parameters": {"weight": 0.0}}],
               "tokenizer": {"source": "union", "pad_to_multiple_of": 16,
                             "tokens": {"<|im_start|>": {"source": {"kind": "zero"}},
-                                       "w3": {"source": str(ckpt / "llama_vocab_c"), "force": True}}}}
+                                       "w3": {"source": str(ckpt / "llama_vocab_c"), "force": True}}},
+              "chat_template": "chatml"}
     result = _run(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -99,6 +100,8 @@ def test_the_output_loads_in_transformers_and_its_ids_index_the_rows(tmp_path: P
     ids = tokenizer("x3 y1 w5 w3 <|im_start|>", add_special_tokens=False)["input_ids"]
     vocab = _out_vocab(out)
     assert [vocab[i] for i in ids] == ["x3", "y1", "w5", "w3", "<|im_start|>"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x3"}], tokenize=False)
+    assert prompt == "<|im_start|>user\nx3<|im_end|>\n"  # the recipe's template, beside the built tokenizer
     embed = model.get_input_embeddings().weight.detach()
     assert len(vocab) == 49 and embed.shape[0] == 64  # a's 32, x0-x11, y0-y3, <|im_start|>; padded to 16s
     b, c = (load_file(ckpt / m / "model.safetensors")["model.embed_tokens.weight"] for m in ("llama_vocab_b", "llama_vocab_c"))
