@@ -238,10 +238,12 @@ def plan_vocabulary(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> 
     tokenizers: dict[str, Any] = {}
     for key in order:
         folder = _folder(readers[key])
-        if key == base_key or any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                     "tokenizer.model")):
+        if any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tokenizers[key] = _load_tokenizer(folder)
-        else:
+        elif key == base_key:
+            raise CheckpointError(f"{folder}: no tokenizer files, and a recipe that sets a tokenizer aligns every "
+                                  f"model's vocabulary to its base model's ({key}) tokenizer")
+        else:  # as mergekit assumes
             warnings.append(f"{key} has no tokenizer files: its vocabulary is taken to be {base_key}'s")
     sizes = {key: _config_vocab_size(readers[key]) or len(tokenizers.get(key, tokenizers[base_key]).get_vocab())
              for key in order}
