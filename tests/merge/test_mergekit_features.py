@@ -101,6 +101,9 @@ def test_ties_rescale_keeps_each_task_vectors_l1_norm(tmp_path: Path, trio) -> N
         assert torch.equal(kept != 0, trimmed != 0)
         ratio = float(dense.abs().sum() / trimmed.abs().sum())
         torch.testing.assert_close(kept, trimmed * ratio, rtol=1e-5, atol=1e-7)
+    bad = _run(["merge", _recipe(tmp_path / "b.yaml", {**recipe, "parameters": {"rescale": 0.5}}), tmp_path / "b"])
+    assert bad.exit_code == 2 and not (tmp_path / "b").exists()
+    assert bad.stderr.strip().splitlines() == ["error: parameter 'rescale' must be true or false, got 0.5"]
 
 
 def test_breadcrumbs_rescale_keeps_each_task_vectors_l1_norm(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]

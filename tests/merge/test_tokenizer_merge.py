@@ -80,6 +80,10 @@ def test_linear_over_three_vocabularies_aligns_rows_by_token(tmp_path: Path, ckp
         torch.testing.assert_close(got[name], torch.stack(expected), rtol=1e-6, atol=1e-7)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == len(vocab) == got["lm_head.weight"].shape[0]
+    dry = CliRunner().invoke(cli, ["merge", str(tmp_path / "out.yaml"), str(tmp_path / "dry"), "--dry-run"])
+    assert dry.exit_code == 0 and not (tmp_path / "dry").exists()
+    assert ("vocabulary: 48 tokens, 48 rows; per-token tensors aligned by token: lm_head.weight, "
+            "model.embed_tokens.weight") in dry.stdout
 
 
 def test_the_output_loads_in_transformers_and_its_ids_index_the_rows(tmp_path: Path, ckpt: Path) -> None:

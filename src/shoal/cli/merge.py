@@ -234,6 +234,10 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     click.echo(f"merge plan: {plan.method}, output follows {plan.reference}")
     for line in mode_lines(plan.recipe, get_method(plan.method)):
         click.echo(line)
+    if plan.vocabulary is not None:
+        vocab = plan.vocabulary
+        click.echo(f"vocabulary: {len(vocab.tokens)} tokens, {vocab.size} rows; per-token tensors aligned by token: "
+                   + ", ".join(sorted({name for names in vocab.aligned.values() for name in names})))
     for row in rows:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "
