@@ -41,7 +41,7 @@ from shoal.checkpoint import CheckpointReader, describe_tensor
 from shoal.errors import CheckpointError, MergeError, RecipeError
 from shoal.merge.model_view import architecture
 from shoal.merge.recipe import Recipe
-from shoal.merge.tokenizer_config import ModelTokenEmbedding, TokenSetting, ZeroEmbedding
+from shoal.merge.tokenizer_config import TokenSetting
 
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # files a saved tokenizer replaces in the output folder
@@ -292,4 +292,4 @@ def _per_token_tensors(reader: CheckpointReader, vocab_size: int) -> frozenset[s
     return frozenset(names)
 
 
-__all__ = ["AlignedReader", "Vocabulary", "ZeroEmbedding", "ModelTokenEmbedding", "plan_vocabulary", "settings_of"]
+__all__ = ["AlignedReader", "Vocabulary", "plan_vocabulary", "settings_of"]
