@@ -75,7 +75,7 @@ def test_merge_multi_keeps_stages_and_a_rerun_skips_the_complete_ones(tmp_path: 
     recipe = tmp_path / "multi.yaml"
     recipe.write_text(_stages(ckpt))
     stages, out = tmp_path / "stages", tmp_path / "final"
-    result = _invoke("merge-multi", recipe, "-I", stages, "--out-path", out, "-q")
+    result = _invoke("merge-multi", recipe, "-I", stages, "--out-path", out, "-q", "--lazy-unpickle", "--random-seed", 3)
     assert result.exit_code == 0, result.output
     assert (stages / "first" / "config.json").is_file() and (out / "model.safetensors").is_file()
     marks = {p: p.stat().st_ino for p in (stages / "first" / "model.safetensors", out / "model.safetensors")}

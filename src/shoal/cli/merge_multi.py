@@ -3,7 +3,8 @@
 Runs a multi-stage recipe (:mod:`shoal.merge.multi_stage`): the named stages into DIR, the final
 merge (the recipe without a ``name``, if any) into OUT. ``--lazy`` (the default) skips every
 stage, the final one included, whose folder is already complete, as mergekit-multi does;
-``--no-lazy`` merges them again. The merge flags are ``shoal merge``'s.
+``--no-lazy`` merges them again. The merge flags are ``shoal merge``'s, mergekit's spellings
+included.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import click
 
 from shoal.cli._options import verbosity
-from shoal.cli.merge import _check_device, _device, print_stages, report_stages, run_stage_list
+from shoal.cli.merge import (_NO_EFFECT_HELP, _check_device, _device, _refuse_no_copy_tokenizer, print_stages,
+                             report_stages, run_stage_list)
 
 
 @click.command("merge-multi")
@@ -32,6 +34,11 @@ from shoal.cli.merge import _check_device, _device, print_stages, report_stages,
 @click.option("--allow-pickle", is_flag=True, help="read .bin/.pt weights (torch.load with weights_only=True)")
 @click.option("--dry-run", is_flag=True, help="print the stages in the order they run and write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON list, an object per stage")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, hidden=True,
+              callback=_refuse_no_copy_tokenizer, expose_value=False)
+@click.option("--lazy-unpickle", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
+@click.option("--allow-crimes", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
+@click.option("--trust-remote-code", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
 @verbosity
 def command(recipe: Path, intermediate_dir: Path, out_path: Path | None, lazy: bool, device: str | None,
             cuda: bool | None, shard_size: str, seed: int, allow_pickle: bool, dry_run: bool, as_json: bool,
