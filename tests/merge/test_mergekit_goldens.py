@@ -151,8 +151,9 @@ def test_checkpoints_rebuild_bitwise(golden_checkpoints: Path) -> None:
 
 
 def test_goldens_stay_small() -> None:
+    # 84 recipes at ~20 KB each (xz-compressed tensors + their json); the budget keeps a clone light
     total = sum(p.stat().st_size for p in GOLDENS.iterdir())
-    assert total < 1_500_000, f"tests/goldens/mergekit holds {total} bytes"
+    assert total < 2_000_000, f"tests/goldens/mergekit holds {total} bytes"
 
 
 def _run_shoal(golden: dict, variant: str, root: Path, tmp: Path):  # type: ignore[no-untyped-def]
