@@ -77,6 +77,7 @@ def test_config_takes_model_entries_with_prefix_maps(trio, text_task) -> None:  
     ({"models": [{"model": "x", "prefix_map": {"a.": 1}}]}, "models[0].prefix_map"),
     ({"prefix_maps": {"elsewhere": {}}}, "prefix_maps names ['elsewhere']"),
     ({"kind": "dfs", "base_model": None}, "prefix maps apply to parameter-space"),
+    ({"models": [{"model": "x", "prefix_map": LLM_TO_VLM}]}, "so one model needs none"),
 ])
 def test_bad_model_entries_are_config_errors(trio, text_task, change: dict, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError) as err:
