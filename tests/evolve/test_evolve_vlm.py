@@ -148,6 +148,8 @@ def test_short_evolve_run_over_a_vlm_finishes_through_the_cli(trio, text_task, t
     merged = load_file(str(next(model_dir.glob("*.safetensors"))))
     source = load_file(str(trio["vlm"] / "model.safetensors"))
     assert all(torch.equal(merged[n], source[n]) for n in source if describe_tensor(n).role == "vision")
+    scores = json.loads((run_dir / "scores.json").read_text())["scores"]
+    assert sorted({s["model"] for s in scores}) == ["evolved", "uniform dare_ties", "vlm"]  # mapped LLMs: no rows
     best = yaml.safe_load((run_dir / "best_recipe.yaml").read_text())
     assert best["base_prefix_map"] == LLM_TO_VLM
     from transformers import LlavaForConditionalGeneration
