@@ -77,6 +77,7 @@ def test_config_takes_model_entries_with_prefix_maps(trio, text_task) -> None:  
     ({"models": [{"model": "x", "prefix_map": {"a.": 1}}]}, "models[0].prefix_map"),
     ({"prefix_maps": {"elsewhere": {}}}, "prefix_maps names ['elsewhere']"),
     ({"kind": "dfs", "base_model": None}, "prefix maps apply to parameter-space"),
+    ({"models": [{"model": "x", "prefix_map": LLM_TO_VLM}]}, "so one model needs none"),
 ])
 def test_bad_model_entries_are_config_errors(trio, text_task, change: dict, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError) as err:
@@ -147,6 +148,8 @@ def test_short_evolve_run_over_a_vlm_finishes_through_the_cli(trio, text_task, t
     merged = load_file(str(next(model_dir.glob("*.safetensors"))))
     source = load_file(str(trio["vlm"] / "model.safetensors"))
     assert all(torch.equal(merged[n], source[n]) for n in source if describe_tensor(n).role == "vision")
+    scores = json.loads((run_dir / "scores.json").read_text())["scores"]
+    assert sorted({s["model"] for s in scores}) == ["evolved", "uniform dare_ties", "vlm"]  # mapped LLMs: no rows
     best = yaml.safe_load((run_dir / "best_recipe.yaml").read_text())
     assert best["base_prefix_map"] == LLM_TO_VLM
     from transformers import LlavaForConditionalGeneration

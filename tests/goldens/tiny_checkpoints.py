@@ -53,10 +53,14 @@ _SAVED_NAMES = (("model.language_model.", "language_model.model."), ("lm_head.",
                 ("model.multi_modal_projector.", "multi_modal_projector."))
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-# vocabulary "a": 32 tokens; vocabulary "b": the first 24 of "a" and 12 of its own (36 tokens)
+# vocabulary "a": 32 tokens; vocabulary "b": the first 24 of "a" and 12 of its own (36 tokens);
+# vocabulary "c" (32 tokens): 20 of "a" (w16-w23 missing), 4 of "b"'s own, 4 of its own, so that
+# some tokens are in two of three vocabularies and some in one
 VOCABS: dict[str, list[str]] = {
     "a": SPECIAL_TOKENS + [f"w{i}" for i in range(28)],
     "b": SPECIAL_TOKENS + [f"w{i}" for i in range(20)] + [f"x{i}" for i in range(12)],
+    "c": SPECIAL_TOKENS + [f"w{i}" for i in range(16)] + [f"w{i}" for i in range(24, 28)]
+    + [f"x{i}" for i in range(4, 8)] + [f"y{i}" for i in range(4)],
 }
 
 
@@ -82,6 +86,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     "llama_a_fp32": CheckpointSpec("llama", 2, base="llama_base", dtype="float32"),
     "llama_b_fp32": CheckpointSpec("llama", 3, base="llama_base", dtype="float32"),
     "llama_vocab_b": CheckpointSpec("llama", 5, base="llama_base", vocab="b"),
+    "llama_vocab_c": CheckpointSpec("llama", 6, base="llama_base", vocab="c"),
     "mistral_base": CheckpointSpec("mistral", 11),
     "mistral_a": CheckpointSpec("mistral", 12, base="mistral_base"),
     "mistral_b": CheckpointSpec("mistral", 13, base="mistral_base"),
@@ -91,6 +96,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     "mistral3_base": CheckpointSpec("mistral3", 31),
     "mistral3_a": CheckpointSpec("mistral3", 32, base="mistral3_base"),
     "mistral3_b": CheckpointSpec("mistral3", 33, base="mistral3_base"),
+    "qwen2_vocab_b": CheckpointSpec("qwen2", 24, base="qwen2_base", vocab="b"),
 }
 
 

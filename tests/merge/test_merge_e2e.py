@@ -212,28 +212,41 @@ def test_prefix_map_merges_the_language_model_of_a_vlm(tmp_path: Path, llama_tri
     torch.testing.assert_close(got[f"language_model.{name}"], 0.5 * vlm[f"language_model.{name}"] + 0.5 * llm[name])
 
 
-def test_tokenizer_source_is_copied(tmp_path: Path, llama_trio) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_source_gives_its_tokenizer_and_vocabulary(tmp_path: Path, llama_trio) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     _, a, b = llama_trio
-    b_tok = tmp_path / "b_with_tok"
-    import shutil
-
-    shutil.copytree(b, b_tok)
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "hello", "world", "<unk>"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(b_tok)
+    words = ["<pad>", "<eos>", "hello", "world", "<unk>"]
+    folders = {}
+    for name, src, order in (("a_tok", a, words), ("b_tok", b, [words[0], words[1], words[3], words[2], words[4]])):
+        folders[name] = tmp_path / name
+        shutil.copytree(src, folders[name])
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(order)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                unk_token="<unk>").save_pretrained(folders[name])
     recipe = write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "linear", "tokenizer_source": str(b_tok),
-        "models": [{"model": str(a)}, {"model": str(b_tok)}],
+        "merge_method": "linear", "tokenizer_source": str(folders["b_tok"]), "dtype": "float32",
+        "models": [{"model": str(folders["a_tok"])}, {"model": str(folders["b_tok"])}],
     })
     out = tmp_path / "tok"
     assert run(["merge", recipe, out, "-q"]).exit_code == 0
     loaded = AutoTokenizer.from_pretrained(out)
-    assert loaded("hello world")["input_ids"] == [2, 3]
+    assert loaded("hello world")["input_ids"] == [3, 2]  # b's ids
+    # mergekit's rule: the output has the source tokenizer's rows, each merged by token
+    embed = weights(out)["model.embed_tokens.weight"]
+    ea, eb = weights(a)["model.embed_tokens.weight"].float(), weights(b)["model.embed_tokens.weight"].float()
+    assert embed.shape[0] == 5 == json.loads((out / "config.json").read_text())["vocab_size"]
+    torch.testing.assert_close(embed[3], (ea[2] + eb[3]) / 2)  # "hello": a's row 2, b's row 3
+    missing = write_recipe(tmp_path / "m.yaml", {
+        "merge_method": "linear", "tokenizer_source": str(folders["b_tok"]),
+        "models": [{"model": str(a)}, {"model": str(folders["b_tok"])}]})
+    refused = run(["merge", missing, tmp_path / "m", "-q"])
+    assert refused.exit_code == 2 and not (tmp_path / "m").exists()
+    assert len(refused.stderr.strip().splitlines()) == 1 and "tokenizer" in refused.stderr
 
 
 def test_methods_command_lists_every_method() -> None:

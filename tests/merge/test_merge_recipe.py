@@ -86,7 +86,8 @@ def test_round_trip_through_yaml() -> None:
     ("merge_method: slerp\nslices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]}]\n",
      "equal length"),
     ("- just\n- a list\n", "mapping"),
-    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union\n", "union"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union\ntokenizer: {source: union}\n", "not both"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {pad_to_multiple_of: 8, tokenz: {}}\n", "unknown key 'tokenz'"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "bad.yaml"

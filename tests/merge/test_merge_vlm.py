@@ -121,6 +121,23 @@ def test_an_added_image_token_is_refused_naming_the_tensor_and_shapes(tmp_path: 
     assert not out.exists()
 
 
+def test_an_added_image_token_merges_with_rows_aligned_by_token(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    wider = build_llava(tmp_path / "vlm_wide", trio["base"], seed=2, extra_image_token=True)
+    recipe = vlm_recipe(trio, tokenizer_source="union")
+    recipe["models"][0]["model"] = str(wider)
+    out, result = merge(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    got, vlm, base, spec = weights(out), weights(wider), weights(trio["base"]), weights(trio["spec"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        out_name = "language_model." + name
+        assert got[out_name].shape == vlm[out_name].shape == (33, 32)
+        expected = base[name] + 0.7 * (vlm[out_name][:32] - base[name]) + 0.5 * (spec[name] - base[name])
+        torch.testing.assert_close(got[out_name][:32], expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[out_name][32], vlm[out_name][32])  # only the VLM has the image token
+    assert all(torch.equal(got[n], vlm[n]) for n in vlm if n.startswith(("vision_tower.", "multi_modal_projector.")))
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == 33
+
+
 def test_a_base_whose_map_leaves_no_unmapped_model_is_refused(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
     recipe = vlm_recipe(trio)
     recipe["models"] = [recipe["models"][1]]

@@ -84,15 +84,26 @@ def test_int8_mask_is_accepted_silently_and_changes_nothing(tmp_path: Path, trio
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_rescale_true_where_shoal_lacks_it_is_refused_false_accepted(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
-    base, a, b = trio
-    recipe = {"merge_method": "ties", "base_model": str(base), "compat": "mergekit",
-              "models": [{"model": str(a), "parameters": {"density": 0.5}}, {"model": str(b)}]}
-    refused = _run(["merge", _recipe(tmp_path / "t.yaml", {**recipe, "parameters": {"rescale": True}}), tmp_path / "t"])
-    assert refused.exit_code == 2 and "'rescale': only false is supported for method 'ties'" in refused.stderr
-    accepted = _run(["merge", _recipe(tmp_path / "f.yaml", {**recipe, "parameters": {"rescale": False}}),
-                     tmp_path / "f", "-q"])
-    assert accepted.exit_code == 0 and _warnings(accepted) == []
+def test_ties_rescale_keeps_each_task_vectors_l1_norm(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]
+    base, a, _ = trio
+    recipe = {"merge_method": "ties", "base_model": str(base), "compat": "mergekit", "dtype": "float32",
+              "models": [{"model": str(a), "parameters": {"density": 0.5}}]}
+    scaled = _run(["merge", _recipe(tmp_path / "t.yaml", {**recipe, "parameters": {"rescale": True}}), tmp_path / "t", "-q"])
+    plain = _run(["merge", _recipe(tmp_path / "f.yaml", {**recipe, "parameters": {"rescale": False}}), tmp_path / "f", "-q"])
+    assert scaled.exit_code == 0 and plain.exit_code == 0 and _warnings(scaled) == []
+    got, unscaled = _weights(tmp_path / "t"), _weights(tmp_path / "f")
+    sources, tuned = _weights(base), _weights(a)
+    for name in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+        dense = tuned[name].float() - sources[name].float()
+        # one model: every kept entry agrees with the elected sign, so out - base is the trimmed vector
+        kept, trimmed = got[name] - sources[name].float(), unscaled[name] - sources[name].float()
+        assert float(kept.abs().sum()) == pytest.approx(float(dense.abs().sum()), rel=1e-5)
+        assert torch.equal(kept != 0, trimmed != 0)
+        ratio = float(dense.abs().sum() / trimmed.abs().sum())
+        torch.testing.assert_close(kept, trimmed * ratio, rtol=1e-5, atol=1e-7)
+    bad = _run(["merge", _recipe(tmp_path / "b.yaml", {**recipe, "parameters": {"rescale": 0.5}}), tmp_path / "b"])
+    assert bad.exit_code == 2 and not (tmp_path / "b").exists()
+    assert bad.stderr.strip().splitlines() == ["error: parameter 'rescale' must be true or false, got 0.5"]
 
 
 def test_breadcrumbs_rescale_keeps_each_task_vectors_l1_norm(tmp_path: Path, trio) -> None:  # type: ignore[no-untyped-def]

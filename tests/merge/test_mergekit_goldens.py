@@ -97,11 +97,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("t_sce", "plain"): ("mergekit ranks the task vectors' variances in bf16, shoal in float32: where the "
                          "top-variance pick changes with precision, 1-2% of entries differ (the function-level "
                          "golden in test_new_methods.py agrees within rounding otherwise)"),
-    ("f_multimerge", "plain"): "shoal refuses a multi-document (mergekit-multi) recipe: invalid YAML, found another document",
-    ("f_tokenizer_block", "plain"): "shoal refuses: unknown key 'tokenizer'",
-    ("f_tokenizer_source_union", "plain"): "shoal refuses tokenizer_source 'union' (recipe.py _models_or_slices)",
-    ("f_tokenizer_source_base", "plain"): "shoal refuses: shape mismatch for lm_head.weight [32,16] vs [36,16] (no vocabulary alignment)",
-    ("f_tokenizer_source_model", "plain"): "shoal refuses: shape mismatch for lm_head.weight [32,16] vs [36,16] (no vocabulary alignment)",
     # the paper's definition, by decision (docs/merge-methods.md "Paper and mergekit modes"): shoal warns
     # when such a recipe leaves `compat` out, and states the mode in the dry-run plan and the model card;
     # the compat variants of these recipes match
@@ -112,6 +107,7 @@ XFAIL: dict[tuple[str, str], str] = {
     ("f_ties_qwen2", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_modules_vlm_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_fp32_inputs_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
+    ("f_ties_rescale", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("t_dare_ties", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.38x mergekit's",
     ("f_int8_mask_dare", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.67x mergekit's",
     ("f_breadcrumbs_ties", "plain"): (_PAPER_MODE + "plain breadcrumbs_ties normalizes (methods/breadcrumbs.py "
@@ -155,8 +151,9 @@ def test_checkpoints_rebuild_bitwise(golden_checkpoints: Path) -> None:
 
 
 def test_goldens_stay_small() -> None:
+    # 84 recipes at ~20 KB each (xz-compressed tensors + their json); the budget keeps a clone light
     total = sum(p.stat().st_size for p in GOLDENS.iterdir())
-    assert total < 1_500_000, f"tests/goldens/mergekit holds {total} bytes"
+    assert total < 2_000_000, f"tests/goldens/mergekit holds {total} bytes"
 
 
 def _run_shoal(golden: dict, variant: str, root: Path, tmp: Path):  # type: ignore[no-untyped-def]
@@ -328,6 +325,50 @@ def _stat_differences(golden: dict, got: dict[str, torch.Tensor], root: Path) ->
     return problems
 
 
+def _union_appended(golden: dict, builder) -> set[str]:  # type: ignore[no-untyped-def]
+    """The tokens a ``union`` tokenizer appends to the base's (their order in mergekit changes per run).
+
+    mergekit appends them in the iteration order of the tokenizers library's vocabulary map, which
+    is seeded per process (two runs of mergekit-yaml on one recipe give two orders); shoal appends
+    them in id order. Tokens named under ``tokenizer.tokens`` that no model has come after them in both.
+    """
+    doc = [d for d in yaml.safe_load_all(golden["recipe"]) if d][-1]
+    block = doc.get("tokenizer") or {}
+    source = doc.get("tokenizer_source") or (block.get("source", "union") if "tokenizer" in doc else None)
+    if source != "union":
+        return set()
+    base = (doc.get("base_model") or (doc.get("models") or [{}])[0].get("model", "")).removeprefix("tiny/")
+    base_vocab = builder.VOCABS[builder.CHECKPOINTS[base].vocab]
+    in_models = {t for name in golden["checkpoints"] for t in builder.VOCABS[builder.CHECKPOINTS[name].vocab]}
+    return (set(golden["files"]["vocab"]) - set(base_vocab)) & in_models
+
+
+def _vocabulary_differences(golden: dict, ordered: list[str], builder) -> list[str]:  # type: ignore[no-untyped-def]
+    """The output vocabulary against mergekit's: same tokens, same ids but among a union's appended tokens."""
+    expected = golden["files"]["vocab"]
+    if len(ordered) != len(expected) or set(ordered) != set(expected):
+        return [f"vocabulary of {len(ordered)} tokens, mergekit's has {len(expected)} "
+                f"(missing {sorted(set(expected) - set(ordered))[:5]}, extra {sorted(set(ordered) - set(expected))[:5]})"]
+    free = _union_appended(golden, builder)
+    wrong = [i for i, (mine, theirs) in enumerate(zip(ordered, expected)) if mine != theirs
+             and not (mine in free and theirs in free)]
+    return [f"token ids differ from mergekit's at {len(wrong)} ids, e.g. id {wrong[0]}: "
+            f"{ordered[wrong[0]]!r} vs {expected[wrong[0]]!r}"] if wrong else []
+
+
+def _in_mergekit_token_order(got: dict[str, torch.Tensor], ordered: list[str],
+                             expected: list[str]) -> dict[str, torch.Tensor]:
+    """shoal's per-token rows put in mergekit's token order (the identity unless a union's order differs)."""
+    if ordered == expected or set(ordered) != set(expected):
+        return got
+    perm = torch.tensor([ordered.index(t) for t in expected])
+    result = dict(got)
+    for name, tensor in got.items():
+        if tensor.ndim == 2 and tensor.shape[0] >= len(expected) and ("embed_tokens" in name or "lm_head" in name):
+            result[name] = torch.cat([tensor[perm], tensor[len(expected):]])
+    return result
+
+
 @pytest.mark.parametrize(("golden", "variant"), _cases())
 def test_shoal_matches_mergekit(golden: dict, variant: str, golden_checkpoints: Path, tmp_path: Path) -> None:
     result, out = _run_shoal(golden, variant, golden_checkpoints, tmp_path)
@@ -361,8 +402,8 @@ def test_shoal_matches_mergekit(golden: dict, variant: str, golden_checkpoints: 
             vocab = dict(data["model"]["vocab"])
             vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
             ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-            if ordered != files["vocab"]:
-                problems.append(f"vocabulary of {len(ordered)} tokens, mergekit's has {len(files['vocab'])}")
+            problems += _vocabulary_differences(golden, ordered, builder)
+            got = _in_mergekit_token_order(got, ordered, files["vocab"])
     if files.get("chat_template"):
         template = None
         if (out / "chat_template.jinja").exists():

@@ -8,7 +8,7 @@ one); anything else must be a Jinja template (it contains ``{``). The template i
 the folder holds one template.
 
 The built-in templates are written here from each format's published description (ChatML,
-Meta's Llama 3 prompt format, Mistral's [INST] format); rendered with transformers' settings
+Meta's Llama 3 prompt format, Mistral's [INST] format, Stanford Alpaca's, LG's EXAONE); rendered with transformers' settings
 they give the prompts mergekit's templates of the same names give (mergekit's ``llama3`` puts a
 newline after each ``<|eot_id|>``, so this one does too).
 """
@@ -61,6 +61,41 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{{- raise_exception('only user and assistant roles, and a first system message, are supported') -}}\n"
         "{%- endif -%}\n"
         "{%- endfor -%}\n"
+    ),
+    # Stanford Alpaca's prompt format: an optional system text, then "### Instruction:",
+    # "### Input:" (role user_context) and "### Response:" sections, as mergekit's alpaca renders it
+    "alpaca": (
+        "{%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}\n"
+        "{{- (systems | last).content | trim if systems else '' -}}\n"
+        "{{- '\\n\\n' -}}\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['role'] == 'user' -%}{%- set heading = '### Instruction:' -%}\n"
+        "{%- elif message['role'] == 'assistant' -%}{%- set heading = '### Response:' -%}\n"
+        "{%- elif message['role'] == 'user_context' -%}{%- set heading = '### Input:' -%}\n"
+        "{%- else -%}{%- set heading = '' -%}{%- endif -%}\n"
+        "{%- if heading -%}\n"
+        "{{- heading ~ '\\n' ~ message['content'] | trim -}}\n"
+        "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}\n"
+        "{{- '### Response:\\n' -}}\n"
+        "{%- endif -%}\n"
+    ),
+    # LG's EXAONE format: [|role|]text, [|endofturn|] after every turn but the user's, an empty
+    # system turn first when there is none; with the indentation mergekit's exaone template emits
+    # (its spaces sit outside the block tags, so transformers' settings keep them)
+    "exaone": (
+        "{%- for message in messages -%}\n"
+        "{%- if loop.first and message['role'] != 'system' -%}\n"
+        "{{- '        [|system|][|endofturn|]\\n\\n' -}}\n"
+        "{%- endif -%}\n"
+        "{{- '    [|' ~ message['role'] ~ '|]' ~ message['content'] ~ '\\n        ' -}}\n"
+        "{{- '\\n\\n' if message['role'] == 'user' else '[|endofturn|]\\n\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        "{{- '    [|assistant|]\\n' -}}\n"
+        "{%- endif -%}\n"
     ),
 }
 

@@ -7,6 +7,12 @@ included), ``--cuda``/``--no-cuda`` (= ``--device cuda``/``cpu``), ``--random-se
 weights lazily anyway), ``--allow-crimes`` (shoal does not refuse mixed architectures; shapes
 must still agree), ``--trust-remote-code`` (a merge runs no model code). ``--no-copy-tokenizer``
 has no shoal counterpart and is refused with one line.
+
+A file of several recipes (``---`` separated, every one but the final merge with a ``name``:
+mergekit-multi's format, :mod:`shoal.merge.multi_stage`) runs stage by stage; the final merge is
+written to OUT, the named stages to ``--intermediate-dir`` (kept, and skipped on a rerun when
+complete) or, without it, to a temporary folder beside OUT that is removed afterwards.
+``shoal merge-multi`` is mergekit-multi's own command line.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ def _refuse_no_copy_tokenizer(ctx: click.Context, param: click.Parameter, value:
 @click.option("--dry-run", is_flag=True, help="print the plan (tensors, methods, sizes, mode) and write nothing")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True, help='print {"out", "tensors", "bytes"} as one JSON object')
+@click.option("--intermediate-dir", "-I", type=click.Path(path_type=Path), default=None,
+              help="multi-stage recipes: where the named stages are written (kept; complete ones are not merged "
+                   "again)  [default: a temporary folder beside OUT]")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, hidden=True,
               callback=_refuse_no_copy_tokenizer, expose_value=False)
 @click.option("--lazy-unpickle", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
@@ -52,7 +61,8 @@ def _refuse_no_copy_tokenizer(ctx: click.Context, param: click.Parameter, value:
 @click.option("--trust-remote-code", is_flag=True, hidden=True, expose_value=False, help=_NO_EFFECT_HELP)
 @verbosity
 def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shard_size: str, seed: int,
-            allow_pickle: bool, dry_run: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            allow_pickle: bool, dry_run: bool, overwrite: bool, as_json: bool, intermediate_dir: Path | None,
+            quiet: bool) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into a Hugging Face folder OUT.
 
     mergekit's --out-shard-size, --cuda, --random-seed, --copy-tokenizer, --lazy-unpickle,
@@ -73,6 +83,16 @@ def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shar
         settle()
 
         size = parse_byte_size(shard_size)
+        from shoal.merge.multi_stage import read_documents
+
+        if recipe.is_file() and len(read_documents(recipe)) > 1:
+            _merge_stages(recipe, out, intermediate_dir, dry_run=dry_run, overwrite=overwrite, quiet=quiet or as_json,
+                          as_json=as_json, options=dict(shard_size=size, device=device, seed=seed,
+                                                        allow_pickle=allow_pickle))
+            return
+        if intermediate_dir is not None:
+            raise click.UsageError("--intermediate-dir: RECIPE is a single recipe; the option is for multi-stage "
+                                   "recipes (several documents)")
         parsed = load_recipe(recipe)
         if dry_run:
             with ExitStack() as stack:
@@ -91,6 +111,74 @@ def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shar
         click.echo(json.dumps({"out": str(result.out), "tensors": result.tensors, "bytes": result.total_bytes}))
     else:
         click.echo(f"wrote {result.tensors} tensors ({_human(result.total_bytes)}) to {result.out}")
+
+
+def _merge_stages(recipe: Path, out: Path, intermediate_dir: Path | None, *, dry_run: bool, overwrite: bool,
+                  quiet: bool, as_json: bool, options: dict) -> None:
+    """A multi-stage recipe: its final merge into ``out``, the named stages into ``intermediate_dir``."""
+    import shutil
+    import tempfile
+
+    from shoal.errors import RecipeError
+    from shoal.merge.multi_stage import parse_stages, read_documents
+
+    folder = intermediate_dir or Path("(a temporary folder beside OUT)")
+    stages = parse_stages(read_documents(recipe), folder, where=str(recipe))
+    if all(stage.name is not None for stage in stages):
+        raise RecipeError(f"{recipe}: every stage has a name, so none would be written to OUT; leave the "
+                               "final merge's name out, or run shoal merge-multi")
+    if dry_run:
+        print_stages(stages, folder, out)
+        return
+    _check_device(options["device"])
+    _check_out(out, overwrite)
+    temporary = None
+    if intermediate_dir is None:
+        out.expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.expanduser().absolute().parent))
+        stages = parse_stages(read_documents(recipe), temporary, where=str(recipe))
+    try:
+        results = run_stage_list(stages, temporary or folder, out, lazy=True, lazy_final=False, overwrite=overwrite,
+                                 quiet=quiet, options=options)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    report_stages(results, as_json=as_json)
+
+
+def print_stages(stages, folder: Path, out: Path | None) -> None:  # type: ignore[no-untyped-def]
+    """The dry run of a multi-stage recipe: each stage, where it goes and what it needs (no tensor plans)."""
+    click.echo(f"multi-stage recipe: {len(stages)} stages, in this order")
+    for stage in stages:
+        target = folder / stage.name if stage.name is not None else out
+        needs = f" (after {', '.join(stage.needs)})" if stage.needs else ""
+        click.echo(f"  {stage.label}: {stage.recipe.merge_method} -> {target}{needs}")
+
+
+def run_stage_list(stages, folder: Path, out: Path | None, *, lazy: bool, lazy_final: bool,  # type: ignore[no-untyped-def]
+                   overwrite: bool, quiet: bool, options: dict):
+    from shoal.merge.multi_stage import run_stages
+
+    def announce(stage, target: Path) -> None:  # type: ignore[no-untyped-def]
+        if not quiet:
+            click.echo(f"stage {stage.label} -> {target}", err=True)
+
+    with progress_bars(enabled=not quiet) as progress:
+        return run_stages(stages, intermediate_dir=folder, out=out, lazy=lazy, lazy_final=lazy_final,
+                          overwrite=overwrite, on_stage=announce, progress=progress, on_plan=_print_warnings,
+                          **options)
+
+
+def report_stages(results, *, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    if as_json:
+        click.echo(json.dumps([{"stage": r.stage.name, "out": str(r.out), "skipped": r.skipped, "tensors": r.tensors,
+                                "bytes": r.total_bytes} for r in results]))
+        return
+    for r in results:
+        if r.skipped:
+            click.echo(f"stage {r.stage.label}: {r.out} is complete, not merged again")
+        else:
+            click.echo(f"stage {r.stage.label}: wrote {r.tensors} tensors ({_human(r.total_bytes)}) to {r.out}")
 
 
 def _device(device: str | None, cuda: bool | None) -> str:
@@ -149,6 +237,10 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     if plan.components:  # a diffusion pipeline
         modes = ", ".join(f"{name} {mode}" for name, mode in plan.components)
         click.echo(f"components ({plan.output_layout}): {modes}")
+    if plan.vocabulary is not None:
+        vocab = plan.vocabulary
+        click.echo(f"vocabulary: {len(vocab.tokens)} tokens, {vocab.size} rows; per-token tensors aligned by token: "
+                   + ", ".join(sorted({name for names in vocab.aligned.values() for name in names})))
     for row in rows:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     click.echo(f"{len(plan.ops)} tensors, {_human(plan.total_bytes)} to write, "

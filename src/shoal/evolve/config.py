@@ -218,6 +218,9 @@ class EvolveConfig(_Strict):
         stray = [m for m in self.prefix_maps if m not in self.models and m != self.base_model]
         if stray:
             raise ValueError(f"prefix_maps names {stray}, which are neither 'models' nor the base_model")
+        if self.base_model in self.prefix_maps and all(m in self.prefix_maps for m in self.models):
+            raise ValueError("base_model has a prefix_map, so one model needs none: the candidates "
+                             "take its tensor names, config and processor (the VLM)")
         if self.prefix_maps and self.kind == "dfs":
             raise ValueError("prefix_map: a dfs run stacks whole decoder layers of like models; "
                              "prefix maps apply to parameter-space (ps) runs")

@@ -124,6 +124,9 @@ class Evaluator(_Base):
 
     def rows(self, genome: Mapping[str, float], baseline: Mapping[str, float] | None) -> list[tuple[str, Any]]:
         sources = ([self.config.base_model] if self.config.base_model else []) + list(self.config.models)
+        # models seen through a prefix map (LLMs merged into a VLM) cannot read the candidates'
+        # inputs (images); their rows, where wanted, come as extra rows
+        sources = [s for s in sources if s not in self.config.prefix_maps]
         return [*source_rows(sources),
                 (f"uniform {self.config.method}", uniform_recipe(self.config, baseline))]
 

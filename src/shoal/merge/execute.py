@@ -135,6 +135,8 @@ def execute_plan(plan: MergePlan, readers: Mapping[str, CheckpointReader], out_d
 
         return write_pipeline_tensors(plan, readers, out_dir, shard_size=shard_size, device=device,
                                       progress=progress, options=options)
+    if plan.vocabulary is not None:  # per-token tensors rebuilt in the output vocabulary
+        readers = plan.vocabulary.wrap(readers)
     return write_tensor_ops(plan.ops, readers, out_dir, compat=plan.recipe.compat, shard_size=shard_size,
                             device=device, progress=progress, options=options)
 

@@ -24,7 +24,9 @@ def write_support(plan: MergePlan, readers: Mapping[str, CheckpointReader], stag
         _write_card(plan, readers, stage, seed=seed)
         return
     copy_support_files(readers[plan.reference], stage, config_updates=dict(plan.config_updates))
-    if plan.tokenizer_source != plan.reference:
+    if plan.vocabulary is not None:  # the tokenizer built for the output vocabulary, saved as mergekit saves it
+        plan.vocabulary.save(stage)
+    elif plan.tokenizer_source != plan.reference:
         _copy_tokenizer(readers[plan.tokenizer_source], stage)
     recipe = plan.recipe
     if recipe.chat_template:

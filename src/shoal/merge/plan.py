@@ -91,6 +91,9 @@ class MergePlan:
     warnings: tuple[str, ...] = ()  # one line each: ignored parameters, the mode a recipe runs in
     output_layout: str = "hf"  # "hf" (a model folder), "diffusers" (a pipeline folder) or "single_file"
     components: tuple[tuple[str, str], ...] = ()  # diffusion pipelines: (component, "merge" or "copy")
+    # the output vocabulary when the recipe sets a tokenizer (shoal.merge.tokenizer_merge.Vocabulary):
+    # executing the plan reads the sources through ``vocabulary.wrap(readers)``
+    vocabulary: Any = None
 
     @property
     def total_bytes(self) -> int:
@@ -123,8 +126,17 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
     if recipe.chat_template is not None and recipe.chat_template != "auto":
         resolve_chat_template(recipe.chat_template, [])  # a bad name fails here, before any output
     seed = recipe.seed if recipe.seed is not None else seed
+    diffusion = any(is_diffusion(reader) for reader in readers.values())
+    vocabulary = None
+    if not diffusion:  # a pipeline's tokenizer_source names the tokenizer folder to copy, nothing more
+        from shoal.merge.tokenizer_merge import plan_vocabulary
+
+        vocabulary, vocab_warnings = plan_vocabulary(recipe, readers)
+        warnings.extend(vocab_warnings)
+        if vocabulary is not None:  # plan over the sources as they look in the output vocabulary
+            readers = vocabulary.wrap(readers)
     check_parameter_kinds(recipe, method)
-    if any(is_diffusion(reader) for reader in readers.values()):
+    if diffusion:
         from shoal.merge.plan_diffusion import check_diffusion_sources, plan_diffusion
 
         check_diffusion_sources(recipe, readers)
@@ -139,6 +151,8 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
     warning = mode_warning(recipe, method)
     if warning:
         warnings.append(warning)
+    if vocabulary is not None:
+        plan = replace(plan, vocabulary=vocabulary.bind(plan.ops))
     return replace(plan, warnings=tuple(warnings) + plan.warnings)
 
 
@@ -276,8 +290,9 @@ def copy_op(out_name: str, view: _ModelView, recipe: Recipe, seed: int) -> Tenso
 
 
 def tokenizer_source(recipe: Recipe, reference: str) -> str:
-    source = recipe.tokenizer_source
-    if source is None or source == "base":
+    """The model whose tokenizer files are copied (a recipe that sets a tokenizer writes a built one instead)."""
+    source = recipe.tokenizer_source if recipe.tokenizer is None else recipe.tokenizer.source
+    if source in (None, "base", "union"):
         return reference if source is None or recipe.base_model is None else recipe.base_model
     if source not in recipe.source_models():
         raise RecipeError(f"tokenizer_source {source!r} is neither 'base' nor one of the recipe's models")

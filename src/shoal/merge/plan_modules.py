@@ -14,6 +14,7 @@ tower is one model's copy.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from shoal.checkpoint import CheckpointReader, module_of
@@ -55,9 +56,9 @@ def module_recipe(recipe: Recipe, module: Module) -> Recipe:
                                      "parameters": _layer_params(module.parameters, recipe.parameters)})
 
 
-def plan_modules(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed: int):  # type: ignore[no-untyped-def]
+def plan_modules(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed: int) -> Any:
     """The plan of a ``modules:`` recipe: each module's ops from its own plan, in the reference's order."""
-    from shoal.merge.plan import MergePlan, plan_merge
+    from shoal.merge.plan import plan_merge
 
     assert recipe.modules is not None
     plans = {}
@@ -87,7 +88,6 @@ def plan_modules(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, see
     updates: dict[str, Any] = {}
     for plan in plans.values():
         updates.update(plan.config_updates)
-    first = next(iter(plans.values()))
-    return MergePlan(recipe=recipe, method=first.method, ops=tuple(ops), reference=reference,
-                     tokenizer_source=first.tokenizer_source, config_updates=updates,
-                     warnings=tuple(dict.fromkeys(warnings)))
+    # the first module's plan with every module's ops (other plan fields, as the first's)
+    return replace(next(iter(plans.values())), recipe=recipe, ops=tuple(ops), reference=reference,
+                   config_updates=updates, warnings=tuple(dict.fromkeys(warnings)))

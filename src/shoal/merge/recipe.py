@@ -4,8 +4,9 @@ Accepted as in mergekit: ``models`` (each ``model`` with ``parameters``) or ``sl
 ``sources`` of ``model`` + ``layer_range`` and optional ``parameters``), ``merge_method``,
 ``base_model`` (also per slice), ``parameters`` (scalars, gradient lists interpolated over
 layers, or lists of ``filter``/``value`` entries), ``dtype`` (what the merge computes in),
-``out_dtype`` (what it writes), ``tokenizer_source``, ``chat_template`` (a built-in name such as
-``chatml``, ``auto``, or a Jinja template).
+``out_dtype`` (what it writes), ``tokenizer_source`` (``union``, ``base`` or a model) or the
+``tokenizer`` block (:mod:`shoal.merge.tokenizer_config`), ``chat_template`` (a built-in name such
+as ``chatml``, ``auto``, or a Jinja template).
 
 ``modules`` (mergekit's multi-module recipes: per module of a vision-language model,
 ``text_decoder`` / ``vision_tower`` / ``multi_modal_projector``, or ``default`` for a
@@ -31,6 +32,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
                       field_validator, model_validator)
 
 from shoal.errors import RecipeError
+from shoal.merge.tokenizer_config import TokenizerBlock
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTypeName = Literal["float32", "float16", "bfloat16"]
@@ -184,6 +186,7 @@ class Recipe(_Strict):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     seed: int | None = None
     compat: Literal["paper", "mergekit"] = "paper"
@@ -200,9 +203,8 @@ class Recipe(_Strict):
             raise ValueError("'models' is empty")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source 'union' (building a merged vocabulary) is not "
-                             "supported; use 'base' or one of the models")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or a 'tokenizer' block, not both (mergekit refuses both too)")
         return self
 
     def source_models(self) -> list[str]:

@@ -103,8 +103,8 @@ _TASK_ARITHMETIC_FAMILY = ("task_arithmetic", "ties", "dare_ties", "dare_linear"
 NO_EFFECT_PARAMETERS: dict[str, dict[str, bool]] = {
     # mergekit computes its sign-agreement masks in int8 to save memory; shoal's are booleans
     "int8_mask": {name: True for name in _TASK_ARITHMETIC_FAMILY},
-    # task arithmetic sparsifies nothing, so there is nothing to rescale; TIES rescales only when true
-    "rescale": {"task_arithmetic": True, "ties": False},
+    # task arithmetic sparsifies nothing, so there is nothing to rescale
+    "rescale": {"task_arithmetic": True},
 }
 
 _PY_NAMES = {"lambda_": "lambda"}

@@ -57,8 +57,11 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml_file(path: Path, *, error: type[ShoalError], what: str = "file") -> Any:
-    """The plain data of the YAML file at ``path``; every problem is an ``error`` naming the file."""
+def load_yaml_file(path: Path, *, error: type[ShoalError], what: str = "file", documents: bool = False) -> Any:
+    """The plain data of the YAML file at ``path``; every problem is an ``error`` naming the file.
+
+    With ``documents``, a list of every document of the file (``---`` separated), else its one document.
+    """
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -70,6 +73,11 @@ def load_yaml_file(path: Path, *, error: type[ShoalError], what: str = "file") -
                     f"save the {what} as UTF-8") from None
     loader = _StrictLoader(text)
     try:
+        if documents:
+            found = []
+            while loader.check_data():
+                found.append(loader.get_data())
+            return found
         return loader.get_single_data()
     except _Refused as err:
         raise error(f"{path}: {err}") from None

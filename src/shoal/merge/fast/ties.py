@@ -38,7 +38,7 @@ def ties_stages(job: ChunkJob) -> Stage | None:
     threshold: the op then runs whole.
     """
     kernels = job.float32_kernels()
-    if kernels is None:
+    if kernels is None or job.kwargs.get("rescale"):  # rescaling needs each whole trimmed vector: runs whole
         return None
     job = job.with_ranges(_fused_ranges(job))
     kwargs, op, sources = job.kwargs, job.op, job.sources

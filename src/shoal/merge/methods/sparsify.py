@@ -28,12 +28,19 @@ def trim_count(density: float, n: int, *, compat: Compat = "paper") -> int:
     return count_for_fraction(density, n, floor=compat == "mergekit")
 
 
-def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "paper") -> torch.Tensor:
-    """Keep the ``round(density * n)`` largest-magnitude entries of ``delta``, zero the rest."""
+def trim_by_magnitude(delta: torch.Tensor, density: float, *, compat: Compat = "paper",
+                      rescale: bool = False) -> torch.Tensor:
+    """Keep the ``round(density * n)`` largest-magnitude entries of ``delta``, zero the rest.
+
+    ``rescale``: the kept entries are scaled to the L1 norm of ``delta`` (mergekit's option).
+    """
     if density >= 1.0:
         return delta
-    keep = top_k_mask(delta.abs(), trim_count(density, delta.numel(), compat=compat))
-    return apply_keep_mask(delta, keep)
+    magnitude = delta.abs()
+    l1_before = magnitude.sum() if rescale else None
+    keep = top_k_mask(magnitude, trim_count(density, delta.numel(), compat=compat))
+    trimmed = apply_keep_mask(delta, keep)
+    return rescale_to_l1(trimmed, l1_before) if l1_before is not None else trimmed
 
 
 def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
