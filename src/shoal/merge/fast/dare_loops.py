@@ -8,6 +8,8 @@ chunking); :func:`dare_merge` is DARE-TIES for one chunk with the arithmetic of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -62,16 +64,18 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
             words = _philox(ublock & _LOW32, ublock >> _SHIFT32, c2, np.uint64(0), k0, k1)
             out[entry - start] = words[entry % 4] < limit
 
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-untyped-def]
-                   weighted_election, normalize, scale, lambda_, fused):
-        """DARE-TIES for one chunk into ``out``: (sources finite, result finite).
+    return philox_keep
 
-        Model k's task vector is masked by ``keep[k]`` (a tuple of byte arrays, nonzero = keep)
-        and divided by ``divisors[k]`` (its density when rescaling, else 1). A model kept whole
-        has a mask of ones; one dropped whole, of zeros (its task vector becomes +-0.0 instead of
-        torch's +0.0: no sum below can tell them apart).
-        """
+
+philox_keep = _cached_loops(DIGEST)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
+    """The cached merge loop for one set of combine settings (constants of the loop, as in :mod:`.ties_loops`)."""
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def merge(base, models, out, keep, divisors, weights, lambda_):  # type: ignore[no-untyped-def]
         digest  # noqa: B018 (part of the cache key)
         count, n = len(models), base.shape[0]
         non_finite_sources = np.int32(0)
@@ -92,7 +96,18 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
             non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
         return non_finite_sources == 0, non_finite_results == 0
 
-    return philox_keep, dare_merge
+    return merge
 
 
-philox_keep, dare_merge = _cached_loops(DIGEST)
+def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-untyped-def]
+               weighted_election, normalize, scale, lambda_, fused):
+    """DARE-TIES for one chunk into ``out``: (sources finite, result finite).
+
+    Model k's task vector is masked by ``keep[k]`` (a tuple of byte arrays, nonzero = keep)
+    and divided by ``divisors[k]`` (its density when rescaling, else 1). A model kept whole
+    has a mask of ones; one dropped whole, of zeros (its task vector becomes +-0.0 instead of
+    torch's +0.0: no sum below can tell them apart). The trailing arguments are those of
+    :func:`~.fused.combine_settings`.
+    """
+    loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
+    return loop(base, models, out, keep, divisors, weights, lambda_)

@@ -9,6 +9,8 @@ errors the torch code raises. ``nogil``: the executor's workers run them side by
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -115,33 +117,6 @@ def _tie_limit(base, model, threshold, count):  # type: ignore[no-untyped-def]
     return base.shape[0]
 
 
-@njit(nogil=True, error_model="numpy")
-def _ties_piece(base, models, out, start, stop, above, weights,  # type: ignore[no-untyped-def]
-                weighted_election, normalize, scale, lambda_, fused):
-    """:func:`ties_merge` on entries [start, stop) (unsigned: no negative-index wraparound, the loop vectorizes)."""
-    count = len(models)
-    non_finite_sources = np.int32(0)
-    non_finite_results = np.int32(0)
-    for i in range(start, stop):
-        b = _widen(base[i])
-        non_finite_sources = np.int32(non_finite_sources + _non_finite(b))
-        total = _ZERO
-        for k in range(count):
-            non_finite_sources = np.int32(non_finite_sources + _non_finite(_widen(models[k][i])))
-            delta = _widen(models[k][i]) - b
-            delta = delta * np.float32(abs(delta) > above[k])  # a dropped -x becomes -0.0, as in torch
-            total = _elect_step(total, delta, k, weights[k], weighted_election, fused)
-        elected = _elected(total, weighted_election)
-        numerator, denominator = _ZERO, _ZERO
-        for k in range(count):
-            delta = _widen(models[k][i]) - b
-            delta = delta * np.float32(abs(delta) > above[k])
-            numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
-        non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
-    return non_finite_sources, non_finite_results
-
-
-
 def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
     """The cached loops, keyed by ``digest`` (see :mod:`.primitives`)."""
 
@@ -189,19 +164,47 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
                 runs += 1
         return above, distinct[:runs].copy(), counts[:runs].copy(), non_finite == 0
 
+    return ties_scan
+
+
+ties_scan = _cached_loops(DIGEST)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
+    """The cached merge loop for one set of combine settings, keyed by ``digest`` (see :mod:`.primitives`).
+
+    The settings are constants of the compiled loop (numba's cache key includes a closure's
+    values): tested per entry they are branches inside the loop, which LLVM then does not
+    vectorize.
+    """
+
+    @njit(nogil=True, error_model="numpy")
+    def piece(base, models, out, start, stop, above, weights, lambda_):  # type: ignore[no-untyped-def]
+        """The merge of entries [start, stop) (unsigned: no negative-index wraparound, the loop vectorizes)."""
+        count = len(models)
+        non_finite_sources = np.int32(0)
+        non_finite_results = np.int32(0)
+        for i in range(start, stop):
+            b = _widen(base[i])
+            non_finite_sources = np.int32(non_finite_sources + _non_finite(b))
+            total = _ZERO
+            for k in range(count):
+                non_finite_sources = np.int32(non_finite_sources + _non_finite(_widen(models[k][i])))
+                delta = _widen(models[k][i]) - b
+                delta = delta * np.float32(abs(delta) > above[k])  # a dropped -x becomes -0.0, as in torch
+                total = _elect_step(total, delta, k, weights[k], weighted_election, fused)
+            elected = _elected(total, weighted_election)
+            numerator, denominator = _ZERO, _ZERO
+            for k in range(count):
+                delta = _widen(models[k][i]) - b
+                delta = delta * np.float32(abs(delta) > above[k])
+                numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
+            non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
+        return non_finite_sources, non_finite_results
+
     @njit(cache=True, nogil=True, error_model="numpy")
-    def ties_merge(base, models, out, thresholds, ties_left, weights,  # type: ignore[no-untyped-def]
-                   weighted_election, normalize, scale, lambda_, fused):
-        """TIES for one chunk into ``out``: (sources finite, result finite).
-
-        ``models`` is a tuple of the models' chunks. Model k's task vector keeps the entries
-        with magnitude above ``thresholds[k]`` and, of those equal to it, the first
-        ``ties_left[k]`` in flat order (all of them when negative). A threshold of -1 keeps
-        all entries, +Inf none.
-
-        The task vectors are computed twice per entry (for the election, then for the mean)
-        rather than kept in an array: they stay in registers, with no store and load between.
-        """
+    def merge(base, models, out, thresholds, ties_left, weights, lambda_):  # type: ignore[no-untyped-def]
         digest  # noqa: B018 (part of the cache key)
         count, n = len(models), base.shape[0]  # count is part of the tuple's type: the loops over k unroll
         # Ties are kept before index limits[k] and dropped after: the chunk is cut at these indices,
@@ -216,18 +219,30 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
         above = np.empty(count, np.float32)
         non_finite_sources = 0
         non_finite_results = 0
-        for piece in range(cuts.shape[0] - 1):
-            start, stop = cuts[piece], cuts[piece + 1]
+        for at in range(cuts.shape[0] - 1):
+            start, stop = cuts[at], cuts[at + 1]
             for k in range(count):
                 above[k] = np.nextafter(thresholds[k], _MINUS_INF) if start < limits[k] else thresholds[k]
-            sources, results = _ties_piece(base, models, out, np.uint64(start), np.uint64(stop), above, weights,
-                                           weighted_election, normalize, scale, lambda_, fused)
+            sources, results = piece(base, models, out, np.uint64(start), np.uint64(stop), above, weights, lambda_)
             non_finite_sources += sources
             non_finite_results += results
         return non_finite_sources == 0, non_finite_results == 0
 
+    return merge
 
-    return ties_scan, ties_merge
 
+def ties_merge(base, models, out, thresholds, ties_left, weights,  # type: ignore[no-untyped-def]
+               weighted_election, normalize, scale, lambda_, fused):
+    """TIES for one chunk into ``out``: (sources finite, result finite).
 
-ties_scan, ties_merge = _cached_loops(DIGEST)
+    ``models`` is a tuple of the models' chunks. Model k's task vector keeps the entries
+    with magnitude above ``thresholds[k]`` and, of those equal to it, the first
+    ``ties_left[k]`` in flat order (all of them when negative). A threshold of -1 keeps
+    all entries, +Inf none. The trailing arguments are those of
+    :func:`~.fused.combine_settings`.
+
+    The task vectors are computed twice per entry (for the election, then for the mean)
+    rather than kept in an array: they stay in registers, with no store and load between.
+    """
+    loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
+    return loop(base, models, out, thresholds, ties_left, weights, lambda_)
