@@ -9,6 +9,7 @@ chunking); :func:`dare_merge` is DARE-TIES for one chunk with the arithmetic of
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from numba import njit
@@ -70,6 +71,9 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
 philox_keep = _cached_loops(DIGEST)
 
 
+_loops_lock = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
     """The cached merge loop for one set of combine settings (constants of the loop, as in :mod:`.ties_loops`)."""
@@ -109,5 +113,6 @@ def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-un
     torch's +0.0: no sum below can tell them apart). The trailing arguments are those of
     :func:`~.fused.combine_settings`.
     """
-    loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
+    with _loops_lock:  # the workers' first calls: one compiles (or loads) the loop, the other waits
+        loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
     return loop(base, models, out, keep, divisors, weights, lambda_)

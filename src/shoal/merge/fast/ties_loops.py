@@ -10,6 +10,7 @@ errors the torch code raises. ``nogil``: the executor's workers run them side by
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -170,38 +171,18 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
 ties_scan = _cached_loops(DIGEST)
 
 
+_loops_lock = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
     """The cached merge loop for one set of combine settings, keyed by ``digest`` (see :mod:`.primitives`).
 
     The settings are constants of the compiled loop (numba's cache key includes a closure's
     values): tested per entry they are branches inside the loop, which LLVM then does not
-    vectorize.
+    vectorize. (No other compiled function among the closure's values: numba's cache key would
+    then differ in every process.)
     """
-
-    @njit(nogil=True, error_model="numpy")
-    def piece(base, models, out, start, stop, above, weights, lambda_):  # type: ignore[no-untyped-def]
-        """The merge of entries [start, stop) (unsigned: no negative-index wraparound, the loop vectorizes)."""
-        count = len(models)
-        non_finite_sources = np.int32(0)
-        non_finite_results = np.int32(0)
-        for i in range(start, stop):
-            b = _widen(base[i])
-            non_finite_sources = np.int32(non_finite_sources + _non_finite(b))
-            total = _ZERO
-            for k in range(count):
-                non_finite_sources = np.int32(non_finite_sources + _non_finite(_widen(models[k][i])))
-                delta = _widen(models[k][i]) - b
-                delta = delta * np.float32(abs(delta) > above[k])  # a dropped -x becomes -0.0, as in torch
-                total = _elect_step(total, delta, k, weights[k], weighted_election, fused)
-            elected = _elected(total, weighted_election)
-            numerator, denominator = _ZERO, _ZERO
-            for k in range(count):
-                delta = _widen(models[k][i]) - b
-                delta = delta * np.float32(abs(delta) > above[k])
-                numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
-            non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
-        return non_finite_sources, non_finite_results
 
     @njit(cache=True, nogil=True, error_model="numpy")
     def merge(base, models, out, thresholds, ties_left, weights, lambda_):  # type: ignore[no-untyped-def]
@@ -217,15 +198,30 @@ def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bo
                 limits[k] = _tie_limit(base, models[k], thresholds[k], ties_left[k])
         cuts = np.unique(np.concatenate((np.array([0, n], np.int64), limits)))
         above = np.empty(count, np.float32)
-        non_finite_sources = 0
-        non_finite_results = 0
+        non_finite_sources = np.int32(0)
+        non_finite_results = np.int32(0)
         for at in range(cuts.shape[0] - 1):
             start, stop = cuts[at], cuts[at + 1]
             for k in range(count):
                 above[k] = np.nextafter(thresholds[k], _MINUS_INF) if start < limits[k] else thresholds[k]
-            sources, results = piece(base, models, out, np.uint64(start), np.uint64(stop), above, weights, lambda_)
-            non_finite_sources += sources
-            non_finite_results += results
+            # unsigned: no negative-index wraparound, the loop vectorizes
+            for i in range(np.uint64(start), np.uint64(stop)):
+                b = _widen(base[i])
+                non_finite_sources = np.int32(non_finite_sources + _non_finite(b))
+                total = _ZERO
+                for k in range(count):
+                    non_finite_sources = np.int32(non_finite_sources + _non_finite(_widen(models[k][i])))
+                    delta = _widen(models[k][i]) - b
+                    delta = delta * np.float32(abs(delta) > above[k])  # a dropped -x becomes -0.0, as in torch
+                    total = _elect_step(total, delta, k, weights[k], weighted_election, fused)
+                elected = _elected(total, weighted_election)
+                numerator, denominator = _ZERO, _ZERO
+                for k in range(count):
+                    delta = _widen(models[k][i]) - b
+                    delta = delta * np.float32(abs(delta) > above[k])
+                    numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
+                value = _finish(numerator, denominator, b, normalize, scale, lambda_)
+                non_finite_results = np.int32(non_finite_results + _store(out, i, value))
         return non_finite_sources == 0, non_finite_results == 0
 
     return merge
@@ -244,5 +240,6 @@ def ties_merge(base, models, out, thresholds, ties_left, weights,  # type: ignor
     The task vectors are computed twice per entry (for the election, then for the mean)
     rather than kept in an array: they stay in registers, with no store and load between.
     """
-    loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
+    with _loops_lock:  # the workers' first calls: one compiles (or loads) the loop, the other waits
+        loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
     return loop(base, models, out, thresholds, ties_left, weights, lambda_)
