@@ -26,15 +26,22 @@ KEEP_ALL, DROP_ALL = np.float32(-1.0), np.float32(np.inf)  # thresholds of :func
 _LANES = 16  # float32 lanes of an AVX-512 vector
 
 
-def _host_has_avx512() -> bool:
+def _host_has(feature: str) -> bool:
     from llvmlite import binding
 
-    return bool(binding.get_host_cpu_features().get("avx512f", False))
+    return bool(binding.get_host_cpu_features().get(feature, False))
 
 
 # numba compiles for this CPU (and its cache is per CPU): without AVX-512, LLVM would emulate
-# the compressing store lane by lane, which the plain loop beats
-_COMPRESS = _host_has_avx512()
+# the compressing store lane by lane, which the plain loop beats; AVX2 packs 8 lanes with a
+# permutation looked up by the lanes' mask (_pack_inside)
+_COMPRESS = _host_has("avx512f")
+_PACK = not _COMPRESS and _host_has("avx2")
+_PACK_LANES = 8
+# row m: the lanes set in the 8-bit mask m, lowest first (the rest 0: stored past the count, then overwritten)
+_PACK_ORDER = np.array([[lane for lane in range(_PACK_LANES) if mask >> lane & 1] +
+                        [0] * (_PACK_LANES - bin(mask).count("1")) for mask in range(1 << _PACK_LANES)],
+                       dtype=np.int32).reshape(-1)
 
 
 @intrinsic
@@ -66,6 +73,39 @@ def _compress_inside(typingctx, values, start, out, size, bottom, top):  # type:
         return builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), ir.IntType(64))
 
     return signature, codegen
+
+@intrinsic
+def _pack_inside(typingctx, values, start, out, size, bottom, top, order):  # type: ignore[no-untyped-def]
+    """:func:`_compress_inside` for 8 lanes on AVX2: ``vpermps`` by the row of ``order`` (:data:`_PACK_ORDER`)
+    that the lanes' mask picks, then all 8 stored at ``out[size:]`` (``size + 8`` must be in ``out``).
+    """
+    signature = types.int64(values, start, out, size, bottom, top, order)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vector, indices = ir.VectorType(f32, _PACK_LANES), ir.VectorType(i32, _PACK_LANES)
+        source = context.make_array(sig.args[0])(context, builder, args[0]).data
+        target = context.make_array(sig.args[2])(context, builder, args[2]).data
+        rows = context.make_array(sig.args[6])(context, builder, args[6]).data
+        loaded = builder.load(builder.bitcast(builder.gep(source, [args[1]]), vector.as_pointer()), align=4)
+        undefined, lane0 = ir.Constant(vector, ir.Undefined), ir.Constant(i32, 0)
+        spread = ir.Constant(indices, [0] * _PACK_LANES)
+        low = builder.shuffle_vector(builder.insert_element(undefined, args[4], lane0), undefined, spread)
+        high = builder.shuffle_vector(builder.insert_element(undefined, args[5], lane0), undefined, spread)
+        mask = builder.and_(builder.fcmp_ordered(">=", loaded, low), builder.fcmp_ordered("<=", loaded, high))
+        bits = builder.bitcast(mask, ir.IntType(_PACK_LANES))
+        row = builder.gep(rows, [builder.mul(builder.zext(bits, i64), ir.Constant(i64, _PACK_LANES))])
+        order = builder.load(builder.bitcast(row, indices.as_pointer()), align=4)
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector, indices]),
+                                                 "llvm.x86.avx2.permps")
+        packed = builder.call(permute, [loaded, order])
+        builder.store(packed, builder.bitcast(builder.gep(target, [args[3]]), vector.as_pointer()), align=4)
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(bits.type, [bits.type]), f"llvm.ctpop.i{_PACK_LANES}")
+        return builder.zext(builder.call(popcount, [bits]), i64)
+
+    return signature, codegen
+
 
 _RADIX_BITS = 11
 _RADIX_SIZE = 1 << _RADIX_BITS
@@ -148,6 +188,10 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
             while done + _LANES <= n:
                 size += _compress_inside(magnitudes, done, inside, size, bottom, top)
                 done += _LANES
+        elif _PACK:  # AVX2: 8 at a time, their order from a table (size <= done: the 8 stores stay inside n)
+            while done + _PACK_LANES <= n:
+                size += _pack_inside(magnitudes, done, inside, size, bottom, top, _PACK_ORDER)
+                done += _PACK_LANES
         for i in range(done, n):  # every value is stored, the next one overwrites those outside: no branch to mispredict
             inside[size] = magnitudes[i]
             size += np.int64((magnitudes[i] >= bottom) & (magnitudes[i] <= top))
