@@ -75,7 +75,8 @@ _loops_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
+def _merge_loop(digest: str, weighted_election: bool, normalize: bool,  # type: ignore[no-untyped-def]
+                scale: bool, fused: bool):
     """The cached merge loop for one set of combine settings (constants of the loop, as in :mod:`.ties_loops`)."""
 
     @njit(cache=True, nogil=True, error_model="numpy")
@@ -97,7 +98,8 @@ def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bo
             for k in range(count):
                 delta = (_widen(models[k][i]) - b) * np.float32(keep[k][i] != 0) / divisors[k]
                 numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
-            non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
+            value = _finish(numerator, denominator, b, normalize, scale, lambda_)
+            non_finite_results = np.int32(non_finite_results + _store(out, i, value))
         return non_finite_sources == 0, non_finite_results == 0
 
     return merge

@@ -219,7 +219,8 @@ _loops_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_loop(digest: str, weighted_election: bool, normalize: bool, scale: bool, fused: bool):  # type: ignore[no-untyped-def]
+def _merge_loop(digest: str, weighted_election: bool, normalize: bool,  # type: ignore[no-untyped-def]
+                scale: bool, fused: bool):
     """The cached merge loop for one set of combine settings, keyed by ``digest`` (see :mod:`.primitives`).
 
     The settings are constants of the compiled loop (numba's cache key includes a closure's
