@@ -100,6 +100,7 @@ def main() -> None:
     work = args.work or args.set / "_bench"
     work.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
+    started = _load()  # a shared machine: the load says how far the seconds can be trusted
     for method in args.methods.split(","):
         recipe = work / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump(recipe_for(method, base, a, b), sort_keys=False))
@@ -115,8 +116,13 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 runs.append(Run(tool, method, wall, rss, cpu))
                 print(f"{method:12s} {tool:9s} pair {pair + 1}: {wall:7.2f} s  {rss:7.0f} MB  "
-                      f"cpu {cpu:7.2f} s", file=sys.stderr, flush=True)
+                      f"cpu {cpu:7.2f} s  load {_load()}", file=sys.stderr, flush=True)
+    print(f"\nload average (1, 5, 15 min) at the start: {started}; at the end: {_load()}")
     print_table(runs, args)
+
+
+def _load() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:

@@ -250,6 +250,30 @@ def test_scan_tally_with_a_wide_bracket_and_nan() -> None:
     assert finite is False
 
 
+@needs_numba
+def test_scan_tally_over_short_lengths_and_every_lane_pattern() -> None:
+    """Lengths around the vector width (the packed lanes and the scalar tail), brackets from one value to all."""
+    from shoal.merge.fast import fused as kernels
+
+    rng = np.random.default_rng(12)
+    for n in list(range(1, 40)) + [255, 256, 257, 4099]:
+        base = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 0.02).to(torch.bfloat16)
+        noise = torch.from_numpy(np.round(rng.standard_normal(n) * 4).astype(np.float32)) * 2.0**-12
+        model = (base.float() + noise).to(torch.bfloat16)  # magnitudes repeat: ties inside the bracket
+        magnitudes = (model.float() - base.float()).abs()
+        ordered = magnitudes.sort().values
+        for lo_at, hi_at in ((0, n - 1), (n // 3, n // 2), (n // 2, n // 2), (n - 1, n - 1)):
+            lo, hi = np.float32(ordered[lo_at]), np.float32(ordered[hi_at])
+            above, distinct, counts, finite = kernels.ties_scan(
+                kernels.as_input(base), kernels.as_input(model), lo, hi, True, True, kernels.scratch(n))
+            inside = magnitudes[(magnitudes >= float(lo)) & (magnitudes <= float(hi))]
+            expected = torch.unique(inside, sorted=True, return_counts=True)
+            assert above == int((magnitudes > float(hi)).sum())
+            assert torch.equal(torch.from_numpy(distinct), expected[0]), (n, lo_at, hi_at)
+            assert torch.equal(torch.from_numpy(counts), expected[1]), (n, lo_at, hi_at)
+            assert finite is True
+
+
 def test_tallied_thresholds_are_the_kth_largest_of_a_stable_sort() -> None:
     """The one k-th-largest rule (bracket, tallies, ties by flat order) against a plain stable sort."""
     from shoal.merge.methods.selection import bracket_values, kth_in_tallies, ties_taken

@@ -278,9 +278,14 @@ def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEF
         if on_plan is not None:
             on_plan(plan)
         with staged_output(out, overwrite=overwrite, expected_bytes=plan.total_bytes) as stage:
-            written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
-                                   progress=progress, options=options)
-            write_support(plan, readers, stage, seed=seed)
+            # the support files need only the plan: written beside the tensors, not after them (the
+            # model card's imports alone are a good part of a second); the staging folder is left
+            # only once both are done, so a failure of either still leaves nothing at ``out``
+            with ThreadPoolExecutor(1, thread_name_prefix="shoal-support") as support:
+                supported = support.submit(write_support, plan, readers, stage, seed=seed)
+                written = execute_plan(plan, readers, stage, shard_size=shard_size, device=device,
+                                       progress=progress, options=options)
+                supported.result()
             for reader in readers.values():  # a source replaced or rewritten meanwhile: no output
                 reader.check_unchanged()
     return MergeResult(out=out, tensors=len(plan.ops), total_bytes=written, plan=plan)

@@ -8,6 +8,9 @@ chunking); :func:`dare_merge` is DARE-TIES for one chunk with the arithmetic of
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 from numba import njit
 
@@ -62,16 +65,22 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
             words = _philox(ublock & _LOW32, ublock >> _SHIFT32, c2, np.uint64(0), k0, k1)
             out[entry - start] = words[entry % 4] < limit
 
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-untyped-def]
-                   weighted_election, normalize, scale, lambda_, fused):
-        """DARE-TIES for one chunk into ``out``: (sources finite, result finite).
+    return philox_keep
 
-        Model k's task vector is masked by ``keep[k]`` (a tuple of byte arrays, nonzero = keep)
-        and divided by ``divisors[k]`` (its density when rescaling, else 1). A model kept whole
-        has a mask of ones; one dropped whole, of zeros (its task vector becomes +-0.0 instead of
-        torch's +0.0: no sum below can tell them apart).
-        """
+
+philox_keep = _cached_loops(DIGEST)
+
+
+_loops_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_loop(digest: str, weighted_election: bool, normalize: bool,  # type: ignore[no-untyped-def]
+                scale: bool, fused: bool):
+    """The cached merge loop for one set of combine settings (constants of the loop, as in :mod:`.ties_loops`)."""
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def merge(base, models, out, keep, divisors, weights, lambda_):  # type: ignore[no-untyped-def]
         digest  # noqa: B018 (part of the cache key)
         count, n = len(models), base.shape[0]
         non_finite_sources = np.int32(0)
@@ -89,10 +98,23 @@ def _cached_loops(digest: str):  # type: ignore[no-untyped-def]
             for k in range(count):
                 delta = (_widen(models[k][i]) - b) * np.float32(keep[k][i] != 0) / divisors[k]
                 numerator, denominator = _merge_step(numerator, denominator, delta, elected, weights[k], fused)
-            non_finite_results = np.int32(non_finite_results + _store(out, i, _finish(numerator, denominator, b, normalize, scale, lambda_)))
+            value = _finish(numerator, denominator, b, normalize, scale, lambda_)
+            non_finite_results = np.int32(non_finite_results + _store(out, i, value))
         return non_finite_sources == 0, non_finite_results == 0
 
-    return philox_keep, dare_merge
+    return merge
 
 
-philox_keep, dare_merge = _cached_loops(DIGEST)
+def dare_merge(base, models, out, keep, divisors, weights,  # type: ignore[no-untyped-def]
+               weighted_election, normalize, scale, lambda_, fused):
+    """DARE-TIES for one chunk into ``out``: (sources finite, result finite).
+
+    Model k's task vector is masked by ``keep[k]`` (a tuple of byte arrays, nonzero = keep)
+    and divided by ``divisors[k]`` (its density when rescaling, else 1). A model kept whole
+    has a mask of ones; one dropped whole, of zeros (its task vector becomes +-0.0 instead of
+    torch's +0.0: no sum below can tell them apart). The trailing arguments are those of
+    :func:`~.fused.combine_settings`.
+    """
+    with _loops_lock:  # the workers' first calls: one compiles (or loads) the loop, the other waits
+        loop = _merge_loop(DIGEST, bool(weighted_election), bool(normalize), bool(scale), bool(fused))
+    return loop(base, models, out, keep, divisors, weights, lambda_)
