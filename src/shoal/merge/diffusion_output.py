@@ -81,6 +81,7 @@ def write_pipeline_support(plan: MergePlan, readers: Mapping[str, DiffusionCheck
     for name in listed_folders(reference.config or {}):
         source = folder / name
         if name in reference.components:  # config.json and the other non-weight files; the weights are merged
+            (stage / name).mkdir(parents=True, exist_ok=True)  # the tensors may not have made it yet
             for item in sorted(source.iterdir()):
                 if item.is_file() and not is_weight_file(item.name):
                     shutil.copyfile(item, stage / name / item.name)
