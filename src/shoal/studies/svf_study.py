@@ -1,7 +1,11 @@
 """The Transformer² study on a zoo world: the numbers behind the adapt report.
 
 1. One SVF expert per skill task (REINFORCE, reference parametrization by default) and a LoRA baseline with
-   the same matrices, data, steps and objective: test scores vs the base, trainable parameters.
+   the same matrices, data, batches and steps: test scores vs the base, trainable parameters. LoRA is
+   trained as the paper trained its baseline (``lora_objective="sft"``: next-token loss on the
+   reference answers; the paper reports LoRA trained by RL only as an ablation, and Sakana's reference
+   code has no LoRA trainer); ``lora_objective="reinforce"`` trains it with SVF's REINFORCE instead
+   (greedy rollouts, gradient clip 1e-3, as for SVF).
 2. A classifier expert trained to name the skill of a prompt.
 3. Two-pass inference on every skill task and on the held-out task with each strategy:
    ``base``, ``prompt`` (first-token log-likelihood, one forward pass), ``prompt-generate``
@@ -30,6 +34,7 @@ from shoal.adapt.svd_cache import load_or_compute_svd
 from shoal.adapt.svf import SVFAdapter
 from shoal.adapt.train import train_svf
 from shoal.adapt.two_pass import adapt_evaluate
+from shoal.errors import ConfigError
 from shoal.progress import ProgressFn, no_progress
 
 # category labels must be words of the zoo's vocabulary, or they would all encode to <unk>
@@ -54,6 +59,7 @@ class StudySettings(BaseModel):
     kl: float = 0.0
     lora_rank: int = 4
     lora_lr: float = 1e-3
+    lora_objective: str = "sft"  # the paper's LoRA baseline: next-token prediction
     matrices: list[str] | None = None  # regexes of the adapted weight names (SVF and LoRA); None: the MLP
     eval_every: int = 50
     validation_limit: int = 200
@@ -65,10 +71,27 @@ class StudySettings(BaseModel):
     eval_batch_size: int = 64
 
 
+LORA_CLIP = {"sft": 1.0, "reinforce": 1e-3}  # next-token fine-tuning's usual clip; SVF's REINFORCE clip
+
+
+def lora_args(s: StudySettings) -> dict[str, Any]:
+    """The training arguments of the LoRA baseline: SVF's batches, steps and validation, and its
+    own objective (``s.lora_objective``); REINFORCE rollouts are greedy, as SVF's."""
+    if s.lora_objective not in LORA_CLIP:
+        raise ConfigError(f"unknown LoRA objective {s.lora_objective!r}; use 'sft' or 'reinforce'")
+    return dict(objective=s.lora_objective, steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
+                validation_limit=s.validation_limit, seed=s.seed, clip=LORA_CLIP[s.lora_objective], sample=False)
+
+
 def _test_score(model: Any, tokenizer: Any, task: Any, limit: int | None, batch_size: int) -> float:
     examples = list(task.examples("test"))[:limit]
     scores = _lm.score_examples(model, tokenizer, task, examples, batch_size=batch_size)
     return sum(scores) / len(scores)
+
+
+def _history(records: Any) -> list[dict[str, float]]:
+    """Each validation point (step, mean training loss since the last one, validation score)."""
+    return [{"step": r.step, "loss": r.loss, "validation": r.validation} for r in records]
 
 
 def _row(result: Any) -> dict[str, Any]:
@@ -82,6 +105,7 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     from shoal.studies.lora_baseline import train_lora
     from shoal.eval import load_model
 
+    lora_args(settings)  # a bad LoRA objective fails before anything is trained
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(world.model("base"))
@@ -100,7 +124,7 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
                         **train_args)  # type: ignore[arg-type]
         paths[task_name] = svf.path
         lora = train_lora(model, tokenizer, task, out=out / f"lora-{task_name}", rank=s.lora_rank, lr=s.lora_lr,
-                          kl=s.kl, patterns=s.matrices, **train_args)  # type: ignore[arg-type]
+                          kl=s.kl, patterns=s.matrices, **lora_args(s))  # type: ignore[arg-type]
         from peft import PeftModel
 
         lora_model = PeftModel.from_pretrained(copy.deepcopy(model), str(lora.path)).eval()
@@ -112,7 +136,8 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
             "svf_parameters": svf.num_parameters, "lora_parameters": lora.num_parameters,
             "base_validation": svf.base_score, "svf_validation": svf.best_score, "svf_best_step": svf.best_step,
             "lora_validation": lora.best_score, "lora_best_step": lora.best_step,
-            "svf_seconds_per_step": svf.seconds_per_step, "lora_seconds_per_step": lora.seconds_per_step}
+            "svf_seconds_per_step": svf.seconds_per_step, "lora_seconds_per_step": lora.seconds_per_step,
+            "svf_history": _history(svf.history), "lora_history": _history(lora.history)}
         del lora_model
         progress("experts", i + 1, len(s.labels))
     routing = routing_task([(label, world.task(t)) for t, label in s.labels.items()], template=s.template)
