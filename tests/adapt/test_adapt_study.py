@@ -56,8 +56,8 @@ def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
 
     seen = {}
 
-    def fake_run(world, out, settings, *, transfer_world=None, progress=None):  # type: ignore[no-untyped-def]
-        seen["settings"] = settings
+    def fake_run(world, out, settings, *, transfer_world=None, resume=False, progress=None):  # type: ignore[no-untyped-def]
+        seen["settings"], seen["resume"] = settings, resume
         return {}
 
     monkeypatch.setattr(study, "run_study", fake_run)
@@ -69,8 +69,9 @@ def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--matrices", ALL_MATRICES, "--matrices", "q_proj"])
     assert result.exit_code == 0, result.output
     assert seen["settings"].matrices == [ALL_MATRICES, "q_proj"]
-    assert seen["settings"].lora_objective == "sft"  # the paper's LoRA baseline
-    CliRunner().invoke(cli, [*args, "--lora-objective", "reinforce"])
+    assert seen["settings"].lora_objective == "sft" and not seen["resume"]  # the paper's LoRA baseline
+    CliRunner().invoke(cli, [*args, "--lora-objective", "reinforce", "--resume"])
+    assert seen["resume"]
     assert seen["settings"].matrices is None and seen["settings"].lora_objective == "reinforce"
     bad = CliRunner().invoke(cli, [*args, "--lora-objective", "ppo"])
     assert bad.exit_code == 64 and "ppo" in bad.output  # a usage error

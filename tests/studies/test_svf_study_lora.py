@@ -61,3 +61,24 @@ def test_study_refuses_an_unknown_lora_objective_before_training(micro_world, tm
     with pytest.raises(ConfigError, match="LoRA objective"):
         run_study(micro_world, tmp_path / "s", StudySettings(**SETTINGS, lora_objective="ppo"))
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_keeps_finished_trainings_and_gives_the_same_results(micro_world, tmp_path, monkeypatch):
+    import shoal.studies.lora_baseline as lora_baseline
+
+    first = run_study(micro_world, tmp_path / "s", StudySettings(**SETTINGS))
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a finished LoRA baseline was retrained")
+
+    monkeypatch.setattr(lora_baseline, "train_lora", no_training)
+    again = run_study(micro_world, tmp_path / "s", StudySettings(**SETTINGS), resume=True)
+    for key in ("svf", "lora", "base", "svf_history", "lora_history", "lora_best_step", "svf_best_step"):
+        assert again["experts"]["sort"][key] == first["experts"]["sort"][key], key
+    assert again["two_pass"]["math_b"]["few-shot"]["score"] == first["two_pass"]["math_b"]["few-shot"]["score"]
+
+
+def test_resume_refuses_other_settings(micro_world, tmp_path):
+    run_study(micro_world, tmp_path / "s", StudySettings(**SETTINGS))
+    with pytest.raises(ConfigError, match=r"settings.json: the run to resume has other settings \(lora_lr, steps\)"):
+        run_study(micro_world, tmp_path / "s", StudySettings(**{**SETTINGS, "steps": 3}, lora_lr=0.5), resume=True)

@@ -118,12 +118,14 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--matrices", "matrices", multiple=True,
               help="regex of the weight names SVF and LoRA adapt (repeatable); default: the MLP matrices")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted study in --out (same options): finished trainings are kept")
 @threads_option
 @verbosity
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
           parametrization: str, kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float,
           lora_rank: int, lora_lr: float, lora_objective: str, eval_every: int, limit: int, cem_iterations: int,
-          matrices: tuple[str, ...], threads: int, quiet: bool) -> None:
+          matrices: tuple[str, ...], resume: bool, threads: int, quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
@@ -151,7 +153,7 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
                              eval_every=eval_every,
                              limit=limit, cem_iterations=cem_iterations, matrices=list(matrices) or None)
     with progress_bars(enabled=not quiet) as progress:
-        results = run_study(world, out, settings, transfer_world=other, progress=progress)
+        results = run_study(world, out, settings, transfer_world=other, resume=resume, progress=progress)
     written = write_report(results, out)
     print_text(written["markdown"].read_text())
     click.echo(f"report: {written['html']}", err=True)

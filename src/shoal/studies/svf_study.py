@@ -21,6 +21,8 @@ Selection uses only ``train``/``validation`` (and ``fitness`` for the few-shot e
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,46 @@ def lora_args(s: StudySettings) -> dict[str, Any]:
                 validation_limit=s.validation_limit, seed=s.seed, clip=LORA_CLIP[s.lora_objective], sample=False)
 
 
+SETTINGS_FILE = "settings.json"
+LORA_RECORD = "study-record.json"  # a finished LoRA baseline's result, beside its adapter
+
+
+def _claim_folder(out: Path, settings: StudySettings, resume: bool) -> None:
+    """Write ``out/settings.json``; with ``resume``, an existing one must hold the same settings."""
+    path = out / SETTINGS_FILE
+    wanted = settings.model_dump(mode="json")
+    if resume and path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read the settings of the run to resume ({err})") from None
+        if found != wanted:
+            keys = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise ConfigError(f"{path}: the run to resume has other settings ({', '.join(keys)}); "
+                              f"resume with the same ones or use another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=1))
+
+
+def _lora(model: Any, tokenizer: Any, task: Any, folder: Path, s: StudySettings, resume: bool) -> Any:
+    """The LoRA baseline for ``task``: trained, or read back from ``folder`` when resuming a run
+    that finished it (the record is written after the adapter, so its presence means both are whole)."""
+    from shoal.studies.lora_baseline import LoRAResult, train_lora
+    from shoal.adapt.train import TrainRecord
+
+    record = folder / LORA_RECORD
+    if resume and record.exists():
+        data = json.loads(record.read_text())
+        history = tuple(TrainRecord(**r) for r in data.pop("history"))
+        return LoRAResult(path=folder, history=history, **data)
+    lora = train_lora(model, tokenizer, task, out=folder, rank=s.lora_rank, lr=s.lora_lr, kl=s.kl,
+                      patterns=s.matrices, **lora_args(s))  # type: ignore[arg-type]
+    fields = {k: v for k, v in dataclasses.asdict(lora).items() if k not in ("path", "history")}
+    record.write_text(json.dumps({**fields, "history": _history(lora.history)}))
+    return lora
+
+
 def _test_score(model: Any, tokenizer: Any, task: Any, limit: int | None, batch_size: int) -> float:
     examples = list(task.examples("test"))[:limit]
     scores = _lm.score_examples(model, tokenizer, task, examples, batch_size=batch_size)
@@ -100,14 +142,17 @@ def _row(result: Any) -> dict[str, Any]:
 
 
 def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), *, transfer_world: Any = None,
-              progress: ProgressFn = no_progress) -> dict[str, Any]:
-    """Run the study on ``world`` (a :class:`shoal.zoo.ZooWorld`); experts and results go to ``out``."""
-    from shoal.studies.lora_baseline import train_lora
+              resume: bool = False, progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Run the study on ``world`` (a :class:`shoal.zoo.ZooWorld`); experts and results go to ``out``.
+
+    ``resume``: continue an interrupted run in ``out`` with the same settings (``settings.json``
+    there): SVF trainings continue from their last validation, a finished LoRA baseline is read
+    back instead of retrained; the evaluations are redone (they are deterministic)."""
     from shoal.eval import load_model
 
     lora_args(settings)  # a bad LoRA objective fails before anything is trained
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, settings, resume)
     model, tokenizer = load_model(world.model("base"))
     svd_dir = out / "svd"
     s = settings
@@ -120,11 +165,10 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     for i, (task_name, label) in enumerate(s.labels.items()):
         task = world.task(task_name)
         svf = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
-                        label=label, factors=factors, resume=False, parametrization=s.parametrization,
+                        label=label, factors=factors, resume=resume, parametrization=s.parametrization,
                         **train_args)  # type: ignore[arg-type]
         paths[task_name] = svf.path
-        lora = train_lora(model, tokenizer, task, out=out / f"lora-{task_name}", rank=s.lora_rank, lr=s.lora_lr,
-                          kl=s.kl, patterns=s.matrices, **lora_args(s))  # type: ignore[arg-type]
+        lora = _lora(model, tokenizer, task, out / f"lora-{task_name}", s, resume)
         from peft import PeftModel
 
         lora_model = PeftModel.from_pretrained(copy.deepcopy(model), str(lora.path)).eval()
@@ -143,7 +187,7 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     routing = routing_task([(label, world.task(t)) for t, label in s.labels.items()], template=s.template)
     began = time.perf_counter()
     clf = train_svf(model, tokenizer, routing, out=out / "classifier.safetensors", lr=s.classifier_lr,
-                    label="router", factors=factors, resume=False, parametrization=s.parametrization,
+                    label="router", factors=factors, resume=resume, parametrization=s.parametrization,
                     **train_args)  # type: ignore[arg-type]
     results["classifier"] = {"validation": clf.best_score, "base_validation": clf.base_score,
                              "best_step": clf.best_step, "seconds": time.perf_counter() - began}
@@ -168,12 +212,12 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
         results["two_pass"][task_name] = rows
         progress("two-pass", i + 1, len(tasks))
     if transfer_world is not None:
-        results["transfer"] = _transfer(transfer_world, paths, s, out / "transfer", train_args, progress)
+        results["transfer"] = _transfer(transfer_world, paths, s, out / "transfer", train_args, resume, progress)
     return results
 
 
 def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, train_args: dict[str, Any],
-              progress: ProgressFn) -> dict[str, Any]:
+              resume: bool, progress: ProgressFn) -> dict[str, Any]:
     """Each expert applied, unchanged, to another base of the same shapes (``transfer=True``), next
     to that base alone and to an expert trained on that base with the same settings (the ceiling)."""
     from shoal.eval import load_model
@@ -188,7 +232,7 @@ def _transfer(world: Any, paths: dict[str, Path], s: StudySettings, out: Path, t
         with adapter.applied(expert.z):
             moved = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
         own = train_svf(model, tokenizer, task, out=out / f"svf-{task_name}.safetensors", lr=s.lr, kl=s.kl,
-                        label=s.labels[task_name], factors=factors, resume=False,
+                        label=s.labels[task_name], factors=factors, resume=resume,
                         parametrization=s.parametrization, **train_args)  # type: ignore[arg-type]
         with adapter.applied(load_expert(own.path, factors).z):
             own_test = _test_score(model, tokenizer, task, s.limit, s.eval_batch_size)
