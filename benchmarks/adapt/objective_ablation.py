@@ -6,7 +6,7 @@
 ``shoal svf study`` trains SVF by REINFORCE (as the paper does) and its LoRA baseline by
 next-token loss (as the paper trained its LoRA). When LoRA wins there, is it the parametrization
 or the objective? Each cell ``method:objective:lr[:rank]`` trains one adapter with the study's
-defaults otherwise (batch 256, SVF in chunks of 16 with gradient clip 1e-3, the reference
+defaults otherwise (batch 256, SVF in chunks of 128 with gradient clip 1e-3, the reference
 parametrization; LoRA clip 1.0 for next-token loss and 1e-3 for REINFORCE, greedy rollouts;
 validation every 10 steps on 200 examples, the best step kept) and scores it on the first 500
 test examples. ``svf:reinforce:2e-3`` and ``lora:sft:3e-3:4`` are the study's own cells and
@@ -44,7 +44,7 @@ def cell(spec: str, task_name: str, steps: int, out: Path, world: object) -> dic
         from shoal.adapt.train import train_svf
 
         factors = load_or_compute_svd(model, cache_dir=out / "svd")
-        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=False,
+        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=False, micro_batch_size=128,
                            factors=factors, **common)
         trained = time.perf_counter() - started
         with SVFAdapter(model, factors).applied(load_expert(result.path, factors).z):

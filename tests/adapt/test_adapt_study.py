@@ -70,8 +70,9 @@ def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert seen["settings"].matrices == [ALL_MATRICES, "q_proj"]
     assert seen["settings"].lora_objective == "sft" and not seen["resume"]  # the paper's LoRA baseline
-    CliRunner().invoke(cli, [*args, "--lora-objective", "reinforce", "--resume"])
-    assert seen["resume"]
+    assert seen["settings"].micro_batch_size == 16
+    CliRunner().invoke(cli, [*args, "--lora-objective", "reinforce", "--resume", "--micro-batch-size", "64"])
+    assert seen["resume"] and seen["settings"].micro_batch_size == 64
     assert seen["settings"].matrices is None and seen["settings"].lora_objective == "reinforce"
     bad = CliRunner().invoke(cli, [*args, "--lora-objective", "ppo"])
     assert bad.exit_code == 64 and "ppo" in bad.output  # a usage error

@@ -107,6 +107,8 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="SVF trains a batch in chunks of this size, adding their gradients (the same step)")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option("--classifier-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
@@ -123,7 +125,8 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @threads_option
 @verbosity
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
-          parametrization: str, kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float,
+          parametrization: str, kl: float, steps: int, batch_size: int, micro_batch_size: int, lr: float,
+          classifier_lr: float,
           lora_rank: int, lora_lr: float, lora_objective: str, eval_every: int, limit: int, cem_iterations: int,
           matrices: tuple[str, ...], resume: bool, threads: int, quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
@@ -148,7 +151,7 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
         if other is None:
             raise ConfigError(f"no built {size} world at {transfer_root}")
     settings = StudySettings(objective=objective, parametrization=parametrization, kl=kl, steps=steps,
-                             batch_size=batch_size, lr=lr,
+                             batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
                              classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, lora_objective=lora_objective,
                              eval_every=eval_every,
                              limit=limit, cem_iterations=cem_iterations, matrices=list(matrices) or None)

@@ -56,6 +56,7 @@ class StudySettings(BaseModel):
     parametrization: str = "reference"
     steps: int = 300
     batch_size: int = 32
+    micro_batch_size: int = 16  # SVF: chunks whose gradients add up to the batch's (the same step, less memory)
     lr: float = 2e-3
     classifier_lr: float = 1e-2
     kl: float = 0.0
@@ -158,7 +159,8 @@ def run_study(world: Any, out: Path, settings: StudySettings = StudySettings(), 
     s = settings
     factors = load_or_compute_svd(model, patterns=s.matrices, cache_dir=svd_dir)
     adapter = SVFAdapter(model, factors, parametrization=s.parametrization)  # type: ignore[arg-type]
-    train_args = dict(objective=s.objective, steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
+    train_args = dict(objective=s.objective, steps=s.steps, batch_size=s.batch_size,
+                      micro_batch_size=s.micro_batch_size, eval_every=s.eval_every,
                       validation_limit=s.validation_limit, seed=s.seed)
     results: dict[str, Any] = {"settings": s.model_dump(), "world": str(world.root), "experts": {}}
     paths: dict[str, Path] = {}
