@@ -102,7 +102,7 @@ def _claim_folder(out: Path, settings: StudySettings, resume: bool) -> None:
         if found != wanted:
             keys = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ConfigError(f"{path}: the run to resume has other settings ({', '.join(keys)}); "
-                              f"resume with the same ones or use another --out")
+                              f"resume with the same ones or use another folder")
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=1))
