@@ -9,8 +9,8 @@ or the objective? Each cell ``method:objective:lr[:rank]`` trains one adapter wi
 defaults otherwise (batch 256, SVF in chunks of 128 with gradient clip 1e-3, the reference
 parametrization; LoRA clip 1.0 for next-token loss and 1e-3 for REINFORCE, greedy rollouts;
 validation every 10 steps on 200 examples, the best step kept) and scores it on the first 500
-test examples. ``svf:reinforce:2e-3`` and ``lora:sft:3e-3:4`` are the study's own cells and
-reproduce its numbers. Prints a Markdown table; each cell's JSON (with its validation curve)
+test examples. ``svf:reinforce:2e-3`` and ``lora:sft:3e-3:4`` are the study's own settings
+(benchmarks/RESULTS.md quotes the study for those two rows rather than re-running them). Prints a Markdown table; each cell's JSON (with its validation curve)
 goes to ``--out``.
 """
 
@@ -44,8 +44,8 @@ def cell(spec: str, task_name: str, steps: int, out: Path, world: object) -> dic
         from shoal.adapt.train import train_svf
 
         factors = load_or_compute_svd(model, cache_dir=out / "svd")
-        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=False, micro_batch_size=128,
-                           factors=factors, **common)
+        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=False,
+                           micro_batch_size=128, factors=factors, **common)
         trained = time.perf_counter() - started
         with SVFAdapter(model, factors).applied(load_expert(result.path, factors).z):
             scores = _lm.score_examples(model, tokenizer, task, test, batch_size=64)
