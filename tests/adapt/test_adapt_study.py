@@ -26,6 +26,7 @@ def test_study_runs_and_writes_its_report(micro_world, tmp_path):
     written = write_report(results, tmp_path / "report")
     assert json.loads(written["json"].read_text()) == json.loads(json.dumps(results))
     table = written["markdown"].read_text()
+    assert "objective sft;" in table  # the LoRA baseline's objective is named
     assert f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['lora']:.3f} | 192 | 2,304 |" in table
     assert (f"| sort | {sort['base']:.3f} | {sort['svf']:.3f} | {sort['base']:.3f} | {sort['svf']:.3f} | "
             f"{sort['svf']:.3f} |") in table
@@ -55,8 +56,8 @@ def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
 
     seen = {}
 
-    def fake_run(world, out, settings, *, transfer_world=None, progress=None):  # type: ignore[no-untyped-def]
-        seen["settings"] = settings
+    def fake_run(world, out, settings, *, transfer_world=None, resume=False, progress=None):  # type: ignore[no-untyped-def]
+        seen["settings"], seen["resume"] = settings, resume
         return {}
 
     monkeypatch.setattr(study, "run_study", fake_run)
@@ -68,5 +69,10 @@ def test_study_cli_passes_the_matrices(monkeypatch, micro_world, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--matrices", ALL_MATRICES, "--matrices", "q_proj"])
     assert result.exit_code == 0, result.output
     assert seen["settings"].matrices == [ALL_MATRICES, "q_proj"]
-    CliRunner().invoke(cli, args)
-    assert seen["settings"].matrices is None
+    assert seen["settings"].lora_objective == "sft" and not seen["resume"]  # the paper's LoRA baseline
+    assert seen["settings"].micro_batch_size == 16
+    CliRunner().invoke(cli, [*args, "--lora-objective", "reinforce", "--resume", "--micro-batch-size", "64"])
+    assert seen["resume"] and seen["settings"].micro_batch_size == 64
+    assert seen["settings"].matrices is None and seen["settings"].lora_objective == "reinforce"
+    bad = CliRunner().invoke(cli, [*args, "--lora-objective", "ppo"])
+    assert bad.exit_code == 64 and "ppo" in bad.output  # a usage error

@@ -107,21 +107,28 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @click.option("--kl", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="SVF trains a batch in chunks of this size, adding their gradients (the same step)")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option("--classifier-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--lora-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lora-objective", type=click.Choice(["sft", "reinforce"]), default="sft", show_default=True,
+              help="the LoRA baseline's objective: next-token loss, as the paper trained it, or SVF's REINFORCE")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per task")
 @click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--matrices", "matrices", multiple=True,
               help="regex of the weight names SVF and LoRA adapt (repeatable); default: the MLP matrices")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted study in --out (same options): finished trainings are kept")
 @threads_option
 @verbosity
 def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Path | None, out: Path, objective: str,
-          parametrization: str, kl: float, steps: int, batch_size: int, lr: float, classifier_lr: float,
-          lora_rank: int, lora_lr: float, eval_every: int, limit: int, cem_iterations: int,
-          matrices: tuple[str, ...], threads: int, quiet: bool) -> None:
+          parametrization: str, kl: float, steps: int, batch_size: int, micro_batch_size: int, lr: float,
+          classifier_lr: float,
+          lora_rank: int, lora_lr: float, lora_objective: str, eval_every: int, limit: int, cem_iterations: int,
+          matrices: tuple[str, ...], resume: bool, threads: int, quiet: bool) -> None:
     """Experts vs base, SVF vs LoRA, the held-out task and the two-pass overhead on a zoo world;
     writes results.json, report.md, report.html and scores.png to --out."""
     from shoal.studies.svf_report import write_report
@@ -144,11 +151,12 @@ def study(size: str, world_seed: int, world_root: Path | None, transfer_root: Pa
         if other is None:
             raise ConfigError(f"no built {size} world at {transfer_root}")
     settings = StudySettings(objective=objective, parametrization=parametrization, kl=kl, steps=steps,
-                             batch_size=batch_size, lr=lr,
-                             classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, eval_every=eval_every,
+                             batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+                             classifier_lr=classifier_lr, lora_rank=lora_rank, lora_lr=lora_lr, lora_objective=lora_objective,
+                             eval_every=eval_every,
                              limit=limit, cem_iterations=cem_iterations, matrices=list(matrices) or None)
     with progress_bars(enabled=not quiet) as progress:
-        results = run_study(world, out, settings, transfer_world=other, progress=progress)
+        results = run_study(world, out, settings, transfer_world=other, resume=resume, progress=progress)
     written = write_report(results, out)
     print_text(written["markdown"].read_text())
     click.echo(f"report: {written['html']}", err=True)

@@ -26,7 +26,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
     """The study's results as Markdown tables."""
     s = results["settings"]
     lines = [f"Settings: objective {s['objective']}, {s['steps']} steps, batch {s['batch_size']}, SVF lr {s['lr']}, "
-             f"LoRA rank {s['lora_rank']} lr {s['lora_lr']}; test limit {s['limit']}.", "",
+             f"LoRA rank {s['lora_rank']} lr {s['lora_lr']} objective {s.get('lora_objective', s['objective'])}; "
+             f"test limit {s['limit']}.", "",
              "| task | base | SVF | LoRA | SVF params | LoRA params | SVF best step (val) | LoRA best step (val) |",
              "|---|---|---|---|---|---|---|---|"]
     for task, row in results["experts"].items():
