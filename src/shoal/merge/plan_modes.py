@@ -28,6 +28,9 @@ DIFFERENCES: dict[str, tuple[str, ...]] = {
     "breadcrumbs": (_ROUND,),
     "breadcrumbs_ties": (_NORMALIZE, _ROUND, _SIGNS),
     "model_stock": ("zero task vectors give ratio 0 (mergekit floors the norm product at 1e-6)",),
+    "arcee_fusion": ("the importance computed in float32 (mergekit: in the tensors' dtype)",),
+    "sce": ("the variances ranked, and every step computed, in float32 (mergekit: in the tensors' dtype, "
+            "e.g. bf16, where the top-variance pick differs on 1-2% of entries)",),
 }
 
 
