@@ -2,7 +2,8 @@
 
 ``zoo:SIZE/NAME`` is model ``NAME`` of the world ``SIZE`` built with seed 0, and
 ``zoo:SIZE@SEED/NAME`` the same model of the world built with ``SEED`` (e.g.
-``zoo:small@1/math``). The resolver is registered with :mod:`shoal.checkpoint.references`
+``zoo:small@1/math``). ``zoo:SIZE[@SEED]/vlm`` is the vision-language model of that size and
+seed (its own world, made from the language world; :mod:`shoal.zoo.vlm_build`). The resolver is registered with :mod:`shoal.checkpoint.references`
 through the ``shoal.references`` entry point; this module imports nothing heavy until a
 reference is actually resolved.
 """
@@ -17,6 +18,7 @@ from shoal.zoo.errors import ZooError
 
 SCHEME = "zoo"
 MANIFEST = "manifest.json"
+VLM_MODEL = "vlm"  # the one model name that lives in a VLM world
 _REST = re.compile(r"^(?P<size>[A-Za-z0-9_-]+)(?:@(?P<seed>-?\d+))?/(?P<name>[A-Za-z0-9_.-]+)$")
 
 
@@ -39,6 +41,10 @@ def resolve_zoo_reference(rest: str) -> Path:
     """The folder of the zoo model ``rest`` names (``SIZE[@SEED]/NAME``); the world is built
     (and cached) when it is missing."""
     size, seed, name = parse_zoo_reference(rest)
+    if name == VLM_MODEL:
+        from shoal.zoo.vlm_build import build_vlm_world
+
+        return build_vlm_world(size, seed=seed).model(name)
     from shoal.zoo.build import build_zoo
 
     return build_zoo(size, seed=seed).model(name)
