@@ -133,12 +133,39 @@ def _drawn(name: str, seed: int, train_size: int, eval_size: int) -> dict[str, t
     return splits
 
 
+class PicturedSplit(Sequence[Example]):
+    """The examples of one split, each picture drawn the first time its example is read (a
+    slice draws only the examples it holds)."""
+
+    def __init__(self, drawn: tuple[Drawn, ...]) -> None:
+        self._drawn = drawn
+        self._done: dict[int, Example] = {}
+
+    def __len__(self) -> int:
+        return len(self._drawn)
+
+    def _example(self, index: int) -> Example:
+        example = self._done.get(index)
+        if example is None:
+            d = self._drawn[index]
+            example = Example(d.prompt, d.target, completion=f"{d.target} .",
+                              images=(render(d.scene, IMAGE_SIZE),))
+            self._done[index] = example
+        return example
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._example(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._example(index)
+
+
 @lru_cache(maxsize=32)
-def _examples(name: str, seed: int, train_size: int, eval_size: int,
-              split: str) -> tuple[Example, ...]:
-    return tuple(Example(d.prompt, d.target, completion=f"{d.target} .",
-                         images=(render(d.scene, IMAGE_SIZE),))
-                 for d in _drawn(name, seed, train_size, eval_size)[split])
+def _examples(name: str, seed: int, train_size: int, eval_size: int, split: str) -> PicturedSplit:
+    return PicturedSplit(_drawn(name, seed, train_size, eval_size)[split])
 
 
 @dataclass(frozen=True)

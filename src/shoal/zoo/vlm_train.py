@@ -26,7 +26,7 @@ from shoal.eval.task import IMAGE_PLACEHOLDER, Example
 from shoal.progress import ProgressFn, no_progress
 from shoal.zoo.corpus import Document
 from shoal.zoo.sizes import VisionShape, VlmTrainingSettings
-from shoal.zoo.tokenizer import UNK
+from shoal.zoo.tokenizer import SPECIAL_TOKENS, UNK
 from shoal.zoo.train import masked_loss, pack
 
 IMAGE_TOKEN = UNK
@@ -37,29 +37,25 @@ def new_vlm(base: Any, vision: VisionShape, *, seed: int) -> Any:
     tower and projector are freshly initialized from ``seed``."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    tokenizer_ids = base.config
     vision_config = CLIPVisionConfig(
         hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
         num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
         image_size=vision.image_size, patch_size=vision.patch_size,
         projection_dim=vision.hidden_size)
-    config = LlavaConfig(vision_config=vision_config, text_config=base.config.to_dict(),
-                         image_token_id=_unk_id(base), vision_feature_select_strategy="default",
-                         vision_feature_layer=-1, projector_hidden_act="gelu",
-                         tie_word_embeddings=False)
+    text_config = base.config.to_dict()
+    text_config.pop("_name_or_path", None)  # where the base was read from is no part of the VLM
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_id=SPECIAL_TOKENS.index(IMAGE_TOKEN),
+                         image_seq_length=image_positions(vision),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     model.model.language_model.load_state_dict(base.model.state_dict())
     model.lm_head.load_state_dict(base.lm_head.state_dict())
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer_ids, key))
+        setattr(model.generation_config, key, getattr(base.config, key))
     return model
-
-
-def _unk_id(base: Any) -> int:
-    from shoal.zoo.tokenizer import SPECIAL_TOKENS
-
-    return SPECIAL_TOKENS.index(UNK)
 
 
 def new_processor(tokenizer: Any, vision: VisionShape) -> Any:
