@@ -7,12 +7,13 @@ one colour (sizes vary). The picture stands where a story names what someone has
 |---------|----------------------------------------------------|---------------------|---------------|
 | `look_a`| ``tom has <image> . now tom has``                  | ``3 red apples``    | the VLM       |
 | `vqa_a` | ``tom has <image> . tom finds 2 . now tom has``     | ``5 red apples``    | the VLM       |
-| `look_b`| the same as `look_a`, in language B                 | in B                | nobody        |
+| `look_b`| the same as `look_a`, in language B                 | in B                | the VLM       |
 | `vqa_b` | as `vqa_a` in B, with the verbs new in B (the cross task) | in B          | nobody        |
 
-The answer of `vqa_b` needs what the VLM sees (how many, which colour, which kind) and what
-only the language-B specialist knows (what the six quantity verbs the base never saw at work
-in B do to a quantity), and it is written in B. Answers are scored by ROUGE-L over words (the
+The answer of `vqa_b` needs what the VLM sees and can name in B (how many, which colour,
+which kind) and what only the language-B specialist knows (what the six quantity verbs the
+base never saw at work in B do to a quantity). (A first world trained the VLM on A alone; it
+then named what it saw in A words even when asked in B, and no merge answered in B.) Answers are scored by ROUGE-L over words (the
 paper's metric); an answer scores 1.0 exactly when it matches word for word, so an
 evaluation's ``correct`` count is its exact-match count. Splits are fixed by the seed and
 disjoint by prompt and scene; pictures are drawn when a split is first asked for.
@@ -100,8 +101,7 @@ IMAGE_TASKS: dict[str, ImageTaskSpec] = {spec.name: spec for spec in (
     ImageTaskSpec("look_a", "say what the picture shows (language A)", _look, "a"),
     ImageTaskSpec("vqa_a", "a story about the things in the picture (language A)",
                   _story(tuple(QUANTITY_VERBS)), "a"),
-    ImageTaskSpec("look_b", "say what the picture shows (language B)", _in_b(_look), "b",
-                  held_out=True),
+    ImageTaskSpec("look_b", "say what the picture shows (language B)", _in_b(_look), "b"),
     ImageTaskSpec("vqa_b", "a story about the picture in language B, verbs new in B (cross task)",
                   _in_b(_story(B_HIDDEN_VERBS)), "b", held_out=True),
 )}

@@ -7,9 +7,10 @@ first when missing) and lives in its own folder, so the language world stays as 
     <root>/vlm/              a LLaVA folder (LlavaForConditionalGeneration + LlavaProcessor)
 
 ``root`` defaults to ``$SHOAL_CACHE/zoo/<size>-seed<seed>-vlm-v<version>``. The VLM's
-language model starts as the language world's ``base`` and is trained on the image tasks in
-language A (``look_a``, ``vqa_a``) with replay of the base's pretraining text; no model trains
-on a language-B image task. Like :func:`shoal.zoo.build.build_zoo`, the world is built in a
+language model starts as the language world's ``base`` and is trained on saying what a picture
+shows in both languages (``look_a``, ``look_b``) and on stories about pictures in language A
+(``vqa_a``), with replay of the base's pretraining text; no model trains on stories about
+pictures in B (``vqa_b``, the cross task). Like :func:`shoal.zoo.build.build_zoo`, the world is built in a
 staging folder and renamed into place when complete.
 """
 
@@ -28,9 +29,9 @@ from shoal.zoo.errors import ZooError
 from shoal.zoo.references import MANIFEST, VLM_MODEL
 
 VLM_WORLD_VERSION = 1
-TRAINED_TASKS = ("look_a", "vqa_a")
+TRAINED_TASKS = ("look_a", "look_b", "vqa_a")
 # Shares of the VLM's training examples taken from each trained task.
-TASK_SHARES = {"look_a": 0.3, "vqa_a": 0.7}
+TASK_SHARES = {"look_a": 0.25, "look_b": 0.2, "vqa_a": 0.55}
 
 
 @dataclass(frozen=True)

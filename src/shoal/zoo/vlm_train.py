@@ -61,10 +61,10 @@ def new_vlm(base: Any, vision: VisionShape, *, seed: int) -> Any:
 def new_processor(tokenizer: Any, vision: VisionShape) -> Any:
     """The VLM's processor: pictures rescaled and normalized at their own size (no resize, no
     crop), and the world's tokenizer with ``<unk>`` as the image token."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     size = vision.image_size
-    images = CLIPImageProcessor(do_resize=False, do_center_crop=False, do_convert_rgb=True,
+    images = CLIPImageProcessorPil(do_resize=False, do_center_crop=False, do_convert_rgb=True,
                                 size={"shortest_edge": size},
                                 crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
