@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -26,7 +27,7 @@ def picture_grid(examples: Sequence[Example], answers: Mapping[str, Sequence[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = len(examples)
-    lines = 3 + len(answers)
+    lines = 6 + len(answers)
     figure, axes = plt.subplots(2, columns, figsize=(3.1 * columns, 2.6 + 0.32 * lines),
                                 gridspec_kw={"height_ratios": [2.2, 0.3 * lines]}, squeeze=False)
     for i, example in enumerate(examples):
@@ -35,13 +36,15 @@ def picture_grid(examples: Sequence[Example], answers: Mapping[str, Sequence[str
         picture.set_xticks([])
         picture.set_yticks([])
         text.axis("off")
-        rows = [(example.prompt.replace("<image>", "[picture]"), "black"),
-                (f"(A: {to_a(example.prompt).replace('<image>', '[picture]')})", "dimgray"),
-                (f"expected: {example.target}", "black")]
+        prompt = example.prompt.replace("<image>", "[picture]")
+        rows = [(textwrap.fill(prompt, 34), "black"), ("", "black"),
+                (textwrap.fill(f"(A: {to_a(prompt)})", 34), "dimgray"), ("", "black"),
+                (f"expected: {example.target}  (A: {to_a(example.target)})", "black")]
         for name, outputs in answers.items():
             answer = outputs[i].strip()
             colour = "green" if rouge_l(answer, example.target) == 1.0 else "firebrick"
             rows.append((f"{name}: {answer or '(nothing)'}", colour))
+        rows.insert(5, ("", "black"))
         for line, (words, colour) in enumerate(rows):
             text.text(0.0, 1.0 - line / lines, words, fontsize=7, color=colour, va="top",
                       wrap=True, transform=text.transAxes)
