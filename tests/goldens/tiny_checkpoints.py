@@ -36,7 +36,21 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen2": dict(model_type="qwen2", hidden_size=16, intermediate_size=16, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # a vision-language model (mergekit 0.1.5 knows its modules: text_decoder, vision_tower,
+    # multi_modal_projector); the values are drawn for its names as saved on disk
+    "mistral3": dict(model_type="mistral3", image_token_index=31, spatial_merge_size=1,
+                     text_config=dict(model_type="mistral", hidden_size=16, intermediate_size=16,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=4, max_position_embeddings=64, tie_word_embeddings=False,
+                                      sliding_window=None, rms_norm_eps=1e-5),
+                     vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16,
+                                        num_hidden_layers=2, num_attention_heads=2, head_dim=8,
+                                        image_size=16, patch_size=8)),
 }
+# transformers 5 names a VLM's modules in memory otherwise than its files do
+_SAVED_NAMES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.vision_tower.", "vision_tower."),
+                ("model.multi_modal_projector.", "multi_modal_projector."))
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # vocabulary "a": 32 tokens; vocabulary "b": the first 24 of "a" and 12 of its own (36 tokens)
@@ -74,6 +88,9 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     "qwen2_base": CheckpointSpec("qwen2", 21),
     "qwen2_a": CheckpointSpec("qwen2", 22, base="qwen2_base"),
     "qwen2_b": CheckpointSpec("qwen2", 23, base="qwen2_base"),
+    "mistral3_base": CheckpointSpec("mistral3", 31),
+    "mistral3_a": CheckpointSpec("mistral3", 32, base="mistral3_base"),
+    "mistral3_b": CheckpointSpec("mistral3", 33, base="mistral3_base"),
 }
 
 
@@ -91,6 +108,8 @@ def _names_and_shapes(family: str, vocab_size: int) -> tuple[object, dict[str, t
 
     kwargs = dict(FAMILY_CONFIGS[family])
     model_type = kwargs.pop("model_type")
+    if "text_config" in kwargs:
+        return _vlm_names_and_shapes(model_type, kwargs, vocab_size)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, pad_token_id=0, bos_token_id=1,
                                   eos_token_id=2, **kwargs)
     with torch.device("meta"):
@@ -98,6 +117,29 @@ def _names_and_shapes(family: str, vocab_size: int) -> tuple[object, dict[str, t
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
+    return config, dict(sorted(shapes.items()))
+
+
+def _saved_name(name: str) -> str:
+    for memory, saved in _SAVED_NAMES:
+        if name.startswith(memory):
+            return saved + name[len(memory):]
+    return name
+
+
+def _vlm_names_and_shapes(model_type: str, kwargs: dict, vocab_size: int) -> tuple[object, dict[str, tuple[int, ...]]]:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(kwargs.pop("text_config"))
+    vision = dict(kwargs.pop("vision_config"))
+    text_config = AutoConfig.for_model(text.pop("model_type"), vocab_size=vocab_size, pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2, **text)
+    vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+    config = AutoConfig.for_model(model_type, text_config=text_config.to_dict(),
+                                  vision_config=vision_config.to_dict(), **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    shapes = {_saved_name(name): tuple(t.shape) for name, t in model.state_dict().items()}
     return config, dict(sorted(shapes.items()))
 
 
@@ -160,7 +202,8 @@ def build_checkpoint(name: str, out: Path) -> str:
 
 
 def type_name(family: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mistral3": "Mistral3ForConditionalGeneration"}[family]
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -78,7 +78,7 @@ def test_round_trip_through_yaml() -> None:
 @pytest.mark.parametrize("text, fragment", [
     ("merge_method: linear\nmodels: [{model: a}]\nmodles: []\n", "unknown key 'modles'"),
     ("merge_method: linear\nmodels: [{model: a, paramters: {weight: 1}}]\n", "unknown key 'paramters'"),
-    ("merge_method: linear\n", "exactly one of 'models' or 'slices'"),
+    ("merge_method: linear\n", "exactly one of 'models', 'slices' or 'modules'"),
     ("merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
      "exactly one of"),
     ("merge_method: linear\nmodels: [{model: a}]\ndtype: float64\n", "dtype"),

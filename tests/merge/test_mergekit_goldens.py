@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import lzma
+import re
 import sys
 from pathlib import Path
 
@@ -96,7 +97,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("t_sce", "plain"): ("mergekit ranks the task vectors' variances in bf16, shoal in float32: where the "
                          "top-variance pick changes with precision, 1-2% of entries differ (the function-level "
                          "golden in test_new_methods.py agrees within rounding otherwise)"),
-    ("f_modules", "plain"): "shoal refuses: unknown key 'modules'",
     ("f_multimerge", "plain"): "shoal refuses a multi-document (mergekit-multi) recipe: invalid YAML, found another document",
     ("f_tokenizer_block", "plain"): "shoal refuses: unknown key 'tokenizer'",
     ("f_tokenizer_source_union", "plain"): "shoal refuses tokenizer_source 'union' (recipe.py _models_or_slices)",
@@ -110,6 +110,7 @@ XFAIL: dict[tuple[str, str], str] = {
     ("ex_bio_merge", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("t_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_ties_qwen2", "plain"): _PAPER_MODE + _TIES_PAPER,
+    ("f_modules_vlm_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("f_fp32_inputs_ties", "plain"): _PAPER_MODE + _TIES_PAPER,
     ("t_dare_ties", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.38x mergekit's",
     ("f_int8_mask_dare", "plain"): _PAPER_MODE + _DARE_NORMALIZE + ": task-vector norm 1.67x mergekit's",
@@ -218,6 +219,21 @@ def _mergekit_setting(value, name: str, t: float):  # type: ignore[no-untyped-de
     return value
 
 
+# mergekit's module names (its mistral3.json) -> the tensor-name prefixes each holds on disk
+_MODULE_PREFIXES = {"default": ("",), "text_decoder": ("language_model.",), "vision_tower": ("vision_tower.",),
+                    "multi_modal_projector": ("multi_modal_projector.",)}
+
+
+def _trim_entries(doc: dict, name: str) -> tuple[list, dict] | None:
+    """The model entries that merge tensor ``name`` and the parameters under theirs (a module's over the recipe's)."""
+    if "models" in doc:
+        return doc["models"], doc.get("parameters", {})
+    for module, spec in (doc.get("modules") or {}).items():
+        if name.startswith(_MODULE_PREFIXES[module]) and "models" in spec:
+            return spec["models"], {**doc.get("parameters", {}), **spec.get("parameters", {})}
+    return None
+
+
 def _cutoff_ties(golden: dict, name: str, root: Path, layers: int) -> torch.Tensor | None:
     """Entries whose task-vector magnitude, in some model, equals the magnitude at a trim cut-off.
 
@@ -225,14 +241,16 @@ def _cutoff_ties(golden: dict, name: str, root: Path, layers: int) -> torch.Tens
     so such entries are excepted from the comparison of magnitude-trimming methods.
     """
     doc = yaml.safe_load(golden["recipe"])
-    if doc.get("merge_method") not in TRIM_METHODS or "models" not in doc:
+    entries = _trim_entries(doc, name)
+    if doc.get("merge_method") not in TRIM_METHODS or entries is None:
         return None
-    parts = name.split(".")
-    t = int(parts[2]) / max(layers - 1, 1) if len(parts) > 2 and parts[1] == "layers" else 0.0
+    models, outer = entries
+    layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    t = int(layer.group(1)) / max(layers - 1, 1) if layer else 0.0
     base = load_file(root / doc["base_model"].removeprefix("tiny/") / "model.safetensors")[name]
     tied = torch.zeros(base.shape, dtype=torch.bool)
-    for entry in doc["models"]:
-        params = {**doc.get("parameters", {}), **entry.get("parameters", {})}
+    for entry in models:
+        params = {**outer, **entry.get("parameters", {})}
         density = _mergekit_setting(params.get("density", 1.0), name, t)
         gamma = _mergekit_setting(params.get("gamma", 0.0), name, t) if "breadcrumbs" in doc["merge_method"] else 0.0
         model = load_file(root / entry["model"].removeprefix("tiny/") / "model.safetensors")[name]

@@ -12,6 +12,7 @@ from shoal.checkpoint.architecture import (
     is_tied,
     layer_count_key,
     map_prefix,
+    module_of,
     num_layers,
     with_layer,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "is_tied",
     "layer_count_key",
     "map_prefix",
+    "module_of",
     "num_layers",
     "open_checkpoint",
     "parse_byte_size",

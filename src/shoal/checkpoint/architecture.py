@@ -3,9 +3,16 @@
 Hugging Face decoder checkpoints name tensors ``<prefix><stack>.<layer>.<module path>``
 (``model.layers.3.self_attn.q_proj.weight``, ``transformer.h.0.attn.c_attn.weight``) plus
 a few tensors outside the stack (embeddings, final norm, ``lm_head``). The families shoal
-knows by name (Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2, Phi-3, GPT-2) have tables of
+knows by name (Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2, Phi-3, GPT-2, LLaVA) have tables of
 their module names; any other architecture falls back to the same rules applied to
 generic names (``.layers.N.``, ``.h.N.``, ``.blocks.N.``, ``*_proj``, ``*norm``, ...).
+
+Vision-language models (LLaVA) hold a language model plus vision modules: the vision tower
+and the projector have the role ``vision`` and no decoder layer (their own encoder layers are
+not the language model's), so per-layer parameters address the language model only. Their
+names come in two spellings, both recognised: on disk (``language_model.model.layers.N...``,
+``language_model.lm_head``, ``vision_tower...``, ``multi_modal_projector...``) and in memory in
+transformers 5 (``model.language_model.layers.N...``, ``lm_head``, ``model.vision_tower...``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 
 from shoal.errors import CheckpointError
 
-ROLES = ("embed", "attention", "mlp", "norm", "lm_head", "other")
+ROLES = ("embed", "attention", "mlp", "norm", "lm_head", "vision", "other")
 
 # The first `<stack>.<N>.` in a name is the decoder stack; later ones (experts.N) are inside a layer.
 _LAYER = re.compile(r"(?:^|(?<=\.))(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -44,6 +51,9 @@ class Family:
     modeling_module: str = ""
     class_prefix: str = ""
     layer_path: bool = False
+    # mergekit's ``modules:`` names of a multi-module model -> the tensor-name prefixes of each
+    # (both spellings); empty for single-module models
+    modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _LLAMA_LIKE = dict(
@@ -80,8 +90,25 @@ FAMILIES["gpt2"] = Family(
     class_prefix="GPT2",
 )
 
+# Vision-language models: a Llama-like language model (the zoo's, LLaVA-1.5's, Mistral 3's) behind a
+# vision tower and projector; the module names are mergekit's (its mistral3.json).
+_VLM_MODULES = (("text_decoder", ("language_model.", "model.language_model.", "lm_head.")),
+                ("vision_tower", ("vision_tower.", "model.vision_tower.")),
+                ("multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector.")))
+for _name, _prefix in (("llava", "Llava"), ("mistral3", "Mistral3")):
+    FAMILIES[_name] = Family(name=_name, **_LLAMA_LIKE, modeling_module=f"transformers.models.{_name}.modeling_{_name}",
+                             class_prefix=_prefix, modules=_VLM_MODULES)
+
+# Top-level modules of vision-language models that are not the language model (after an
+# optional ``model.``): LLaVA and its kin, Qwen-VL (``visual``), Idefics/SigLIP-style (``vision_model``).
+VISION_MODULES = ("vision_tower", "multi_modal_projector", "vision_model", "visual", "mm_projector",
+                  "vision_resampler")
+_VISION = re.compile(r"^((?:model\.)?(?:" + "|".join(VISION_MODULES) + r")\.)")
+
 # transformers class names -> family; model_type strings map to themselves.
 _ARCHITECTURE_CLASSES = {
+    "LlavaForConditionalGeneration": "llava",
+    "Mistral3ForConditionalGeneration": "mistral3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
@@ -183,6 +210,9 @@ def describe_tensor(name: str, architecture: str | None = None) -> TensorInfo:
     None the generic rules apply, which cover the known families too.
     """
     family = family_of(architecture)
+    vision = _VISION.match(name)
+    if vision is not None:
+        return TensorInfo(name, vision.group(1), None, "vision")
     match = _LAYER.search(name)
     if match is not None:
         inner = name[match.end():].split(".")[:-1]  # module path inside the layer
@@ -194,6 +224,20 @@ def describe_tensor(name: str, architecture: str | None = None) -> TensorInfo:
     role, depth = outer
     prefix = "".join(m + "." for m in modules[:depth])
     return TensorInfo(name, prefix, None, role)
+
+
+def module_of(name: str, architecture: str | None) -> str | None:
+    """The mergekit module (``text_decoder``, ``vision_tower``, ...) of tensor ``name`` in a
+    multi-module family, or None when the family has no modules or none holds the name."""
+    family = family_of(architecture)
+    if family is None:
+        return None
+    best: tuple[int, str] | None = None
+    for module, prefixes in family.modules:
+        for prefix in prefixes:
+            if name.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), module)
+    return best[1] if best else None
 
 
 def with_layer(name: str, layer: int) -> str:

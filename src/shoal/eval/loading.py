@@ -5,8 +5,11 @@ and resident candidates, the adapt study): references resolve through
 :func:`shoal.checkpoint.references.resolve_reference` (folders, hub ids with ``@revision``,
 ``zoo:`` names, run folders), and the model kind says which classes build it. A PEFT adapter
 folder (``adapter_config.json``) loads as its base model (any shoal reference) with the
-adapter applied. Only causal language models are registered today; a vision-language or diffusion kind registers its own
-:class:`ModelKind` (how to build the network, how to build its processor).
+adapter applied. Two kinds are built in: ``causal_lm`` (``AutoModelForCausalLM`` + its tokenizer)
+and ``llava`` (``LlavaForConditionalGeneration`` + its ``AutoProcessor``); a diffusion kind
+registers its own :class:`ModelKind` (how to build the network, how to build its processor).
+When a caller names no kind, a local folder's ``config.json`` ``model_type`` picks it
+(:data:`KIND_OF_MODEL_TYPE`); anything else is a causal language model.
 """
 
 from __future__ import annotations
@@ -124,7 +127,30 @@ def _tokenizer(source: str, revision: str | None) -> Any:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
 
 
-MODEL_KINDS: dict[str, ModelKind] = {"causal_lm": ModelKind("causal_lm", _causal_lm, _tokenizer)}
+def _llava(source: str, revision: str | None, dtype: torch.dtype) -> Any:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(source, revision=revision, dtype=dtype)
+
+
+def _llava_processor(source: str, revision: str | None) -> Any:
+    """The VLM's processor (image processor + tokenizer), its tokenizer padded on the left with a pad token."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source, revision=revision)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise CheckpointError(f"{source}: its processor has no tokenizer (processor_config.json and "
+                              "the tokenizer files belong beside the weights)")
+    prepare_tokenizer(tokenizer)
+    return processor
+
+
+MODEL_KINDS: dict[str, ModelKind] = {"causal_lm": ModelKind("causal_lm", _causal_lm, _tokenizer),
+                                     "llava": ModelKind("llava", _llava, _llava_processor)}
+
+# config.json model_type -> the kind that loads it when the caller names none
+KIND_OF_MODEL_TYPE: dict[str, str] = {"llava": "llava"}
 
 
 def register_model_kind(kind: ModelKind, *, replace: bool = False) -> None:
@@ -159,6 +185,19 @@ def locate_model(reference: str | Path | ModelLocation, *, revision: str | None 
     return location
 
 
+def detect_kind(location: ModelLocation) -> str:
+    """The model kind of a located model: by its config.json ``model_type`` for a local folder
+    (:data:`KIND_OF_MODEL_TYPE`), ``causal_lm`` otherwise (hub ids, PEFT adapters, unknown types)."""
+    if location.path is None:
+        return "causal_lm"
+    try:
+        config = json.loads((Path(location.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "causal_lm"  # transformers reports a missing or unreadable config with its own message
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return KIND_OF_MODEL_TYPE.get(model_type, "causal_lm") if isinstance(model_type, str) else "causal_lm"
+
+
 def _source(location: ModelLocation) -> str:
     """What transformers opens for ``location``, with any model type shoal provides registered."""
     if location.path is not None:
@@ -168,11 +207,12 @@ def _source(location: ModelLocation) -> str:
 
 
 def load_network(reference: str | Path | ModelLocation, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, kind: str = "causal_lm",
+                 dtype: torch.dtype = torch.float32, kind: str | None = None,
                  revision: str | None = None) -> Any:
-    """The model ``reference`` names, in eval mode on ``device`` (no tokenizer)."""
-    builder = _kind(kind)
+    """The model ``reference`` names, in eval mode on ``device`` (no tokenizer); ``kind`` None
+    detects it (:func:`detect_kind`)."""
     location = locate_model(reference, revision=revision)
+    builder = _kind(kind if kind is not None else detect_kind(location))
     source = _source(location)
     try:
         model = builder.network(source, location.revision, dtype)
@@ -186,11 +226,12 @@ def load_network(reference: str | Path | ModelLocation, *, device: str | torch.d
     return model.eval()
 
 
-def load_processor(reference: str | Path | ModelLocation, *, kind: str = "causal_lm", revision: str | None = None) -> Any:
-    """What feeds the model ``reference`` names; for a causal LM its tokenizer, padding on the
-    left and with a pad token."""
-    builder = _kind(kind)
+def load_processor(reference: str | Path | ModelLocation, *, kind: str | None = None,
+                   revision: str | None = None) -> Any:
+    """What feeds the model ``reference`` names; for a causal LM its tokenizer, for a VLM its
+    processor, the tokenizer padding on the left and with a pad token. ``kind`` None detects it."""
     location = locate_model(reference, revision=revision)
+    builder = _kind(kind if kind is not None else detect_kind(location))
     source = _source(location)
     try:
         return builder.processor(source, location.revision)
@@ -199,20 +240,23 @@ def load_processor(reference: str | Path | ModelLocation, *, kind: str = "causal
 
 
 def load_model(reference: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, kind: str = "causal_lm",
+               dtype: torch.dtype = torch.float32, kind: str | None = None,
                revision: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a model reference (folder, hub id[@revision], ``zoo:``...).
+    """``(model, tokenizer)`` for a model reference (folder, hub id[@revision], ``zoo:``...);
+    for a VLM ``(model, processor)``. ``kind`` None detects it (:func:`detect_kind`).
 
     The model is in eval mode on ``device``; the tokenizer pads on the left and has a pad token,
     which is also the model's generation pad token when its generation config has none.
     A reference that cannot be read raises :class:`~shoal.errors.CheckpointError` naming it.
     """
     location = locate_model(reference, revision=revision)
+    kind = kind if kind is not None else detect_kind(location)
     tokenizer = load_processor(location, kind=kind)
     model = load_network(location, device=device, dtype=dtype, kind=kind)
     generation = getattr(model, "generation_config", None)
+    pad_token_id = getattr(getattr(tokenizer, "tokenizer", tokenizer), "pad_token_id", None)
     if generation is not None and getattr(generation, "pad_token_id", None) is None:
-        generation.pad_token_id = tokenizer.pad_token_id
+        generation.pad_token_id = pad_token_id
     return model, tokenizer
 
 

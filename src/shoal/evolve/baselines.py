@@ -31,10 +31,20 @@ def uniform_values(method: str, values: Mapping[str, float] | None = None) -> di
 def uniform_recipe(config: EvolveConfig, values: Mapping[str, float] | None = None) -> Recipe:
     """The run's method with every model at the same parameter values."""
     chosen = uniform_values(config.method, values)
-    entries = [ModelEntry(model=m, parameters=dict(chosen)) for m in config.models  # type: ignore[arg-type]
-               if not (config.base_model and m == config.base_model)]
+    entries = [ModelEntry(model=m, parameters=dict(chosen), prefix_map=config.prefix_maps.get(m, {}))  # type: ignore[arg-type]
+               for m in config.models if not (config.base_model and m == config.base_model)]
+    base_map = config.prefix_maps.get(config.base_model, {}) if config.base_model else {}
     return Recipe(merge_method=config.method, base_model=config.base_model, models=entries,
-                  parameters=dict(config.fixed), seed=config.seed)  # type: ignore[arg-type]
+                  parameters=dict(config.fixed), seed=config.seed, base_prefix_map=base_map)  # type: ignore[arg-type]
+
+
+def output_model(config: EvolveConfig) -> str:
+    """The model a run's candidates look like (names, config, tokenizer or processor): the base,
+    or the first model; with a mapped base, the first model without a prefix map (a VLM)."""
+    from shoal.merge.plan import output_reference, prefix_maps
+
+    recipe = uniform_recipe(config)
+    return output_reference(recipe, prefix_maps(recipe))
 
 
 def source_labels(sources: Sequence[str]) -> list[str]:

@@ -69,11 +69,31 @@ class CandidateBuilder:
         write_state(model, self.state_dict(recipe, seed=seed))
 
 
-def write_state(model: Any, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy tensors into a model's parameters and buffers by name; every parameter must be covered
-    (tied weights count as covered through the tensor they are tied to)."""
+def checkpoint_names(model: Any) -> dict[str, torch.Tensor]:
+    """A model's parameters and buffers by the names a checkpoint file gives them.
+
+    transformers 5 loads some models under other names than their files use (a LLaVA file's
+    ``language_model.model.layers.0...`` is the module ``model.language_model.layers.0...``);
+    the merged tensors carry the file's names, so both spellings find their parameter.
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 loads files under their own names
+        return params
+    saved = revert_weight_conversion(model, dict(params))
+    by_id = {id(t): t for t in params.values()}
+    for name, tensor in saved.items():
+        if id(tensor) in by_id:  # renamed, not converted (a converted tensor is a new object)
+            params.setdefault(name, tensor)
+    return params
+
+
+def write_state(model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors into a model's parameters and buffers by name (in memory or as saved); every
+    parameter must be covered (tied weights count as covered through the tensor they are tied to)."""
+    params = checkpoint_names(model)
     covered: set[int] = set()
     with torch.no_grad():
         for name, tensor in state.items():

@@ -17,6 +17,17 @@ Example::
     search: {sampler: cmaes, trials: 200, seed: 0}
     threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
+
+A model (or the base) may be given as ``{model: REF, prefix_map: {...}}`` to merge a
+vision-language model's language model with plain LLMs (EvoVLM-JP)::
+
+    base_model: {model: llm/base, prefix_map: {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}}
+    models:
+      - vlm/llava                   # no map: the candidates are LLaVA models like this one
+      - {model: llm/lang_b, prefix_map: {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}}
+    hold_at_zero: []                # [llm/lang_b]: the VLM-only per-layer control
+
+The maps are kept as ``prefix_maps`` (model -> map), the form a saved config has.
 """
 
 from __future__ import annotations
@@ -112,6 +123,25 @@ class DfsSpec(_Strict):
         return self
 
 
+def _entry(raw: object, where: str) -> tuple[str, dict[str, str] | None]:
+    """A model given as ``REF`` or ``{model: REF, prefix_map: {...}}``: its reference and map."""
+    if isinstance(raw, str):
+        return raw, None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a model is a reference or {{model: REF, prefix_map: {{...}}}}, "
+                         f"got a {type(raw).__name__}")
+    unknown = [k for k in raw if k not in ("model", "prefix_map")]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (a model entry has 'model' and 'prefix_map')")
+    model, mapping = raw.get("model"), raw.get("prefix_map", {})
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{where}: 'model' must be a model reference")
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in mapping.items()):
+        raise ValueError(f"{where}.prefix_map: a mapping of tensor-name prefixes to prefixes")
+    return model, dict(mapping)
+
+
 class EvolveConfig(_Strict):
     """A whole evolution run."""
 
@@ -135,6 +165,32 @@ class EvolveConfig(_Strict):
     # the seed that fixes the task splits (zoo tasks); None: the seed of the zoo world the
     # models come from, else 0 -- a world's held-out splits are held out only from its own data
     task_seed: int | None = None
+    # model -> the prefix map that shows it in the output's tensor names (from model entries)
+    prefix_maps: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_entries(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        maps = dict(data.get("prefix_maps") or {})
+        if isinstance(data.get("models"), list):
+            refs = []
+            for i, raw in enumerate(data["models"]):
+                ref, mapping = _entry(raw, f"models[{i}]")
+                refs.append(ref)
+                if mapping:
+                    maps[ref] = mapping
+            data["models"] = refs
+        if data.get("base_model") is not None:
+            ref, mapping = _entry(data["base_model"], "base_model")
+            data["base_model"] = ref
+            if mapping:
+                maps[ref] = mapping
+        if maps:
+            data["prefix_maps"] = maps
+        return data
 
     @model_validator(mode="after")
     def _discipline(self) -> "EvolveConfig":
@@ -159,6 +215,12 @@ class EvolveConfig(_Strict):
         unknown = [m for m in self.hold_at_zero if m not in self.models]
         if unknown:
             raise ValueError(f"hold_at_zero names {unknown}, which are not in 'models'")
+        stray = [m for m in self.prefix_maps if m not in self.models and m != self.base_model]
+        if stray:
+            raise ValueError(f"prefix_maps names {stray}, which are neither 'models' nor the base_model")
+        if self.prefix_maps and self.kind == "dfs":
+            raise ValueError("prefix_map: a dfs run stacks whole decoder layers of like models; "
+                             "prefix maps apply to parameter-space (ps) runs")
         return self
 
 

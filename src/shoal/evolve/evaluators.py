@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from shoal.eval.loading import load_model, load_processor
-from shoal.evolve.baselines import source_labels, source_rows, uniform_recipe
+from shoal.evolve.baselines import output_model, source_labels, source_rows, uniform_recipe
 from shoal.evolve.candidate import CandidateBuilder
 from shoal.evolve.config import EvolveConfig
 from shoal.evolve.references import MODEL_DIR
@@ -79,7 +79,7 @@ class Evaluator(_Base):
         self.task_seed = run_task_seed(config)
         models = ([config.base_model] if config.base_model else []) + list(config.models)
         self.builder = CandidateBuilder(models, device=config.device)
-        self.reference = config.base_model or config.models[0]
+        self.reference = output_model(config)
         reader = self.builder.readers[self.reference]
         arch = ((reader.config or {}).get("architectures") or [None])[0]
         self.space: SearchSpace = build_space(config, reader.tensor_names(), arch)

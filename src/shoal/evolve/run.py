@@ -69,6 +69,7 @@ def resolve_config(config: EvolveConfig, run_dir: Path | None = None) -> EvolveC
         "models": [mapping[m] for m in config.models],
         "base_model": mapping[config.base_model] if config.base_model else None,
         "hold_at_zero": [mapping[m] for m in config.hold_at_zero],
+        "prefix_maps": {mapping[m]: dict(v) for m, v in config.prefix_maps.items()},
     })
 
 

@@ -32,6 +32,18 @@ def run_task_seed(config: EvolveConfig) -> int:
     return 0 if seed is None else seed
 
 
+def _feeder(tokenizer: Any, task: Any, split: str, limit: int | None) -> Any:
+    """What evaluation reads the task's examples with: a VLM's processor answers image examples,
+    its tokenizer text-only ones (a text task scored on a VLM); anything else as given."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is None:
+        return tokenizer
+    from shoal.eval.evaluate import select_examples
+
+    examples = select_examples(task, split, limit)
+    return tokenizer if any(getattr(e, "images", None) for e in examples) else inner
+
+
 def score_model(model: Any, tokenizer: Any, task: str | list[str], split: str, limit: int | None,
                 batch_size: int, *, seed: int = 0) -> Any:
     """Score a model on one task, or on several (the mean, with the total example count), on the
@@ -41,8 +53,11 @@ def score_model(model: Any, tokenizer: Any, task: str | list[str], split: str, l
 
     names = [task] if isinstance(task, str) else list(task)
     with torch.inference_mode():
-        results = [evaluate(model, tokenizer, get_task(name, seed=seed), split, limit=limit,
-                            batch_size=batch_size) for name in names]
+        results = []
+        for name in names:
+            found = get_task(name, seed=seed)
+            results.append(evaluate(model, _feeder(tokenizer, found, split, limit), found, split,
+                                    limit=limit, batch_size=batch_size))
     if len(results) == 1:
         return results[0]
     mean = sum(r.score for r in results) / len(results)

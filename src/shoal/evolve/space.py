@@ -12,7 +12,9 @@ slope instead of clamping.
 
 Decoding a genome gives an ordinary recipe: per-model parameters as ``filter``/``value``
 lists whose filters are tensor-name prefixes of the reference model, so ``shoal merge``
-builds exactly the candidate the search evaluated.
+builds exactly the candidate the search evaluated. Models given with a ``prefix_map`` keep it
+in the recipe; then the reference is a VLM whose vision tower and projector (role ``vision``)
+are copied and get no genes, and the layer genes address its language model's layers.
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ class SearchSpace:
                 params["weight"] = 0.0
             else:
                 params.update({p: list(v) for p, v in per_model.get(model, {}).items()})
-            entries.append(ModelEntry(model=model, parameters=params))  # type: ignore[arg-type]
+            entries.append(ModelEntry(model=model, parameters=params,  # type: ignore[arg-type]
+                                      prefix_map=cfg.prefix_maps.get(model, {})))
         global_params: dict[str, object] = dict(cfg.fixed)
         global_params.update({p: list(v) for p, v in per_model.get(GLOBAL, {}).items()})
+        base_map = cfg.prefix_maps.get(cfg.base_model, {}) if cfg.base_model else {}
         return Recipe(merge_method=self.method.name, base_model=cfg.base_model, models=entries,
-                      parameters=global_params, seed=cfg.seed)  # type: ignore[arg-type]
+                      parameters=global_params, seed=cfg.seed, base_prefix_map=base_map)  # type: ignore[arg-type]
 
     def encode(self, recipe: Recipe) -> dict[str, float]:
         """The genome a decoded recipe came from (inverse of :meth:`decode`)."""
@@ -188,6 +192,9 @@ def build_space(config: EvolveConfig, tensor_names: Sequence[str], architecture:
     for name in config.space.ranges:
         if name not in {p.name for p in evolvable}:
             raise ConfigError(f"space.ranges: {name!r} is not an evolved parameter")
+    if config.prefix_maps:
+        # a VLM merged with mapped LLMs: its vision tower and projector are copied, so no genes
+        tensor_names = [n for n in tensor_names if describe_tensor(n, architecture).role != "vision"]
     cells = build_cells(tensor_names, architecture, layer_group_size=config.space.layer_group_size,
                         modules=config.space.modules)
     models = tuple(m for m in config.models if m not in config.hold_at_zero

@@ -105,6 +105,10 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed: int = 0) -> MergePlan:
     """Plan ``recipe`` over opened checkpoints (``readers`` keyed by the names the recipe uses)."""
+    if recipe.modules is not None:
+        from shoal.merge.plan_modules import plan_modules
+
+        return plan_modules(recipe, readers, seed=seed)
     method = get_method(recipe.merge_method)
     warnings = check_parameter_names(recipe, method)
     if method.needs_base and recipe.base_model is None and not (
@@ -133,7 +137,10 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader], *, seed:
 
 def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
     maps: dict[str, dict[str, str]] = {}
-    entries = list(recipe.models or []) + [s for sl in recipe.slices or [] for s in sl.sources]
+    parts = [(recipe.models, recipe.slices)] if recipe.modules is None else [
+        (m.models, m.slices) for m in recipe.modules.values()]
+    entries = [e for models, slices in parts
+               for e in list(models or []) + [s for sl in slices or [] for s in sl.sources]]
     for entry in entries:
         if entry.prefix_map:
             if entry.model in maps and maps[entry.model] != entry.prefix_map:
@@ -196,8 +203,9 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
     base_key = recipe.base_model
     entries = [m for m in recipe.models if not (method.uses_base(base_key) and m.model == base_key)]
     check_model_count(method, len(entries), "models")
-    reference = base_key if base_key is not None else recipe.models[0].model
+    reference = output_reference(recipe, maps)
     ref_view = views[reference]
+    base_view = views[base_key] if base_key is not None and method.uses_base(base_key) else None
     config = readers[reference].config or {}
     total_layers = num_layers(config) if config else _count_layers(ref_view)
 
@@ -207,11 +215,15 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
         # the whole model is one slice: its layers at t = layer / (layers - 1), the rest at t = 0
         position = TensorPosition(out_name, info.layer, total_layers)
         covering = [e for e in entries if views[e.model].covers(out_name)]
-        if len(covering) < len(entries) or not covering:
+        if base_view is not None and not base_view.covers(out_name) and len(covering) > 1:
+            raise RecipeError(f"tensor {out_name!r}: base_model {base_key}'s prefix map does not reach it, "
+                              f"but {len(covering)} models have it; the method needs the base's tensor")
+        if len(covering) < len(entries) or not covering or (base_view is not None
+                                                             and not base_view.covers(out_name)):
             # Outside some model's prefix map (e.g. a vision tower): the reference's own tensor.
             ops.append(copy_op(out_name, ref_view, recipe, seed))
             continue
-        base = (ref_view, source_name(ref_view, out_name)) if method.uses_base(base_key) else None
+        base = (base_view, source_name(base_view, out_name)) if base_view is not None else None
         refs = [(views[e.model], source_name(views[e.model], out_name)) for e in covering]
         params = resolve_params(method, position, [e.parameters for e in covering], [recipe.parameters],
                                 recipe.compat)
@@ -219,6 +231,24 @@ def _plan_models(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Check
     return MergePlan(recipe=recipe, method=method.name, ops=tuple(ops), reference=reference,
                      tokenizer_source=tokenizer_source(recipe, reference),
                      config_updates=config_updates(recipe, config, ops))
+
+
+def output_reference(recipe: Recipe, maps: Mapping[str, Mapping[str, str]]) -> str:
+    """The model whose tensor names, config and support files the output follows: the base model,
+    or the first model when there is none. A base seen through a prefix map lives in another
+    model's namespace (an LLM base merged into a VLM's language model), so then the first model
+    without a prefix map is the reference: the VLM, whose vision tower and projector are copied."""
+    assert recipe.models is not None
+    base = recipe.base_model
+    if base is None:
+        return recipe.models[0].model
+    if not maps.get(base):
+        return base
+    unmapped = [m.model for m in recipe.models if m.model != base and not maps.get(m.model)]
+    if not unmapped:
+        raise RecipeError(f"base_model {base!r} has a prefix map, but every model has one too: "
+                          "one model without a prefix map gives the output's tensor names")
+    return unmapped[0]
 
 
 def copy_op(out_name: str, view: _ModelView, recipe: Recipe, seed: int) -> TensorOp:
@@ -248,6 +278,16 @@ def config_updates(recipe: Recipe, config: Mapping[str, Any], ops: list[TensorOp
     for op in ops:
         info = describe_tensor(op.name, _architecture(config))
         if info.role == "embed" and ("embed_tokens" in op.name or "wte" in op.name):
-            updates["vocab_size"] = op.shape[0]
+            updates[_vocab_key(config)] = op.shape[0]
             break
     return updates
+
+
+def _vocab_key(config: Mapping[str, Any]) -> str:
+    """Where the config holds the vocabulary size: top level, or a VLM's ``text_config``."""
+    if "vocab_size" not in config:
+        for nested in ("text_config", "language_config", "llm_config"):
+            section = config.get(nested)
+            if isinstance(section, Mapping) and "vocab_size" in section:
+                return f"{nested}.vocab_size"
+    return "vocab_size"

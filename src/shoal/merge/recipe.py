@@ -7,6 +7,10 @@ layers, or lists of ``filter``/``value`` entries), ``dtype`` (what the merge com
 ``out_dtype`` (what it writes), ``tokenizer_source``, ``chat_template`` (a built-in name such as
 ``chatml``, ``auto``, or a Jinja template).
 
+``modules`` (mergekit's multi-module recipes: per module of a vision-language model,
+``text_decoder`` / ``vision_tower`` / ``multi_modal_projector``, or ``default`` for a
+single-module model, its own ``models`` or ``slices`` and ``parameters``).
+
 shoal keys: ``seed`` (random methods), ``compat`` (``paper`` or ``mergekit``: which definition
 of methods whose mergekit results differ from their papers), per-model ``prefix_map`` (rename a
 model's tensors, e.g. to merge the language model inside a vision-language checkpoint).
@@ -151,12 +155,28 @@ class Slice(_Strict):
         return self
 
 
+class Module(_Strict):
+    """One module of a multi-module model (mergekit's ``modules:``): its own ``models`` or
+    ``slices``, and ``parameters`` that apply before the recipe's."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Module":
+        if (not self.models) == (not self.slices):
+            raise ValueError("a module needs exactly one of 'models' or 'slices' (not empty)")
+        return self
+
+
 class Recipe(_Strict):
     """A validated merge recipe."""
 
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
+    modules: dict[str, Module] | None = None
     base_model: str | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: DTypeName | None = None
@@ -169,8 +189,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "Recipe":
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("a recipe needs exactly one of 'models' or 'slices'")
+        if sum(part is not None for part in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("a recipe needs exactly one of 'models', 'slices' or 'modules'")
+        if self.modules is not None and not self.modules:
+            raise ValueError("'modules' is empty")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
         if self.slices is not None and not self.slices:
@@ -185,10 +207,11 @@ class Recipe(_Strict):
         names: list[str] = []
         if self.base_model is not None:
             names.append(self.base_model)
-        if self.models is not None:
-            names.extend(m.model for m in self.models)
-        else:
-            for s in self.slices or []:
+        parts = [(self.models, self.slices)] if self.modules is None else [
+            (m.models, m.slices) for m in self.modules.values()]
+        for models, slices in parts:
+            names.extend(m.model for m in models or [])
+            for s in slices or []:
                 names.extend(src.model for src in s.sources)
                 if s.base_model is not None:
                     names.append(s.base_model)
