@@ -49,7 +49,8 @@ def test_cli_demo_vlm_runs_the_vlm_demo_and_plain_demo_the_llm_one(tmp_path: Pat
         seen.update(kwargs)
         kwargs["progress"]("main search", 1, 1)
         return VlmDemoResult(out=kwargs["out"], rows=rows, pictures=kwargs["out"] / "pictures.png",
-                             evolved_recipe=kwargs["out"] / "evolved" / "best_recipe.yaml")
+                             evolved_recipe=kwargs["out"] / "evolved" / "best_recipe.yaml",
+                             model=kwargs["out"] / "evolved" / "model")
 
     def no_llm_demo(**kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the LLM demo ran")

@@ -76,7 +76,9 @@ def _vlm_demo(size: str, out: Path, trials: int, limit: int | None, seed: int, a
         result = run_vlm_demo(size=size, out=out, trials=trials, limit=limit, seed=seed, progress=progress)
     if as_json:
         click.echo(json.dumps({"rows": [asdict(r) for r in result.rows], "pictures": str(result.pictures),
-                               "evolved_recipe": str(result.evolved_recipe)}))
+                               "evolved_recipe": str(result.evolved_recipe),
+                               "model": str(result.model) if result.model else None}))
         return
     print_text(markdown_rows(result.rows))
-    click.echo(f"pictures: {result.pictures}; evolved recipe: {result.evolved_recipe}")
+    click.echo(f"pictures: {result.pictures}; evolved recipe: {result.evolved_recipe}; "
+               f"merged model: {result.model}")

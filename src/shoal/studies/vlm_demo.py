@@ -61,6 +61,7 @@ class VlmDemoResult:
     rows: tuple[DemoRow, ...]
     pictures: Path
     evolved_recipe: Path
+    model: Path | None  # the evolved merge as a LLaVA folder
 
 
 def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
@@ -130,7 +131,7 @@ def run_vlm_demo(*, size: str = "small", out: str | Path = "runs/demo-vlm", tria
     control = evolve(demo_config(world, trials=trials, limit=limit, seed=seed, hold_at_zero=(lang,)),
                      out / "control", resume=resume, write_model=False, report=False,
                      progress=relabel(progress, CONTROL_STAGES))
-    evolved = evolve(config, out / "evolved", resume=resume, write_model=False, report=False,
+    evolved = evolve(config, out / "evolved", resume=resume, report=False,
                      progress=relabel(progress, MAIN_STAGES))
     evaluator = Evaluator(config)
     try:
@@ -162,5 +163,7 @@ def run_vlm_demo(*, size: str = "small", out: str | Path = "runs/demo-vlm", tria
     (out / "demo.json").write_text(json.dumps({
         "rows": [asdict(r) for r in rows], "uniform_search": found.values,
         "evolved_recipe": str(recipe_path), "control_recipe": str(control.run_dir / BEST_RECIPE),
-        "pictures": str(pictures), "world": str(world.root)}, indent=2) + "\n")
-    return VlmDemoResult(out=out, rows=tuple(rows), pictures=pictures, evolved_recipe=recipe_path)
+        "pictures": str(pictures), "world": str(world.root),
+        "model": str(evolved.model_dir) if evolved.model_dir else None}, indent=2) + "\n")
+    return VlmDemoResult(out=out, rows=tuple(rows), pictures=pictures, evolved_recipe=recipe_path,
+                         model=evolved.model_dir)
