@@ -210,3 +210,27 @@ def test_card_and_eval_cover_the_vlm(world) -> None:
     row = json.loads(evaluated.stdout)
     assert row["n"] == 3 and row["score"] == pytest.approx(
         evaluate(model, processor, world.task("vqa_b"), "test", limit=3).score)
+
+
+def test_failed_vlm_build_leaves_nothing_and_foreign_folders_are_refused(cache: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import shoal.zoo.vlm_build as vlm_build
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(vlm_build, "_train", killed)
+    language = cache / "zoo" / "micro-seed0-v1"
+    with pytest.raises(RuntimeError, match="killed"):
+        build_vlm_world("micro", out=tmp_path / "vlm", language_world=language)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ZooError, match="not a zoo world"):
+        build_vlm_world("micro", out=tmp_path / "mine", language_world=language, force=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ZooError, match="not a finished micro language world"):
+        build_vlm_world("micro", out=tmp_path / "other", language_world=tmp_path / "mine")
+    result = CliRunner().invoke(cli, ["zoo", "build", "--size", "micro", "--kind", "vlm", "--out",
+                                      str(tmp_path / "mine")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
