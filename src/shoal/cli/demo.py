@@ -12,7 +12,8 @@ from shoal.cli._options import threads_option, verbosity
 
 
 @click.command("demo")
-@click.argument("which", metavar="[vlm]", type=click.Choice(["llm", "vlm"]), default="llm", required=False)
+@click.argument("which", metavar="[vlm]", type=click.Choice(["llm", "vlm"]), default="llm",
+                required=False)
 @click.option("--size", type=click.Choice(["micro", "small"]), default="small", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True)

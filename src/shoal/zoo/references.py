@@ -3,9 +3,9 @@
 ``zoo:SIZE/NAME`` is model ``NAME`` of the world ``SIZE`` built with seed 0, and
 ``zoo:SIZE@SEED/NAME`` the same model of the world built with ``SEED`` (e.g.
 ``zoo:small@1/math``). ``zoo:SIZE[@SEED]/vlm`` is the vision-language model of that size and
-seed (its own world, made from the language world; :mod:`shoal.zoo.vlm_build`). The resolver is registered with :mod:`shoal.checkpoint.references`
-through the ``shoal.references`` entry point; this module imports nothing heavy until a
-reference is actually resolved.
+seed (its own world, made from the language world; :mod:`shoal.zoo.vlm_build`). The resolver
+is registered with :mod:`shoal.checkpoint.references` through the ``shoal.references`` entry
+point; this module imports nothing heavy until a reference is actually resolved.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ one colour (sizes vary). The picture stands where a story names what someone has
 | `look_a`| ``tom has <image> . now tom has``                  | ``3 red apples``    | the VLM       |
 | `vqa_a` | ``tom has <image> . tom finds 2 . now tom has``     | ``5 red apples``    | the VLM       |
 | `look_b`| the same as `look_a`, in language B                 | in B                | the VLM       |
-| `vqa_b` | as `vqa_a` in B, with the verbs new in B (the cross task) | in B          | nobody        |
+| `vqa_b` | as `vqa_a` in B, verbs new in B (the cross task)    | in B                | nobody        |
 
 The answer of `vqa_b` needs what the VLM sees and can name in B (how many, which colour,
 which kind) and what only the language-B specialist knows (what the six quantity verbs the
