@@ -32,7 +32,8 @@ def command(ctx: click.Context, size: str, out: Path, trials: int, limit: int | 
     main search, test-score report. About 2 minutes with the small world cached on a quiet
     machine; building the small world first takes 8-18 minutes on 2 cores.
 
-    Other demos are subcommands: ``shoal demo diffusion``."""
+    Other demos are subcommands: ``shoal demo vlm`` (EvoVLM-JP in miniature) and ``shoal demo
+    diffusion`` (EvoSDXL-JP in miniature)."""
     if ctx.invoked_subcommand is not None:
         return
     from shoal.cli._options import use_threads
@@ -61,7 +62,9 @@ def command(ctx: click.Context, size: str, out: Path, trials: int, limit: int | 
 
 def _add_subcommands() -> None:
     from shoal.cli.demo_diffusion import command as diffusion
+    from shoal.cli.demo_vlm import command as vlm
 
+    command.add_command(vlm)
     command.add_command(diffusion)
 
 

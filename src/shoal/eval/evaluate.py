@@ -59,7 +59,14 @@ def select_examples(task: Task, split: str, limit: int | None = None) -> Sequenc
 def predict(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], *,
             batch_size: int = 64, progress: ProgressFn | None = None) -> list[str]:
     """The model's answer to each example: its greedy continuation (generate tasks) or the
-    choice with the highest log-likelihood (choice tasks)."""
+    choice with the highest log-likelihood (choice tasks). Examples that carry images are
+    answered through the model's processor (``tokenizer`` is then the processor)."""
+    if task.kind == "generate" and any(e.images for e in examples):
+        from shoal.eval.vision import generate_with_images
+
+        return generate_with_images(model, tokenizer, examples, max_new_tokens=task.max_new_tokens,
+                                    batch_size=batch_size, stop_strings=task_stop_strings(task),
+                                    progress=progress)
     if task.kind == "generate":
         return generate_greedy(model, tokenizer, [e.prompt for e in examples],
                                max_new_tokens=task.max_new_tokens, batch_size=batch_size,

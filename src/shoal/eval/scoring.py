@@ -80,3 +80,35 @@ def mean_stderr(scores: Sequence[float]) -> float:
     mean = sum(scores) / n
     variance = sum((s - mean) ** 2 for s in scores) / (n - 1)
     return math.sqrt(variance / n)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(output: str, target: str, *, stop: str | None = None) -> float:
+    """ROUGE-L F1 of ``output`` against ``target`` over lower-cased whitespace tokens (the
+    metric of arXiv 2403.13187's VLM benchmarks): with ``L`` the longest common subsequence,
+    ``P = L / len(output)``, ``R = L / len(target)``, ``F = 2PR / (P + R)``.
+
+    ``output`` is cut at the first ``stop`` string and at a newline first. It is 1.0 exactly
+    when the token sequences are equal, and 0.0 when either is empty.
+    """
+    text = output
+    if stop is not None and stop in text:
+        text = text.split(stop, 1)[0]
+    predicted = normalize_words(first_line(text)).split()
+    reference = normalize_words(target).split()
+    if not predicted or not reference:
+        return 0.0
+    common = _lcs_length(predicted, reference)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(reference)
+    return 2 * precision * recall / (precision + recall)

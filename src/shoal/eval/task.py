@@ -7,10 +7,13 @@ candidate) and ``test`` (reported only, never searched on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 SPLITS: tuple[str, ...] = ("train", "fitness", "validation", "test")
+# Where an image goes in the prompt of an image example; the evaluator puts the processor's
+# own image token there.
+IMAGE_PLACEHOLDER = "<image>"
 Split = Literal["train", "fitness", "validation", "test"]
 
 
@@ -23,12 +26,17 @@ class Example:
     log-likelihood and ``target`` is the correct one (an element of ``choices``).
     ``completion`` is the full reference continuation of ``prompt`` used for next-token
     training (e.g. ``" 7 ."``); it defaults to the target.
+
+    ``images`` (optional) are the pictures an image task's prompt talks about, one per
+    :data:`IMAGE_PLACEHOLDER` in ``prompt``, in any form the model's processor accepts (e.g.
+    ``(H, W, 3)`` uint8 arrays). They take no part in comparing or hashing examples.
     """
 
     prompt: str
     target: str
     choices: tuple[str, ...] | None = None
     completion: str | None = None
+    images: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def reference(self) -> str:

@@ -2,10 +2,11 @@
 
 ``zoo:SIZE/NAME`` is model ``NAME`` of the world ``SIZE`` built with seed 0, and
 ``zoo:SIZE@SEED/NAME`` the same model of the world built with ``SEED`` (e.g.
-``zoo:small@1/math``). The drawing world's pipelines are ``zoo:drawing-SIZE[@SEED]/NAME``
-(e.g. ``zoo:drawing-small/fast``). The resolver is registered with :mod:`shoal.checkpoint.references`
-through the ``shoal.references`` entry point; this module imports nothing heavy until a
-reference is actually resolved.
+``zoo:small@1/math``). ``zoo:SIZE[@SEED]/vlm`` is the vision-language model of that size and
+seed (its own world, made from the language world; :mod:`shoal.zoo.vlm_build`). The drawing
+world's pipelines are ``zoo:drawing-SIZE[@SEED]/NAME`` (e.g. ``zoo:drawing-small/fast``). The
+resolver is registered with :mod:`shoal.checkpoint.references` through the ``shoal.references``
+entry point; this module imports nothing heavy until a reference is actually resolved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from shoal.zoo.errors import ZooError
 SCHEME = "zoo"
 MANIFEST = "manifest.json"
 DRAWING_PREFIX = "drawing-"
+VLM_MODEL = "vlm"  # the one model name that lives in a VLM world
 _REST = re.compile(r"^(?P<size>[A-Za-z0-9_-]+)(?:@(?P<seed>-?\d+))?/(?P<name>[A-Za-z0-9_.-]+)$")
 
 
@@ -45,6 +47,10 @@ def resolve_zoo_reference(rest: str) -> Path:
         from shoal.zoo.diffusion_build import build_drawing_world
 
         return build_drawing_world(size[len(DRAWING_PREFIX):], seed=seed).model(name)
+    if name == VLM_MODEL:
+        from shoal.zoo.vlm_build import build_vlm_world
+
+        return build_vlm_world(size, seed=seed).model(name)
     from shoal.zoo.build import build_zoo
 
     return build_zoo(size, seed=seed).model(name)

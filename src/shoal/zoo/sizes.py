@@ -56,3 +56,60 @@ def get_size(name: str) -> WorldSize:
     if size is None:
         raise ConfigError(f"unknown zoo size {name!r}; known: {', '.join(SIZES)}")
     return size
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A CLIP vision tower: ``image_size`` pixels square, cut into ``patch_size`` patches."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int = 32
+    patch_size: int = 8
+
+
+@dataclass(frozen=True)
+class VlmTrainingSettings:
+    """How the VLM is trained: ``steps`` of ``batch_size`` image examples plus ``replay_rows``
+    packed rows of the base's pretraining text; the vision tower and projector (new) learn at
+    ``vision_lr``, the language model (the world's base) at ``language_lr``."""
+
+    steps: int
+    batch_size: int
+    replay_rows: int
+    vision_lr: float
+    language_lr: float
+    warmup: int = 20
+    seq_len: int = 64
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class VlmSize:
+    """What the vision-language world of a size adds to the language world of that size."""
+
+    name: str
+    vision: VisionShape
+    train: VlmTrainingSettings
+
+
+VLM_SIZES: dict[str, VlmSize] = {
+    "micro": VlmSize("micro", VisionShape(hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=2),
+                     VlmTrainingSettings(steps=30, batch_size=16, replay_rows=4, vision_lr=3e-3,
+                                         language_lr=1e-3, warmup=5)),
+    "small": VlmSize("small", VisionShape(hidden_size=64, intermediate_size=256, num_layers=2,
+                                          num_heads=4),
+                     VlmTrainingSettings(steps=800, batch_size=32, replay_rows=8, vision_lr=2e-3,
+                                         language_lr=3e-4, warmup=40)),
+}
+
+
+def get_vlm_size(name: str) -> VlmSize:
+    """The VLM world size called ``name``. Unknown name: ConfigError listing the known ones."""
+    size = VLM_SIZES.get(name)
+    if size is None:
+        raise ConfigError(f"unknown zoo size {name!r} for a VLM world; known: {', '.join(VLM_SIZES)}")
+    return size

@@ -175,12 +175,19 @@ def get_zoo_task(name: str, seed: int = 0) -> ZooTask:
 
 
 class ZooTaskProvider:
-    """The zoo's tasks for :mod:`shoal.eval.registry` (entry point ``shoal.tasks: zoo``)."""
+    """The zoo's tasks for :mod:`shoal.eval.registry` (entry point ``shoal.tasks: zoo``): the
+    text tasks above and the image tasks of :mod:`shoal.zoo.vision_tasks`."""
 
     def names(self) -> Sequence[str]:
-        return tuple(ZOO_TASKS)
+        from shoal.zoo.vision_tasks import IMAGE_TASKS
 
-    def get(self, name: str, *, seed: int = 0) -> ZooTask:
+        return tuple(ZOO_TASKS) + tuple(IMAGE_TASKS)
+
+    def get(self, name: str, *, seed: int = 0):
+        from shoal.zoo.vision_tasks import IMAGE_TASKS, get_image_task
+
+        if name in IMAGE_TASKS:
+            return get_image_task(name, seed)
         return get_zoo_task(name, seed)
 
     def seed_of_model(self, folder: Path) -> int | None:

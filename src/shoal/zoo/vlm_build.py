@@ -1,0 +1,201 @@
+"""Build (or find in the cache) the vision-language world of a size and seed.
+
+The VLM world is made from the finished language world of the same size and seed (built
+first when missing) and lives in its own folder, so the language world stays as it was::
+
+    <root>/manifest.json     written last: a folder without it is not a world
+    <root>/vlm/              a LLaVA folder (LlavaForConditionalGeneration + LlavaProcessor)
+
+``root`` defaults to ``$SHOAL_CACHE/zoo/<size>-seed<seed>-vlm-v<version>``. The VLM's
+language model starts as the language world's ``base`` and is trained on saying what a picture
+shows in both languages (``look_a``, ``look_b``) and on stories about pictures in language A
+(``vqa_a``), with replay of the base's pretraining text; no model trains on stories about
+pictures in B (``vqa_b``, the cross task). Like :func:`shoal.zoo.build.build_zoo`, the world is built in a
+staging folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.progress import ProgressFn, no_progress
+from shoal.zoo.errors import ZooError
+from shoal.zoo.references import MANIFEST, VLM_MODEL
+
+VLM_WORLD_VERSION = 1
+TRAINED_TASKS = ("look_a", "look_b", "vqa_a")
+# Shares of the VLM's training examples taken from each trained task.
+TASK_SHARES = {"look_a": 0.25, "look_b": 0.2, "vqa_a": 0.55}
+
+
+@dataclass(frozen=True)
+class VlmWorld:
+    """A finished VLM world on disk, with the language world it was made from."""
+
+    root: Path
+    size: str
+    seed: int
+    language_world: Path
+    models: tuple[str, ...] = (VLM_MODEL,)
+    tasks: tuple[str, ...] = ()
+    held_out: tuple[str, ...] = ()
+
+    def model(self, name: str) -> Path:
+        """The folder of ``vlm``, or of a model of the language world (``base``, ``lang``...)."""
+        if name in self.models:
+            return self.root / name
+        folder = self.language_world / name
+        if not (folder / "config.json").is_file():
+            raise ZooError(f"VLM world {self.root} has no model {name!r}; models: "
+                           f"{', '.join(self.models)} (and the language world's)")
+        return folder
+
+    def task(self, name: str):
+        """The image task ``name`` with this world's seed."""
+        from shoal.zoo.vision_tasks import get_image_task
+
+        return get_image_task(name, self.seed)
+
+
+def default_vlm_root(size: str, seed: int) -> Path:
+    """``$SHOAL_CACHE/zoo/<size>-seed<seed>-vlm-v<version>``, else under ``~/.cache/shoal``."""
+    cache = os.environ.get("SHOAL_CACHE")
+    base = Path(cache) if cache else Path.home() / ".cache" / "shoal"
+    return base / "zoo" / f"{size}-seed{seed}-vlm-v{VLM_WORLD_VERSION}"
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _world(root: Path, manifest: dict) -> VlmWorld:
+    return VlmWorld(root=root, size=manifest["size"], seed=manifest["seed"],
+                    language_world=Path(manifest["language_world"]),
+                    models=tuple(manifest["models"]), tasks=tuple(manifest["tasks"]),
+                    held_out=tuple(manifest["held_out"]))
+
+
+def load_vlm_world(size: str = "small", seed: int = 0, *, root: Path | None = None) -> VlmWorld | None:
+    """The finished VLM world of this size and seed, or None when it has not been built."""
+    root = Path(root) if root is not None else default_vlm_root(size, seed)
+    manifest = _read_manifest(root)
+    if (manifest is None or manifest.get("kind") != "vlm"
+            or manifest.get("world_version") != VLM_WORLD_VERSION
+            or manifest.get("size") != size or manifest.get("seed") != seed):
+        return None
+    return _world(root, manifest)
+
+
+def training_examples(size: str, seed: int) -> list:
+    """The image examples the VLM of ``size`` and ``seed`` trains on (with their pictures),
+    in a fixed order: a prefix of each trained task's train split."""
+    from shoal.zoo.sizes import get_vlm_size
+    from shoal.zoo.vision_tasks import get_image_task
+
+    settings = get_vlm_size(size).train
+    total = min(6000, settings.steps * settings.batch_size)
+    examples: list = []
+    for name in TRAINED_TASKS:
+        count = round(total * TASK_SHARES[name])
+        examples.extend(get_image_task(name, seed, train_size=count).examples("train"))
+    return examples
+
+
+def _check_target(root: Path, force: bool) -> None:
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    if _read_manifest(root) is None:
+        raise ZooError(f"{root} exists and is not a zoo world; choose another out folder")
+    if not force:
+        raise ZooError(f"{root} holds another zoo world (other kind, size, seed or version); "
+                       f"pass force=True to replace it")
+
+
+def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int = 0,
+                    force: bool = False, language_world: Path | None = None,
+                    progress: ProgressFn | None = None, threads: int | None = 1) -> VlmWorld:
+    """Build the VLM world ``size`` for ``seed`` (or return the cached one).
+
+    ``language_world`` is the folder of the language world to start from (default: the cached
+    one of this size and seed, built when missing). ``threads`` as in
+    :func:`shoal.zoo.build.build_zoo`: weights are bitwise reproducible for the same seed and
+    thread count.
+    """
+    from shoal.zoo.build import _deterministic, build_zoo, load_zoo
+    from shoal.zoo.sizes import get_vlm_size
+
+    spec = get_vlm_size(size)
+    root = Path(out) if out is not None else default_vlm_root(size, seed)
+    if not force:
+        cached = load_vlm_world(size, seed, root=root)
+        if cached is not None:
+            return cached
+    _check_target(root, force)
+    report = progress or no_progress
+    if language_world is not None:
+        words = load_zoo(size, seed, root=Path(language_world))
+        if words is None:
+            raise ZooError(f"{language_world} is not a finished {size} language world of seed {seed}")
+    else:
+        words = build_zoo(size, seed=seed, progress=report, threads=threads)
+    started = time.monotonic()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        with _deterministic(threads) as used_threads:
+            losses = _train(words.model("base"), spec, size, seed, staging / VLM_MODEL, report)
+        from shoal.zoo.vision_tasks import IMAGE_TASKS
+
+        manifest = {
+            "world_version": VLM_WORLD_VERSION, "kind": "vlm", "size": size, "seed": seed,
+            "language_world": str(words.root), "models": [VLM_MODEL], "tasks": list(IMAGE_TASKS),
+            "trained_on": list(TRAINED_TASKS),
+            "held_out": [name for name, t in IMAGE_TASKS.items() if t.held_out],
+            "threads": used_threads, "build_seconds": round(time.monotonic() - started, 1),
+            "final_train_loss": {VLM_MODEL: round(sum(losses[-20:]) / len(losses[-20:]), 4)},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        elif root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _world(root, manifest)
+
+
+def _train(base_folder: Path, spec, size: str, seed: int, folder: Path,
+           report: ProgressFn) -> list[float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shoal.zoo.build import _save
+    from shoal.zoo.corpus import documents, pretraining_mix
+    from shoal.zoo.vlm_train import new_processor, new_vlm, train_vlm
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    model = new_vlm(base, spec.vision, seed=seed)
+    processor = new_processor(tokenizer, spec.vision)
+    report("draw pictures", 0, 1)
+    examples = training_examples(size, seed)
+    report("draw pictures", 1, 1)
+    replay = documents(pretraining_mix(), random.Random(f"vlm-replay:{seed}"))
+    losses = train_vlm(model, processor, examples, replay, spec.train, spec.vision, seed=seed,
+                       progress=report)
+    _save(model, processor, folder)
+    return losses
