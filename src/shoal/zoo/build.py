@@ -60,14 +60,19 @@ class ZooWorld:
         return get_zoo_task(name, self.seed)
 
 
-def default_root(size: str, seed: int) -> Path:
-    """``$SHOAL_CACHE/zoo/<size>-seed<seed>-v<version>``, else under ``~/.cache/shoal``."""
+def cache_folder(name: str) -> Path:
+    """``$SHOAL_CACHE/zoo/<name>``, else ``~/.cache/shoal/zoo/<name>``: where every kind of world lives."""
     cache = os.environ.get("SHOAL_CACHE")
     base = Path(cache) if cache else Path.home() / ".cache" / "shoal"
-    return base / "zoo" / f"{size}-seed{seed}-v{WORLD_VERSION}"
+    return base / "zoo" / name
 
 
-def _read_manifest(root: Path) -> dict | None:
+def default_root(size: str, seed: int) -> Path:
+    """``$SHOAL_CACHE/zoo/<size>-seed<seed>-v<version>``, else under ``~/.cache/shoal``."""
+    return cache_folder(f"{size}-seed{seed}-v{WORLD_VERSION}")
+
+
+def read_manifest(root: Path) -> dict | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -85,7 +90,7 @@ def _world(root: Path, manifest: dict) -> ZooWorld:
 def load_zoo(size: str = "small", seed: int = 0, *, root: Path | None = None) -> ZooWorld | None:
     """The finished world of this size and seed, or None when it has not been built."""
     root = Path(root) if root is not None else default_root(size, seed)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if (manifest is None or manifest.get("world_version") != WORLD_VERSION
             or manifest.get("size") != size or manifest.get("seed") != seed):
         return None
@@ -156,24 +161,44 @@ def _remove_stale_staging(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_target(root: Path, force: bool) -> None:
+def check_target(root: Path, force: bool) -> None:
     """Refuse (before any training) to replace anything but an empty folder or a zoo world."""
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return
-    if _read_manifest(root) is None:
+    if read_manifest(root) is None:
         raise ZooError(f"{root} exists and is not a zoo world; choose another out folder")
     if not force:
-        raise ZooError(f"{root} holds another zoo world (other size, seed or version); "
+        raise ZooError(f"{root} holds another zoo world (other kind, size, seed or version); "
                        f"pass force=True to replace it")
 
 
 def _prepare_target(root: Path, force: bool) -> None:
     """Make room for the finished world at ``root`` without deleting anything else."""
-    _check_target(root, force)
+    check_target(root, force)
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
     elif root.exists():
         shutil.rmtree(root)
+
+
+@contextmanager
+def staged_world(root: Path, force: bool) -> Iterator[Path]:
+    """A fresh staging folder next to ``root`` for a world being built (stale ones of killed builds
+    removed first). When the block ends normally the staging folder replaces ``root``; when it
+    raises, the staging folder is deleted and ``root`` is left as it was."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
+    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        _prepare_target(root, force)
+        staging.rename(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, force: bool = False,
@@ -193,16 +218,10 @@ def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, fo
         cached = load_zoo(size, seed, root=root)
         if cached is not None:
             return cached
-    _check_target(root, force)
+    check_target(root, force)
     report = progress or no_progress
     started = time.monotonic()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(root)
-    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_world(root, force) as staging:
         with _deterministic(threads) as used_threads:
             tokenizer = build_tokenizer()
             streams = training_streams(seed)
@@ -229,9 +248,4 @@ def build_zoo(size: str = "small", *, out: Path | None = None, seed: int = 0, fo
             "final_train_loss": {k: round(v, 4) for k, v in final_loss.items()},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _prepare_target(root, force)
-        staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return _world(root, manifest)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 
 from shoal.progress import ProgressFn, no_progress
-from shoal.zoo.build import _check_target, _deterministic, _prepare_target, _remove_stale_staging
+from shoal.zoo.build import _deterministic, cache_folder, check_target, read_manifest, staged_world
 from shoal.zoo.captions import all_drawings, drawing_splits, drawing_task
 from shoal.zoo.diffusion_models import (FEW_STEPS, MANY_STEPS, assemble_pipeline,
                                         drawing_tokenizer, get_drawing_size, new_scheduler,
@@ -69,20 +67,15 @@ class DrawingWorld:
 
 def default_drawing_root(size: str, seed: int) -> Path:
     """``$SHOAL_CACHE/zoo/drawing-<size>-seed<seed>-v<version>``, else under ``~/.cache/shoal``."""
-    cache = os.environ.get("SHOAL_CACHE")
-    base = Path(cache) if cache else Path.home() / ".cache" / "shoal"
-    return base / "zoo" / f"drawing-{size}-seed{seed}-v{DRAWING_WORLD_VERSION}"
+    return cache_folder(f"drawing-{size}-seed{seed}-v{DRAWING_WORLD_VERSION}")
 
 
 def load_drawing_world(size: str = "small", seed: int = 0, *,
                        root: Path | None = None) -> DrawingWorld | None:
     """The finished drawing world of this size and seed, or None when it is not built."""
     root = Path(root) if root is not None else default_drawing_root(size, seed)
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if (not isinstance(manifest, dict)
+    manifest = read_manifest(root)
+    if (manifest is None
             or manifest.get("drawing_world_version") != DRAWING_WORLD_VERSION
             or manifest.get("size") != size or manifest.get("seed") != seed):
         return None
@@ -201,16 +194,10 @@ def build_drawing_world(size: str = "small", *, out: Path | None = None, seed: i
         cached = load_drawing_world(size, seed, root=root)
         if cached is not None:
             return cached
-    _check_target(root, force)
+    check_target(root, force)
     report = progress or no_progress
     started = time.monotonic()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(root)
-    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_world(root, force) as staging:
         with _deterministic(threads) as used_threads:
             trained = _train_models(spec, seed, staging, report)
         manifest = {
@@ -222,9 +209,4 @@ def build_drawing_world(size: str = "small", *, out: Path | None = None, seed: i
             **trained,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _prepare_target(root, force)
-        staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return DrawingWorld(root=root, size=size, seed=seed, manifest=manifest)

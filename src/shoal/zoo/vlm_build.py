@@ -17,9 +17,7 @@ staging folder and renamed into place when complete.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,17 +63,9 @@ class VlmWorld:
 
 def default_vlm_root(size: str, seed: int) -> Path:
     """``$SHOAL_CACHE/zoo/<size>-seed<seed>-vlm-v<version>``, else under ``~/.cache/shoal``."""
-    cache = os.environ.get("SHOAL_CACHE")
-    base = Path(cache) if cache else Path.home() / ".cache" / "shoal"
-    return base / "zoo" / f"{size}-seed{seed}-vlm-v{VLM_WORLD_VERSION}"
+    from shoal.zoo.build import cache_folder
 
-
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
+    return cache_folder(f"{size}-seed{seed}-vlm-v{VLM_WORLD_VERSION}")
 
 
 def _world(root: Path, manifest: dict) -> VlmWorld:
@@ -87,8 +77,10 @@ def _world(root: Path, manifest: dict) -> VlmWorld:
 
 def load_vlm_world(size: str = "small", seed: int = 0, *, root: Path | None = None) -> VlmWorld | None:
     """The finished VLM world of this size and seed, or None when it has not been built."""
+    from shoal.zoo.build import read_manifest
+
     root = Path(root) if root is not None else default_vlm_root(size, seed)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if (manifest is None or manifest.get("kind") != "vlm"
             or manifest.get("world_version") != VLM_WORLD_VERSION
             or manifest.get("size") != size or manifest.get("seed") != seed):
@@ -111,16 +103,6 @@ def training_examples(size: str, seed: int) -> list:
     return examples
 
 
-def _check_target(root: Path, force: bool) -> None:
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return
-    if _read_manifest(root) is None:
-        raise ZooError(f"{root} exists and is not a zoo world; choose another out folder")
-    if not force:
-        raise ZooError(f"{root} holds another zoo world (other kind, size, seed or version); "
-                       f"pass force=True to replace it")
-
-
 def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int = 0,
                     force: bool = False, language_world: Path | None = None,
                     progress: ProgressFn | None = None, threads: int | None = 1) -> VlmWorld:
@@ -131,7 +113,7 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
     :func:`shoal.zoo.build.build_zoo`: weights are bitwise reproducible for the same seed and
     thread count.
     """
-    from shoal.zoo.build import _deterministic, build_zoo, load_zoo
+    from shoal.zoo.build import _deterministic, build_zoo, check_target, load_zoo, staged_world
     from shoal.zoo.sizes import get_vlm_size
 
     spec = get_vlm_size(size)
@@ -140,7 +122,7 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
         cached = load_vlm_world(size, seed, root=root)
         if cached is not None:
             return cached
-    _check_target(root, force)
+    check_target(root, force)
     report = progress or no_progress
     if language_world is not None:
         words = load_zoo(size, seed, root=Path(language_world))
@@ -149,12 +131,7 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
     else:
         words = build_zoo(size, seed=seed, progress=report, threads=threads)
     started = time.monotonic()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_world(root, force) as staging:
         with _deterministic(threads) as used_threads:
             losses = _train(words.model("base"), spec, size, seed, staging / VLM_MODEL, report)
         from shoal.zoo.vision_tasks import IMAGE_TASKS
@@ -168,14 +145,6 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
             "final_train_loss": {VLM_MODEL: round(sum(losses[-20:]) / len(losses[-20:]), 4)},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        elif root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return _world(root, manifest)
 
 
