@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from shoal.errors import TaskError
 from shoal.eval.scoring import exact_match, number_match
@@ -104,10 +104,11 @@ ZOO_TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
 
 
 @dataclass(frozen=True)
-class ZooTask:
-    """A zoo task for one seed; implements :class:`shoal.eval.task.Task`."""
+class SeededTask:
+    """What every zoo task shares: a spec (with ``name`` and ``max_new_tokens``), the seed that
+    fixes its splits, their sizes, and answers that end with " ."."""
 
-    spec: TaskSpec
+    spec: Any
     seed: int = 0
     train_size: int = TRAIN_SPLIT_SIZE
     eval_size: int = EVAL_SPLIT_SIZE
@@ -126,10 +127,20 @@ class ZooTask:
         """Every answer ends with " ."; generation may stop there."""
         return (".",)
 
-    def examples(self, split: str) -> Sequence[Example]:
+    def _check(self, split: str) -> None:
         if split not in SPLITS:
             raise TaskError(f"task {self.name!r} has no split {split!r}; "
                             f"splits: {', '.join(SPLITS)}")
+
+
+@dataclass(frozen=True)
+class ZooTask(SeededTask):
+    """A zoo task for one seed; implements :class:`shoal.eval.task.Task`."""
+
+    spec: TaskSpec
+
+    def examples(self, split: str) -> Sequence[Example]:
+        self._check(split)
         return _splits(self.spec.name, self.seed, self.train_size, self.eval_size)[split]
 
     def score(self, output: str, example: Example) -> float:

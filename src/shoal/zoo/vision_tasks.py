@@ -22,20 +22,19 @@ disjoint by prompt and scene; pictures are drawn when a split is first asked for
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Literal, Sequence
 
 from shoal.errors import TaskError
 from shoal.eval.scoring import rouge_l
-from shoal.eval.task import IMAGE_PLACEHOLDER, SPLITS, Example
+from shoal.eval.task import IMAGE_PLACEHOLDER, Example
 from shoal.zoo.languages import B_HIDDEN_VERBS, NAMES, QUANTITY_VERBS, to_b
 from shoal.zoo.scenes import COLOURS, SHAPES, Scene, random_scene, render
+from shoal.zoo.tasks import TRAIN_SPLIT_SIZE, SeededTask
 
 IMAGE_SIZE = 32
 GRID = 2
-EVAL_SPLIT_SIZE = 500
-TRAIN_SPLIT_SIZE = 5000
 
 
 @dataclass(frozen=True)
@@ -169,32 +168,10 @@ def _examples(name: str, seed: int, train_size: int, eval_size: int, split: str)
 
 
 @dataclass(frozen=True)
-class ImageZooTask:
+class ImageZooTask(SeededTask):
     """An image task for one seed; implements :class:`shoal.eval.task.Task`."""
 
     spec: ImageTaskSpec
-    seed: int = 0
-    train_size: int = TRAIN_SPLIT_SIZE
-    eval_size: int = EVAL_SPLIT_SIZE
-    kind: Literal["generate", "choice"] = field(default="generate", init=False)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.spec.max_new_tokens
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        """Every answer ends with " ."; generation may stop there."""
-        return (".",)
-
-    def _check(self, split: str) -> None:
-        if split not in SPLITS:
-            raise TaskError(f"task {self.name!r} has no split {split!r}; "
-                            f"splits: {', '.join(SPLITS)}")
 
     def drawn(self, split: str) -> tuple[Drawn, ...]:
         """The examples of ``split`` before their pictures are drawn (prompt, target, scene)."""
