@@ -27,6 +27,10 @@ from shoal.errors import ShoalError
 EXIT_BAD_DATA = 2
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
+# optional packages -> the extra that installs them (pyproject.toml): a command that reaches one
+# that is missing says which extra to install instead of printing a traceback
+OPTIONAL_EXTRAS = {"diffusers": "diffusion", "optuna": "evolve", "cmaes": "evolve", "matplotlib": "evolve",
+                   "ray": "ray", "peft": "peft", "lm_eval": "lmeval"}
 
 
 class _ShoalGroup(click.Group):
@@ -47,6 +51,13 @@ class _ShoalGroup(click.Group):
         except ShoalError as err:
             # one line, whatever the message holds (a path or a quoted library message may span lines)
             click.echo(f"error: {' '.join(cli_message(str(err)).split())}", err=True)
+            ctx.exit(EXIT_BAD_DATA)
+        except ModuleNotFoundError as err:
+            extra = OPTIONAL_EXTRAS.get((err.name or "").split(".")[0])
+            if extra is None:
+                raise
+            click.echo(f"error: this command needs {err.name.split('.')[0]}, which is not installed: "
+                       f"pip install 'shoal[{extra}]'", err=True)
             ctx.exit(EXIT_BAD_DATA)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
