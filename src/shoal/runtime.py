@@ -18,6 +18,12 @@ a command; a Python caller who wants the same behaviour enters it too::
   streamed merge (glibc ``malloc_trim``; a no-op elsewhere). Worker threads allocate from
   their own arenas, which keep chunk-sized temporaries freed between small long-lived
   results: without trimming, resident memory grows with the number of chunks.
+- ``numba_blas_probe=False``: when shoal's fused loops first import numba inside the context,
+  numba's import-time check for scipy's BLAS finds none. The check imports ``scipy.linalg``
+  (a few tenths of a second) only to choose how ``np.correlate`` / ``np.convolve`` run in
+  compiled code, which shoal's loops do not use; numba's ``np.dot`` still finds the BLAS when
+  it is compiled. It changes numba for the rest of the process, so only a caller that owns the
+  process (the CLI) turns it off.
 
 On exit every setting is put back as it was found (objects frozen before the context began
 cannot be told apart from those frozen inside it: then all stay frozen). Contexts nest; the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import gc as _gc
 import itertools
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +53,7 @@ class RuntimeSettings:
     threads: int | None = None
     gc: GcMode = "default"
     trim_allocator: bool = False
+    numba_blas_probe: bool = True
 
 
 _DEFAULT = RuntimeSettings()
@@ -59,14 +67,15 @@ def current() -> RuntimeSettings:
 
 
 @contextmanager
-def runtime_settings(*, threads: int | None = None, gc: GcMode = "default",
-                     trim_allocator: bool = False) -> Iterator[RuntimeSettings]:
+def runtime_settings(*, threads: int | None = None, gc: GcMode = "default", trim_allocator: bool = False,
+                     numba_blas_probe: bool = True) -> Iterator[RuntimeSettings]:
     """Apply process-wide settings for the duration of the ``with`` block; restore them after."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     if gc not in ("default", "freeze"):
         raise ValueError(f"gc must be 'default' or 'freeze', got {gc!r}")
-    settings = RuntimeSettings(threads=threads, gc=gc, trim_allocator=trim_allocator)
+    settings = RuntimeSettings(threads=threads, gc=gc, trim_allocator=trim_allocator,
+                               numba_blas_probe=numba_blas_probe)
     torch_threads = _set_torch_threads(threads) if threads is not None else None
     frozen_before = _gc.get_freeze_count()
     if gc == "freeze":
@@ -100,6 +109,26 @@ def settle() -> None:
     """Under ``gc="freeze"``, set aside the objects alive now (call after heavy imports); else nothing."""
     if current().gc == "freeze":
         _gc.freeze()
+
+
+@contextmanager
+def numba_first_import() -> Iterator[None]:
+    """Around the import that may load numba first: with ``numba_blas_probe=False``, its BLAS check finds none."""
+    if current().numba_blas_probe or "numba" in sys.modules:
+        yield
+        return
+    blocked = [name for name in _NUMBA_BLAS_PROBE if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
+_NUMBA_BLAS_PROBE = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
 
 
 def worker_threads() -> int:

@@ -83,3 +83,30 @@ def test_a_merge_leaves_global_state_as_it_found_it(tmp_path: Path) -> None:
     before = _state()
     merge(recipe, tmp_path / "out")
     assert _state() == before
+
+
+_PROBE = """
+import sys
+from shoal.merge.fast import load_kernels
+from shoal.runtime import runtime_settings
+with runtime_settings(numba_blas_probe={probe}):
+    kernels = load_kernels()
+assert kernels is not None
+print("scipy.linalg" in sys.modules, "scipy.linalg.cython_blas" in sys.modules)
+import scipy.linalg.cython_blas  # importable as ever once the context is left
+"""
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_numba_blas_probe_off_skips_scipy_linalg_and_restores_the_import(probe: bool) -> None:
+    pytest.importorskip("numba")
+    pytest.importorskip("scipy.linalg")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE.format(probe=probe)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    # numba's own import-time probe loads scipy.linalg; with the probe off nothing does, and no
+    # placeholder is left behind in sys.modules
+    assert done.stdout.split() == (["True", "True"] if probe else ["False", "False"])

@@ -68,7 +68,7 @@ def render_model_card(
     """The README.md text: YAML metadata (tags, hub base models), sources, method (with a link
     to its paper when given, and ``details``: one bullet each, e.g. the mode the merge ran in)
     and the full recipe; ``extra`` is appended as markdown."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import ModelCardData  # not the package's lazy root: see write_model_card
 
     ordered = ([base_model] if base_model else []) + [s for s in sources if s != base_model]
     cited = known_base_models(ordered)
@@ -115,18 +115,20 @@ def write_model_card(
     recipe_file: str | None = RECIPE_FILENAME,
     details: Sequence[str] = (),
 ) -> None:
-    """Write ``README.md`` (a huggingface_hub ModelCard) and, unless ``recipe_file`` is None,
-    the recipe to ``out_dir``."""
-    from huggingface_hub import ModelCard
+    """Write ``README.md`` and, unless ``recipe_file`` is None, the recipe to ``out_dir``.
 
+    The card's text is what ``huggingface_hub.ModelCard(text).save`` writes (its metadata is
+    rendered by huggingface_hub's ``ModelCardData``, and ``ModelCard.load`` reads it back), written
+    directly: ``huggingface_hub.repocard`` imports the hub client, a good part of a second in
+    every merge.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = ModelCard(
-        render_model_card(sources=sources, method=method, recipe_yaml=recipe_yaml, base_model=base_model,
-                          extra=extra, method_paper=method_paper, title=title, intro=intro,
-                          recipe_language=recipe_language, recipe_file=recipe_file, details=details)
-    )
-    card.save(out_dir / "README.md")
+    text = render_model_card(sources=sources, method=method, recipe_yaml=recipe_yaml, base_model=base_model,
+                             extra=extra, method_paper=method_paper, title=title, intro=intro,
+                             recipe_language=recipe_language, recipe_file=recipe_file, details=details)
+    with open(out_dir / "README.md", "w", newline="", encoding="utf-8") as handle:
+        handle.write(text)
     if recipe_file:
         recipe = recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n"
         (out_dir / recipe_file).write_text(recipe, encoding="utf-8")

@@ -73,13 +73,14 @@ def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shar
     from shoal.runtime import collection_paused, runtime_settings, settle
 
     device = _device(device, cuda)
-    with runtime_settings(gc="freeze", trim_allocator=True):
-        # torch's import makes about a million lasting objects: collections meanwhile find no garbage
-        with collection_paused():
-            from shoal.checkpoint import parse_byte_size
-            from shoal.merge import load_recipe, merge
-            from shoal.merge.execute import open_sources
-            from shoal.merge.plan import plan_merge
+    # No automatic collections for the whole command: the imports (torch's, and numba's on the planning
+    # thread) make about a million lasting objects and the merge frees its tensors by reference count,
+    # so collections meanwhile only walk objects that are no garbage
+    with runtime_settings(gc="freeze", trim_allocator=True, numba_blas_probe=False), collection_paused():
+        from shoal.checkpoint import parse_byte_size
+        from shoal.merge import load_recipe, merge
+        from shoal.merge.execute import open_sources
+        from shoal.merge.plan import plan_merge
         settle()
 
         size = parse_byte_size(shard_size)
