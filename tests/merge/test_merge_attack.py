@@ -90,6 +90,27 @@ def test_recipe_nested_50k_deep(tmp_path: Path) -> None:
     fails(tmp_path, "a: " + "[" * 50_000 + "]" * 50_000 + "\n", "recipe.yaml", "nested more than")
 
 
+def test_recipe_alias_bomb(tmp_path: Path) -> None:
+    """A "billion laughs" file: nine levels of nine aliases stand for 9^9 values; refused while read."""
+    lines = ['merge_method: linear', 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    fails(tmp_path, "\n".join(lines) + "\nmodels: []\n", "recipe.yaml", "aliases stand for more than")
+
+
+def test_recipe_alias_inside_its_own_anchor(tmp_path: Path) -> None:
+    fails(tmp_path, "merge_method: linear\nparameters: &p {weight: [1, *p]}\nmodels: []\n", "recipe.yaml",
+          "*p at line 2 is inside its own anchor")
+
+
+def test_recipe_reusing_a_block_by_alias_still_loads(tmp_path: Path, pair) -> None:  # type: ignore[no-untyped-def]
+    base, other = pair
+    text = (f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: &w {{weight: 0.5}}\n"
+            f"  - model: {other}\n    parameters: *w\n")
+    result, out = invoke(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+
+
 def test_empty_gradient_list(tmp_path: Path, pair) -> None:  # type: ignore[no-untyped-def]
     recipe = linear(*pair)
     recipe["models"][0]["parameters"] = {"weight": []}

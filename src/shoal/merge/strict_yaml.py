@@ -6,7 +6,11 @@
 - a key given twice in one mapping (plain YAML keeps the last without a word): the error names
   the key and both lines;
 - nesting deeper than :data:`MAX_DEPTH` (PyYAML composes recursively: a file nested 50,000 deep
-  would exhaust Python's stack).
+  would exhaust Python's stack);
+- aliases that expand to more than :data:`MAX_ALIASED_NODES` nodes in all (a "billion laughs"
+  file: a few lines whose aliases of aliases stand for 10^9 values, which PyYAML loads as shared
+  references but validation, the model card's copy of the recipe or a JSON dump would expand),
+  and an alias inside its own anchor (a data structure that contains itself).
 
 Every problem is raised as the caller's error class, with a message that names the file.
 """
@@ -21,6 +25,7 @@ import yaml
 from shoal.errors import ShoalError
 
 MAX_DEPTH = 100  # mappings and lists inside each other; recipes need about six
+MAX_ALIASED_NODES = 100_000  # values the aliases of one file stand for; a recipe reusing a block needs hundreds
 
 
 class _Refused(Exception):
@@ -31,6 +36,9 @@ class _StrictLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._aliased = 0  # nodes the aliases so far stand for
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes in it, aliases expanded
+        self._open: set[str] = set()  # anchors of the collections being composed
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         self._depth += 1
@@ -38,9 +46,48 @@ class _StrictLoader(yaml.SafeLoader):
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
                 raise _Refused(f"nested more than {MAX_DEPTH} levels deep at line {mark.line + 1}")
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                if event.anchor in self._open:
+                    raise _Refused(f"the alias *{event.anchor} at line {event.start_mark.line + 1} is inside its "
+                                   "own anchor (a value that contains itself)")
+                anchored = self.anchors.get(event.anchor)
+                if anchored is not None:
+                    self._aliased += self._size(anchored)
+                    if self._aliased > MAX_ALIASED_NODES:
+                        raise _Refused(f"aliases stand for more than {MAX_ALIASED_NODES:,} values in all (the "
+                                       f"alias *{event.anchor} at line {event.start_mark.line + 1}); a file that "
+                                       "expands like this is refused")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def _size(self, node: yaml.Node) -> int:
+        """The number of nodes in ``node`` with its aliases expanded (memoized: a shared node is counted once)."""
+        size = self._sizes.get(id(node))
+        if size is None:
+            size = 1
+            if isinstance(node, yaml.SequenceNode):
+                size += sum(self._size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size += sum(self._size(k) + self._size(v) for k, v in node.value)
+            self._sizes[id(node)] = size
+        return size
+
+    def compose_sequence_node(self, anchor: str | None) -> yaml.SequenceNode:  # type: ignore[override]
+        return self._composing(anchor, super().compose_sequence_node)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:  # type: ignore[override]
+        return self._composing(anchor, super().compose_mapping_node)
+
+    def _composing(self, anchor: str | None, compose: Any) -> Any:
+        if anchor is None:
+            return compose(anchor)
+        self._open.add(anchor)
+        try:
+            return compose(anchor)
+        finally:
+            self._open.discard(anchor)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
         seen: dict[Any, int] = {}
