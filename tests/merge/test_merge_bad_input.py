@@ -192,3 +192,19 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, pair, monkeypatch) -> 
     result = CliRunner().invoke(cli, ["merge", str(path), str(out), "-q"])
     assert result.exit_code != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("device", ["tpu", "x:y:z", "meta", "mps"])
+def test_api_refuses_a_device_it_does_not_merge_on(tmp_path: Path, pair, device: str) -> None:  # type: ignore[no-untyped-def]
+    """The Python API names its argument, as the CLI names --device; nothing is written."""
+    from shoal.errors import MergeError
+    from shoal.merge import merge
+    from shoal.merge.extract_lora import extract_lora
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(linear(*pair)))
+    with pytest.raises(MergeError, match=rf"device '{device}': shoal merges on 'cpu', 'cuda' or 'cuda:N'"):
+        merge(path, tmp_path / "out", device=device)
+    with pytest.raises(MergeError, match="shoal merges on"):
+        extract_lora(pair[1], pair[0], tmp_path / "lora", rank=2, device=device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -246,6 +246,18 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
     return readers
 
 
+def check_device(device: str) -> None:
+    """``device`` names a place shoal merges on (``cpu``, ``cuda``, ``cuda:N``) that this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise MergeError(f"device {device!r}: shoal merges on 'cpu', 'cuda' or 'cuda:N'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device {device!r}: CUDA is not available on this machine")
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """What a finished merge wrote."""
@@ -269,8 +281,7 @@ def merge(recipe: Recipe | str | Path, out: str | Path, *, shard_size: int = DEF
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"device {device!r}: CUDA is not available on this machine")
+    check_device(device)
     out = Path(out)
     with ExitStack() as stack:
         readers = open_sources(recipe, allow_pickle=allow_pickle, stack=stack)

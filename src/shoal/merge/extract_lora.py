@@ -212,8 +212,9 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
             re.compile(pattern)
         except re.error as err:
             raise MergeError(f"module pattern {pattern!r} is not a regular expression: {err}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"device {device!r}: CUDA is not available on this machine")
+    from shoal.merge.execute import check_device
+
+    check_device(device)
     with ExitStack() as stack:
         readers = []
         for reference in (model, base):

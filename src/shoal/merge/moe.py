@@ -216,8 +216,9 @@ def build_moe(config: MoeConfig | str | Path, out: str | Path, *, config_text: s
         where = str(config)
         config, config_text = load_moe_config(config)
     check_moe_config(config, where=where, allow_all_same=allow_all_same)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"device {device!r}: CUDA is not available on this machine")
+    from shoal.merge.execute import check_device
+
+    check_device(device)
     from shoal.checkpoint.references import resolve_reference
 
     generator = torch.Generator().manual_seed(config.seed if config.seed is not None else seed)
