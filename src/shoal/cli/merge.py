@@ -75,8 +75,13 @@ def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shar
     device = _device(device, cuda)
     # No automatic collections for the whole command: the imports (torch's, and numba's on the planning
     # thread) make about a million lasting objects and the merge frees its tensors by reference count,
-    # so collections meanwhile only walk objects that are no garbage
-    with runtime_settings(gc="freeze", trim_allocator=True, numba_blas_probe=False), collection_paused():
+    # so collections meanwhile only walk objects that are no garbage. Leaving, the settings are put back
+    # (which unfreezes), then everything alive is frozen again before collections resume: the first
+    # collection after them, and the interpreter's last one at exit, skip those objects.
+    with ExitStack() as scope:
+        scope.enter_context(collection_paused())
+        scope.callback(gc.freeze)
+        scope.enter_context(runtime_settings(gc="freeze", trim_allocator=True, numba_blas_probe=False))
         from shoal.checkpoint import parse_byte_size
         from shoal.merge import load_recipe, merge
         from shoal.merge.execute import open_sources
@@ -107,7 +112,6 @@ def command(recipe: Path, out: Path, device: str | None, cuda: bool | None, shar
         with progress_bars(enabled=not quiet and not as_json) as progress:
             result = merge(parsed, out, shard_size=size, device=device, seed=seed, allow_pickle=allow_pickle,
                            overwrite=overwrite, progress=progress, on_plan=_print_warnings)
-    gc.freeze()  # the interpreter's last collection at exit then skips the objects alive now
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "tensors": result.tensors, "bytes": result.total_bytes}))
     else:
