@@ -1,10 +1,12 @@
-"""Streaming, sharded safetensors output in the Hugging Face layout.
+"""Sharded safetensors output in the Hugging Face layout, through one shard-file writer.
 
-Tensors are buffered until the next one would push the shard past ``max_shard_bytes``;
-then the shard is written and the buffer freed, so memory stays near one shard. The number
-of shards is known only at the end, so shards are written under temporary names and
-renamed to ``model-00001-of-00003.safetensors`` on ``close``, which also writes
-``model.safetensors.index.json`` (or leaves a single ``model.safetensors``).
+Every shard is a :class:`_ShardFile`: created with its final header, its tensors written to
+their places with ``pwrite``. :class:`ShardWriter` (the merge's) knows every tensor's name,
+dtype and shape in advance and writes them in any order and in pieces; :class:`ShardedWriter`
+(MoE and LoRA outputs) learns them one by one, buffering tensors until the next would push
+the shard past ``max_shard_bytes``, so memory stays near one shard. Shards are written under
+temporary names; :func:`finish_shards` renames them to ``model-00001-of-00003.safetensors``
+and writes ``model.safetensors.index.json`` (or leaves a single ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors.torch import save_file
 
 from shoal.errors import CheckpointError
 
@@ -126,8 +127,13 @@ class ShardedWriter:
         if not self._pending:
             return
         temporary = self.directory / f".{self.prefix}-shard-{len(self._written) + 1:05d}.safetensors.partial"
-        save_file(self._pending, str(temporary), metadata=dict(SAFETENSORS_METADATA))
-        self._written.append((temporary, list(self._pending)))
+        shard = _ShardFile(temporary, [(n, t.dtype, tuple(t.shape)) for n, t in self._pending.items()])
+        self._written.append((temporary, list(self._pending)))  # deleted by abort if a write fails
+        try:
+            for name, tensor in self._pending.items():
+                shard.write(name, tensor)
+        finally:
+            shard.close()
         self._pending = {}
         self._pending_storages = set()
         self._pending_bytes = 0
@@ -168,7 +174,7 @@ def finish_shards(directory: Path, prefix: str, shards: list[tuple[Path, list[st
     (only for several shards, as transformers does); no shard at all becomes an empty
     ``PREFIX.safetensors``. Returns the weight map. Both writers end here."""
     if not shards:
-        save_file({}, str(directory / f"{prefix}.safetensors"), metadata=dict(SAFETENSORS_METADATA))
+        _ShardFile(directory / f"{prefix}.safetensors", []).close()
         return {}
     count = len(shards)
     weight_map: dict[str, str] = {}
@@ -204,11 +210,65 @@ def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return groups
 
 
+class _ShardFile:
+    """One safetensors file of known tensors (name, dtype, shape, in file order), created with its header.
+
+    The data region is allocated up front; :meth:`write` puts a tensor, or any flat range of it,
+    at its place with ``pwrite`` (several threads may write at once, each to its own bytes).
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        from shoal.checkpoint.safetensors_header import SAFETENSORS_DTYPES
+
+        tags = {dtype: (tag, size) for tag, (dtype, size) in SAFETENSORS_DTYPES.items()}
+        self.path = path
+        header: dict[str, object] = {"__metadata__": dict(SAFETENSORS_METADATA)}
+        places: dict[str, tuple[int, int, torch.dtype]] = {}
+        position = 0
+        for name, dtype, shape in layout:
+            count = 1
+            for dim in shape:
+                count *= dim
+            nbytes = count * tags[dtype][1]
+            header[name] = {"dtype": tags[dtype][0], "shape": list(shape), "data_offsets": [position, position + nbytes]}
+            places[name] = (position, nbytes, dtype)
+            position += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.pwrite(self.fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            data_start = 8 + len(encoded)
+            os.ftruncate(self.fd, data_start + position)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.places = {name: (data_start + begin, nbytes, dtype) for name, (begin, nbytes, dtype) in places.items()}
+
+    def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
+        """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``."""
+        offset, nbytes, dtype = self.places[name]
+        if values.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {dtype}, got {values.dtype}")
+        values = values.detach().contiguous()
+        size = values.element_size()
+        data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
+        begin = start * size
+        if begin + len(data) > nbytes:
+            raise ValueError(f"write past the end of tensor {name!r}")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + begin + done)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ShardWriter:
     """Write tensors whose names, dtypes and shapes are known in advance, in any order and in pieces.
 
-    Every shard file is created up front with its final header, so a tensor (or any flat
-    range of it) is written straight to its place with ``pwrite`` and nothing is buffered:
+    Every shard file is created up front with its final header (:class:`_ShardFile`), so a
+    tensor (or any flat range of it) is written straight to its place and nothing is buffered:
     memory does not grow with the shard size. Shards are split by :func:`shard_groups` and get
     their final names and the index on :meth:`close`. :meth:`write` may be called from several
     threads at once (each piece goes to its own bytes).
@@ -220,80 +280,57 @@ class ShardWriter:
 
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        tags = {dtype: (tag, size) for tag, (dtype, size) in SAFETENSORS_DTYPES.items()}
+        sizes_of = {dtype: size for _, (dtype, size) in SAFETENSORS_DTYPES.items()}
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = filename_prefix
-        self._where: dict[str, tuple[int, int, int, torch.dtype]] = {}  # name -> fd, offset, bytes, dtype
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         sizes = []
-        specs_seen: set[str] = set()
         for name, dtype, shape in layout:
-            if name in specs_seen:
+            if name in specs:
                 raise ValueError(f"tensor {name!r} appears twice in the layout")
             count = 1
             for dim in shape:
                 count *= dim
-            sizes.append((name, count * tags[dtype][1]))
-            specs_seen.add(name)
-        specs = {name: (dtype, shape) for name, dtype, shape in layout}
-        self._files: list[tuple[Path, list[str], int]] = []  # temporary file, names, fd
+            specs[name] = (dtype, tuple(shape))
+            sizes.append((name, count * sizes_of[dtype]))
         self._total_bytes = sum(size for _, size in sizes)
-        self._total_parameters = sum(size // tags[dtype][1] for (_, size), (_, dtype, _) in zip(sizes, layout))
-        size_of = dict(sizes)
-        for number, names in enumerate(shard_groups(sizes, max_shard_bytes), start=1):
-            header: dict[str, object] = {"__metadata__": dict(SAFETENSORS_METADATA)}
-            position = 0
-            for name in names:
-                dtype, shape = specs[name]
-                header[name] = {"dtype": tags[dtype][0], "shape": list(shape),
-                                "data_offsets": [position, position + size_of[name]]}
-                position += size_of[name]
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)
-            temporary = self.directory / f".{self.prefix}-shard-{number:05d}.safetensors.partial"
-            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-            os.pwrite(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
-            data_start = 8 + len(encoded)
-            os.ftruncate(fd, data_start + position)
-            for name in names:
-                begin = header[name]["data_offsets"][0]  # type: ignore[index]
-                self._where[name] = (fd, data_start + begin, size_of[name], specs[name][0])
-            self._files.append((temporary, names, fd))
+        self._total_parameters = sum(size // sizes_of[specs[name][0]] for name, size in sizes)
+        self._files: list[tuple[_ShardFile, list[str]]] = []
+        self._where: dict[str, _ShardFile] = {}
         self._closed = False
+        try:
+            for number, names in enumerate(shard_groups(sizes, max_shard_bytes), start=1):
+                temporary = self.directory / f".{self.prefix}-shard-{number:05d}.safetensors.partial"
+                shard = _ShardFile(temporary, [(name, *specs[name]) for name in names])
+                self._files.append((shard, names))
+                self._where.update({name: shard for name in names})
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
         """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``."""
-        fd, offset, nbytes, dtype = self._where[name]
-        if values.dtype != dtype:
-            raise ValueError(f"tensor {name!r} is {dtype}, got {values.dtype}")
-        values = values.detach().contiguous()
-        size = values.element_size()
-        data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
-        begin = start * size
-        if begin + len(data) > nbytes:
-            raise ValueError(f"write past the end of tensor {name!r}")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + begin + done)
+        self._where[name].write(name, values, start)
 
     def close(self) -> dict[str, str]:
         """Close the shards, give them their final names, write the index; return the weight map."""
         if self._closed:
             raise RuntimeError("ShardWriter.close called twice")
         self._closed = True
-        for _, _, fd in self._files:
-            os.close(fd)
-        return finish_shards(self.directory, self.prefix, [(t, names) for t, names, _ in self._files],
+        for shard, _ in self._files:
+            shard.close()
+        return finish_shards(self.directory, self.prefix, [(shard.path, names) for shard, names in self._files],
                              self._total_bytes, self._total_parameters)
 
     def abort(self) -> None:
         """Close and delete the shard files."""
         if not self._closed:
-            for _, _, fd in self._files:
-                os.close(fd)
+            for shard, _ in self._files:
+                shard.close()
         self._closed = True
-        for temporary, _, _ in self._files:
-            temporary.unlink(missing_ok=True)
+        for shard, _ in self._files:
+            shard.path.unlink(missing_ok=True)
         self._files = []
 
     def __enter__(self) -> ShardWriter:
