@@ -44,7 +44,9 @@ def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int,
     if as_json:
         rows = [{"label": r.label, "steps": r.steps,
                  **{k: v for k, v in asdict(r.score).items() if k != "hits"}} for r in result.rows]
-        click.echo(json.dumps({"rows": rows, "uniform_weight": result.uniform_weight,
+        paired = [asdict(d) for d in result.paired]
+        click.echo(json.dumps({"rows": rows, "paired": paired,
+                               "uniform_weight": result.uniform_weight,
                                "evaluations": result.evaluations, **paths}))
         return
     print_text(result.markdown())

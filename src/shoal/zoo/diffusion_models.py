@@ -38,7 +38,7 @@ class DrawingSize:
 
     name: str
     vae_channels: tuple[int, ...]
-    unet_channels: tuple[int, int]
+    unet_channels: tuple[int, ...]  # one entry per down (and up) block
     text_hidden: int
     text_layers: int
     vae: Stage
@@ -111,11 +111,12 @@ def new_unet(size: DrawingSize) -> Any:
     """A fresh ``UNet2DConditionModel`` over 8 x 8 latents, cross-attending to the prompt."""
     from diffusers import UNet2DConditionModel
 
+    blocks = len(size.unet_channels)
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         layers_per_block=1, block_out_channels=size.unet_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * blocks,
+        up_block_types=("CrossAttnUpBlock2D",) * blocks,
         cross_attention_dim=size.text_hidden, attention_head_dim=8,
         norm_num_groups=8)
 
