@@ -17,7 +17,7 @@ from shoal.cli._options import threads_option, verbosity
               default=Path("runs/demo-diffusion"), show_default=True)
 @click.option("--evaluations", type=click.IntRange(min=1), default=120, show_default=True,
               help="fitness evaluations per search (the evolved and the uniform search alike)")
-@click.option("--test-copies", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--test-copies", type=click.IntRange(min=1), default=8, show_default=True,
               help="noise seeds per test prompt")
 @click.option("--seed", type=int, default=0, show_default=True, help="the drawing world's seed")
 @click.option("--json", "as_json", is_flag=True,
