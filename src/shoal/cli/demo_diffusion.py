@@ -1,4 +1,4 @@
-"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in 4 steps."""
+"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in 2 steps."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from shoal.cli._options import threads_option, verbosity
 @verbosity
 def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int, as_json: bool,
             threads: int, quiet: bool) -> None:
-    """EvoSDXL-JP in miniature: merge the language-B and the 4-step specialists of the drawing
-    world, block by block, for language-B prompts at 4 steps.
+    """EvoSDXL-JP in miniature: merge the language-B and the 2-step specialists of the drawing
+    world, block by block, for language-B prompts at 2 steps.
 
     Builds the drawing world first when it is not cached (micro: about a minute; small: about
     15 minutes on 2 cores). Writes report.md, grid.png, evolved_recipe.yaml and trace.json."""

@@ -1,6 +1,6 @@
 """``shoal demo diffusion``: EvoSDXL-JP in miniature, on the drawing world.
 
-The held-out task is language-B prompts at FEW_STEPS (4) steps. Rows, all scored on the test
+The held-out task is language-B prompts at FEW_STEPS (2) steps. Rows, all scored on the test
 split's B prompts with the same fixed noise per prompt:
 
 * base at MANY_STEPS and at FEW_STEPS; the language-B specialist (``lang``) and the fast
@@ -10,7 +10,10 @@ split's B prompts with the same fixed noise per prompt:
   (CMA-ES over one weight per specialist x UNet block / text-encoder group), both searched on
   the fitness split and picked on the validation split.
 
-It writes ``report.md`` (the table with n and standard errors), ``grid.png`` (the same test
+The evolved merge is also compared with each baseline image by image (the same test prompts
+and noise): the mean paired difference with its standard error over images and over drawings.
+
+It writes ``report.md`` (the tables with n and standard errors), ``grid.png`` (the same test
 prompts drawn by each row's model), ``evolved_recipe.yaml`` (the evolved merge as a recipe)
 and ``trace.json`` (every evaluated point of both searches).
 """
