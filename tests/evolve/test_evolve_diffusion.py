@@ -127,7 +127,12 @@ def test_uniform_search_scans_one_shared_weight(pipes):
     base, specialists = pipes
     candidates = PipelineCandidates(base, specialists)
     space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"))
-    fitness = _Target(candidates, space)
+    key = ("text_encoder", "final_layer_norm.weight")
+    both = candidates._delta["lang"][key] + candidates._delta["fast"][key]
+
+    def fitness(pipe) -> float:  # peaks where the shared weight is 1.5 (read off both deltas)
+        got = pipe.text_encoder.state_dict()["final_layer_norm.weight"] - candidates._base[key]
+        return -abs(float((got * both).sum() / (both * both).sum()) - 1.5)
     trace = uniform_search(candidates, space, fitness, fitness, evaluations=9)
     assert len(trace.genomes) == 9 and all(len(g) == 1 for g in trace.genomes)
     assert trace.genomes[0] == [0.0] and trace.genomes[-1] == [1.0]

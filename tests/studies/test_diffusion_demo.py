@@ -16,6 +16,7 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
 
     from shoal.cli.main import cli
     from shoal.zoo.diffusion_build import load_drawing_world
+    from shoal.zoo.diffusion_models import FEW_STEPS, MANY_STEPS
 
     monkeypatch.setenv("SHOAL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
@@ -25,10 +26,10 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     labels = [r["label"] for r in payload["rows"]]
-    assert labels[:5] == ["base", "base", "lang (B specialist)", "fast (4-step specialist)",
-                          "uniform merge (weight 1)"]
+    assert labels[:5] == ["base", "base", "lang (B specialist)",
+                          f"fast ({FEW_STEPS}-step specialist)", "uniform merge (weight 1)"]
     assert labels[5].startswith("uniform search") and labels[6] == "evolved (per block)"
-    assert [r["steps"] for r in payload["rows"]][:2] == [20, 4]
+    assert [r["steps"] for r in payload["rows"]][:2] == [MANY_STEPS, FEW_STEPS]
     world = load_drawing_world("micro", 0)
     assert world is not None  # the demo built the world into the cache it was given
     test_n = len(world.task("test", "b").prompts)
@@ -42,7 +43,15 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
     trace = json.loads((out / "trace.json").read_text())
     assert len(trace["evolved"]["fitness"]) == 4 and len(trace["uniform"]["fitness"]) == 4
     report = (out / "report.md").read_text()
-    assert "| evolved (per block) | 4 |" in report and "grid.png" in report
+    assert f"| evolved (per block) | {FEW_STEPS} |" in report and "grid.png" in report
+    paired = {(d["baseline"], d["steps"]): d for d in payload["paired"]}  # evolved minus each
+    rows = payload["rows"]
+    assert list(paired) == [(r["label"], r["steps"]) for r in rows[2:6] + rows[7:]]
+    for (label, steps), d in paired.items():
+        other = next(r for r in rows if (r["label"], r["steps"]) == (label, steps))
+        assert abs(d["difference"] - (rows[6]["accuracy"] - other["accuracy"])) < 1e-9
+        assert d["n"] == test_n and d["drawings"] == test_n and d["stderr"] >= 0
+    assert "| evolved minus |" in report
     table = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
                                      "--evaluations", "2", "--test-copies", "1", "--quiet"])
     assert table.exit_code == 0 and "| base | 20 |" in table.stdout

@@ -11,6 +11,7 @@ pytest.importorskip("diffusers")
 
 from shoal.zoo.captions import all_drawings, labels_of
 from shoal.zoo.diffusion_models import new_scheduler
+from shoal.zoo.diffusion_models import FEW_STEPS, MANY_STEPS
 from shoal.zoo.diffusion_train import _alpha, ddim_step, render_pool, student_timesteps, teacher_states
 
 
@@ -30,7 +31,8 @@ def test_ddim_step_is_the_schedulers_step():
 
 def test_the_few_step_schedule_lies_on_the_many_step_one():
     scheduler = new_scheduler()
-    assert set(student_timesteps(scheduler, 4)) <= set(student_timesteps(scheduler, 20))
+    for few in {4, FEW_STEPS}:
+        assert set(student_timesteps(scheduler, few)) <= set(student_timesteps(scheduler, MANY_STEPS))
 
 
 def test_distillation_targets_land_the_student_on_the_teacher_states():
@@ -45,10 +47,10 @@ def test_distillation_targets_land_the_student_on_the_teacher_states():
     gen = torch.Generator().manual_seed(1)
     noise, hidden = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 5, 8, generator=gen)
     states = teacher_states(Teacher(), hidden, noise, scheduler)
-    assert states.shape == (5, 3, 4, 8, 8) and torch.equal(states[0], noise)
-    marks = student_timesteps(scheduler, 4)
+    assert states.shape == (FEW_STEPS + 1, 3, 4, 8, 8) and torch.equal(states[0], noise)
+    marks = student_timesteps(scheduler, FEW_STEPS)
     x = noise
-    for k in range(4):
+    for k in range(FEW_STEPS):
         a_t, a_n = _alpha(scheduler, marks[k]), _alpha(scheduler, marks[k + 1])
         ratio = (a_n / a_t).sqrt()
         eps = (states[k + 1] - ratio * x) / ((1 - a_n).sqrt() - ratio * (1 - a_t).sqrt())

@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 
 from shoal.zoo.captions import (ANY_CELL, ATTRIBUTES, GRID, Drawing, all_drawings,
                                 drawing_splits, drawing_task, labels_of)
-from shoal.zoo.diffusion_models import PROMPT_TOKENS, drawing_tokenizer
+from shoal.zoo.diffusion_build import DRAWING_WORLD_VERSION
+from shoal.zoo.diffusion_models import FEW_STEPS, MANY_STEPS, PROMPT_TOKENS, drawing_tokenizer
 from shoal.zoo.languages import A_TO_B
 
 
@@ -74,7 +75,11 @@ def test_a_task_pairs_noise_across_languages_and_carries_labels():
 def test_micro_world_holds_three_pipelines_and_a_judge(micro_world):
     manifest = json.loads((micro_world.root / "manifest.json").read_text())
     assert manifest["kind"] == "diffusion" and manifest["models"] == ["base", "lang", "fast"]
-    assert manifest["few_steps"] == 4 and manifest["many_steps"] > 4
+    assert manifest["few_steps"] == FEW_STEPS <= 4 < manifest["many_steps"] == MANY_STEPS
+    assert manifest["drawing_world_version"] == DRAWING_WORLD_VERSION
+    unet = json.loads((micro_world.model("base") / "unet" / "config.json").read_text())
+    # three blocks: 8 x 8 latents -> 4 x 4 -> a 2 x 2 bottleneck, one position per cell
+    assert len(unet["down_block_types"]) == 3 and unet["sample_size"] == 8 and GRID == 2
     for name in ("base", "lang", "fast"):
         index = json.loads((micro_world.model(name) / "model_index.json").read_text())
         assert index["_class_name"] == "StableDiffusionPipeline"

@@ -1,4 +1,4 @@
-"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in 4 steps."""
+"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in 2 steps."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from shoal.cli._options import threads_option, verbosity
               default=Path("runs/demo-diffusion"), show_default=True)
 @click.option("--evaluations", type=click.IntRange(min=1), default=120, show_default=True,
               help="fitness evaluations per search (the evolved and the uniform search alike)")
-@click.option("--test-copies", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--test-copies", type=click.IntRange(min=1), default=8, show_default=True,
               help="noise seeds per test prompt")
 @click.option("--seed", type=int, default=0, show_default=True, help="the drawing world's seed")
 @click.option("--json", "as_json", is_flag=True,
@@ -26,8 +26,8 @@ from shoal.cli._options import threads_option, verbosity
 @verbosity
 def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int, as_json: bool,
             threads: int, quiet: bool) -> None:
-    """EvoSDXL-JP in miniature: merge the language-B and the 4-step specialists of the drawing
-    world, block by block, for language-B prompts at 4 steps.
+    """EvoSDXL-JP in miniature: merge the language-B and the 2-step specialists of the drawing
+    world, block by block, for language-B prompts at 2 steps.
 
     Builds the drawing world first when it is not cached (micro: about a minute; small: about
     15 minutes on 2 cores). Writes report.md, grid.png, evolved_recipe.yaml and trace.json."""
@@ -44,7 +44,9 @@ def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int,
     if as_json:
         rows = [{"label": r.label, "steps": r.steps,
                  **{k: v for k, v in asdict(r.score).items() if k != "hits"}} for r in result.rows]
-        click.echo(json.dumps({"rows": rows, "uniform_weight": result.uniform_weight,
+        paired = [asdict(d) for d in result.paired]
+        click.echo(json.dumps({"rows": rows, "paired": paired,
+                               "uniform_weight": result.uniform_weight,
                                "evaluations": result.evaluations, **paths}))
         return
     print_text(result.markdown())

@@ -1,6 +1,6 @@
 """``shoal demo diffusion``: EvoSDXL-JP in miniature, on the drawing world.
 
-The held-out task is language-B prompts at FEW_STEPS (4) steps. Rows, all scored on the test
+The held-out task is language-B prompts at FEW_STEPS (2) steps. Rows, all scored on the test
 split's B prompts with the same fixed noise per prompt:
 
 * base at MANY_STEPS and at FEW_STEPS; the language-B specialist (``lang``) and the fast
@@ -10,7 +10,10 @@ split's B prompts with the same fixed noise per prompt:
   (CMA-ES over one weight per specialist x UNet block / text-encoder group), both searched on
   the fitness split and picked on the validation split.
 
-It writes ``report.md`` (the table with n and standard errors), ``grid.png`` (the same test
+The evolved merge is also compared with each baseline image by image (the same test prompts
+and noise): the mean paired difference with its standard error over images and over drawings.
+
+It writes ``report.md`` (the tables with n and standard errors), ``grid.png`` (the same test
 prompts drawn by each row's model), ``evolved_recipe.yaml`` (the evolved merge as a recipe)
 and ``trace.json`` (every evaluated point of both searches).
 """
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from shoal.eval.drawing import DrawingScore, draw, judge_images, score_drawing
+from shoal.eval.scoring import mean_stderr
 from shoal.evolve.diffusion_search import PipelineCandidates, evolve_blocks, uniform_search
 from shoal.evolve.diffusion_space import block_space, weights_recipe
 from shoal.flow.genes import to_range
@@ -45,6 +49,37 @@ class DemoRow:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """The evolved merge minus one baseline row on the same test images (same prompts, same
+    noise): the mean difference of the hits, its standard error over the n images, and its
+    standard error over the drawings (the copies of one drawing averaged first: the honest one
+    when copies of a drawing succeed or fail together)."""
+
+    baseline: str
+    steps: int
+    difference: float
+    stderr: float
+    n: int
+    stderr_drawings: float
+    drawings: int
+
+
+def paired_difference(evolved: DrawingScore, baseline: DemoRow, *,
+                      copies: int = 1) -> PairedDifference:
+    """``evolved - baseline`` over the per-image hits; ``copies`` consecutive images are one
+    drawing (as :func:`shoal.zoo.captions.drawing_task` lays them out)."""
+    n = len(evolved.hits)
+    if n != len(baseline.score.hits) or copies < 1 or n % copies:
+        raise ValueError(f"{n} evolved hits, {len(baseline.score.hits)} for "
+                         f"{baseline.label!r}, {copies} copies per drawing")
+    diffs = [a - b for a, b in zip(evolved.hits, baseline.score.hits)]
+    per_drawing = [sum(diffs[i:i + copies]) / copies for i in range(0, n, copies)]
+    mean = sum(diffs) / n if n else 0.0
+    return PairedDifference(baseline.label, baseline.steps, mean, mean_stderr(diffs), n,
+                            mean_stderr(per_drawing), len(per_drawing))
+
+
+@dataclass(frozen=True)
 class DiffusionDemoResult:
     rows: tuple[DemoRow, ...]
     out: Path
@@ -52,6 +87,7 @@ class DiffusionDemoResult:
     evolved_validation: float | None
     uniform_weight: float
     evaluations: int
+    paired: tuple[PairedDifference, ...] = ()
 
     def markdown(self) -> str:
         attributes = list(self.rows[0].score.per_attribute) if self.rows else []
@@ -63,6 +99,14 @@ class DiffusionDemoResult:
             lines.append(f"| {row.label} | {row.steps} | {s.accuracy:.3f} | {s.stderr:.3f} | {s.n} "
                          f"| {s.diversity:.2f} | {s.fitness:.3f} | "
                          + " | ".join(f"{s.per_attribute[a]:.2f}" for a in attributes) + " |")
+        if self.paired:
+            lines += ["", "| evolved minus | steps | difference | SE (images) | n | "
+                          "SE (drawings) | drawings | difference / SE (drawings) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for d in self.paired:
+                ratio = f"{d.difference / d.stderr_drawings:+.1f}" if d.stderr_drawings else "-"
+                lines.append(f"| {d.baseline} | {d.steps} | {d.difference:+.3f} | {d.stderr:.3f} "
+                             f"| {d.n} | {d.stderr_drawings:.3f} | {d.drawings} | {ratio} |")
         return "\n".join(lines) + "\n"
 
 
@@ -94,7 +138,7 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
 
 
 def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
-                       evaluations: int = 120, test_copies: int = 4, search_copies: int = 2,
+                       evaluations: int = 120, test_copies: int = 8, search_copies: int = 8,
                        progress: ProgressFn | None = None) -> DiffusionDemoResult:
     """Build (or find) the drawing world, run both searches, score every row, write the files."""
     report = progress or no_progress
@@ -137,16 +181,20 @@ def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
     row("base", pipes["base"], MANY_STEPS)
     row("base", pipes["base"], FEW_STEPS)
     row("lang (B specialist)", pipes["lang"], FEW_STEPS)
-    row("fast (4-step specialist)", pipes["fast"], FEW_STEPS)
+    row(f"fast ({FEW_STEPS}-step specialist)", pipes["fast"], FEW_STEPS)
     row("uniform merge (weight 1)", candidates.apply(space.uniform_weights(1.0)), FEW_STEPS)
     row(f"uniform search (weight {uniform_weight:.2f})",
         candidates.apply(space.uniform_weights(uniform_weight)), FEW_STEPS)
     row("evolved (per block)", candidates.apply(evolved_weights), FEW_STEPS)
     row("lang (B specialist)", pipes["lang"], MANY_STEPS)
 
+    evolved_row = rows[6]
+    paired = tuple(paired_difference(evolved_row.score, r, copies=test_copies)
+                   for r in rows[2:6] + rows[7:])
     result = DiffusionDemoResult(rows=tuple(rows), out=out, evolved_fitness=max(evolved.fitness),
                                  evolved_validation=evolved.picked_validation,
-                                 uniform_weight=uniform_weight, evaluations=evaluations)
+                                 uniform_weight=uniform_weight, evaluations=evaluations,
+                                 paired=paired)
     shown = world.task("test", "a", copies=test_copies).prompts[::test_copies][:GRID_PROMPTS]
     _write_outputs(result, world, space, evolved_weights, evolved, uniform, drawn, shown)
     return result

@@ -30,7 +30,7 @@ GRID = 2
 ANY_CELL = -1
 LANGUAGES = ("a", "b")
 SPLITS = ("train", "fitness", "validation", "test")
-_SPLIT_FRACTIONS = {"fitness": 0.15, "validation": 0.10, "test": 0.25}  # train: the rest
+_SPLIT_FRACTIONS = {"fitness": 0.20, "validation": 0.10, "test": 0.30}  # train: the rest
 _SPLIT_SALT = 7919
 
 

@@ -3,9 +3,15 @@
 A pipeline in diffusers' Stable Diffusion layout: a CLIP text encoder over the world's word
 tokenizer, a small ``AutoencoderKL`` (32 x 32 RGB images <-> 8 x 8 x 4 latents), a small
 ``UNet2DConditionModel`` with cross-attention in both of its down and up blocks, and a DDIM
-scheduler with trailing timesteps (so that a 4-step schedule, 999/749/499/249, is a subset
-of the 20-step one, and distillation can read the teacher's trajectory at the student's
+scheduler with trailing timesteps (so that the few-step schedule, 999/499 for two steps, is a
+subset of the 20-step one, and distillation can read the teacher's trajectory at the student's
 timesteps). diffusers and transformers are imported inside the functions.
+
+FEW_STEPS is 2, not SDXL-Turbo's 4: in a world this small, 4 DDIM steps of the undistilled
+base draw as well as 20 (benchmarks/drawing_probe.py, docs/diffusion.md), so there would be
+no few-step problem to solve; at 2 steps the base's images are visibly unfinished (blurred
+colours, shapes between two), and distillation has something to add, as it has at 4 steps
+for SDXL (SDXL-Lightning ships 2-step checkpoints too).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ IMAGE_SIZE = 32
 LATENT_CHANNELS = 4
 PROMPT_TOKENS = 8  # <s> + at most six words + one pad
 MANY_STEPS = 20
-FEW_STEPS = 4
+FEW_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class DrawingSize:
 
     name: str
     vae_channels: tuple[int, ...]
-    unet_channels: tuple[int, int]
+    unet_channels: tuple[int, ...]  # one entry per down (and up) block
     text_hidden: int
     text_layers: int
     vae: Stage
@@ -52,12 +58,12 @@ class DrawingSize:
 
 DRAWING_SIZES: dict[str, DrawingSize] = {
     "micro": DrawingSize(
-        "micro", vae_channels=(8, 16, 16), unet_channels=(16, 32), text_hidden=32, text_layers=1,
+        "micro", vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), text_hidden=32, text_layers=1,
         vae=Stage(25, 16, 2e-3, 5), base=Stage(25, 16, 2e-3, 5), lang=Stage(10, 16, 1e-3, 5),
         fast=Stage(10, 16, 5e-4, 5), judge=Stage(30, 32, 3e-3, 5),
         latent_pool=256, distill_pool=32),
     "small": DrawingSize(
-        "small", vae_channels=(16, 32, 32), unet_channels=(32, 64), text_hidden=64, text_layers=2,
+        "small", vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), text_hidden=64, text_layers=2,
         vae=Stage(400, 32, 2e-3), base=Stage(1800, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),
         fast=Stage(300, 32, 2e-4), judge=Stage(500, 64, 3e-3),
         latent_pool=3840, distill_pool=768),
@@ -111,11 +117,12 @@ def new_unet(size: DrawingSize) -> Any:
     """A fresh ``UNet2DConditionModel`` over 8 x 8 latents, cross-attending to the prompt."""
     from diffusers import UNet2DConditionModel
 
+    blocks = len(size.unet_channels)
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         layers_per_block=1, block_out_channels=size.unet_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * blocks,
+        up_block_types=("CrossAttnUpBlock2D",) * blocks,
         cross_attention_dim=size.text_hidden, attention_head_dim=8,
         norm_num_groups=8)
 
