@@ -122,7 +122,7 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
-             progress: ProgressFn = no_progress) -> dict[str, Any]:
+             staged: bool = True, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
     config's default)."""
@@ -136,9 +136,10 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     data = _load_scores(out / SCORES_FILE) or {"seed": world.seed, "world": str(world.root), "rows": {}}
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
-    data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler)
+    data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler,
+                ps_search="coarse-to-fine" if staged and trials >= 3 else "single-stage CMA-ES")
     run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
-    config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed))
+    config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=staged))
     math_path = str(world.model(MATH_SPECIALIST))
     needs_ps = any(c in claims for c in ("ps", "psdfs"))
 
