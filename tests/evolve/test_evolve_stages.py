@@ -147,3 +147,89 @@ def test_a_bad_warm_start_is_a_config_error_naming_the_key(change: dict, words: 
     with pytest.raises(ConfigError) as err:
         parse_evolve_config(data, where="cfg.yaml")
     assert words in str(err.value) and str(err.value).startswith("cfg.yaml")
+
+
+# -- a whole run on the micro world: kill -9 in either stage, then --resume ------------------
+
+def _stage_states(db: Path) -> dict[str, list[str]]:
+    """Trial states per stage, read without Optuna (opening a storage races the run creating it)."""
+    import sqlite3
+
+    if not db.exists():
+        return {"warm": [], "fine": []}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            rows = connection.execute("SELECT s.study_name, t.state FROM trials t JOIN studies s "
+                                      "ON t.study_id = s.study_id ORDER BY t.number").fetchall()
+    except sqlite3.Error:
+        return {"warm": [], "fine": []}
+    return {"warm": [state for name, state in rows if name.endswith(STAGE_SUFFIX)],
+            "fine": [state for name, state in rows if not name.endswith(STAGE_SUFFIX)]}
+
+
+@pytest.mark.parametrize("stage", ["warm", "fine"])
+def test_kill_9_in_either_stage_then_resume_meets_the_budget(tmp_path: Path, micro_world, stage: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from shoal.evolve.run import load_run_study
+    from shoal.evolve.stages import open_coarse_study
+
+    trials, warm = 8, 4
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "base_model": str(micro_world.model("base")),
+        "models": [str(micro_world.model("lang")), str(micro_world.model("math"))],
+        "space": {"layer_group_size": 1, "parameters": ["weight", "density"]},
+        "fitness": {"task": "math_b", "split": "fitness", "limit": 16},
+        "validation": {"task": "math_b", "split": "validation", "limit": 8, "top_k": 2},
+        "report": {"tasks": ["math_b"], "split": "test", "limit": 8},
+        "search": {"sampler": "cmaes", "trials": trials, "seed": 0, "warm_start": {"trials": warm}},
+        "batch_size": 32,
+    }))
+    run_dir = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "shoal.cli.main", "evolve", str(config_path), "--run-dir", str(run_dir),
+            "-q", "--no-model"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 300
+        while True:  # a few trials into the stage, one of them running
+            states = _stage_states(run_dir / "study.db")
+            if states[stage].count("COMPLETE") >= (2 if stage == "warm" else 1) and states[stage][-1:] == ["RUNNING"]:
+                break
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.time() < deadline, f"stage {stage} did not start in 300 s: {states}"
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    killed = _stage_states(run_dir / "study.db")
+    assert killed[stage].count("COMPLETE") < (warm if stage == "warm" else trials - warm)
+    assert (run_dir / WARM_START_FILE).exists() == (stage == "fine")
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    states = _stage_states(run_dir / "study.db")
+    assert states["warm"].count("COMPLETE") == warm and states["fine"].count("COMPLETE") == trials - warm
+    assert states["warm"].count("FAIL") + states["fine"].count("FAIL") == 1  # the killed trial, re-run
+    study = load_run_study(run_dir)
+    from shoal.evolve.config import load_evolve_config
+
+    coarse = open_coarse_study(f"sqlite:///{run_dir / 'study.db'}", study.study_name, list(study.trials[0].params),
+                               load_evolve_config(config_path).search)
+    done = [t for t in coarse.trials if t.state.name == "COMPLETE"]
+    best = sorted(done, key=lambda t: (-t.value, t.number))[0]
+    record = json.loads((run_dir / WARM_START_FILE).read_text())
+    assert record["from_warm_start_trial"] == best.number
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params == pytest.approx(expand(best.params, list(first.params))) == record["x0"]
+    assert len([t for t in study.trials if t.user_attrs.get("warm_start") is not None]) == 1
+    assert json.loads((run_dir / "scores.json").read_text())["trials"] == trials
