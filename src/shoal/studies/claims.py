@@ -7,7 +7,8 @@ claim is judged on paired differences (:mod:`shoal.studies.claims_tables`).
 
 Claim sets (``claims``):
 
-- ``ps``: the evolved per-layer DARE-TIES merge against the best source (picked on validation),
+- ``ps``: the evolved per-layer DARE-TIES merge (coarse-to-fine, ``search.warm_start``, unless
+  ``staged=False``: then the paper's single CMA-ES stage) against the best source (picked on validation),
   an equal-budget uniform search (Optuna over the two uniform genes, density and weight, with as
   many trials as the evolved search, top-k re-ranked on validation exactly as the evolved one)
   and the single-source control (the same search with one source held at weight 0) keeping the
@@ -40,7 +41,8 @@ from shoal.progress import ProgressFn, no_progress
 from shoal.studies.claims_tables import (Claim, claim_markdown, claim_table, holds, mean_over_seeds, raw_markdown,
                                          searches_markdown)
 from shoal.studies.claims_uniform import uniform_search
-from shoal.studies.evolve_demo import CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config
+from shoal.studies.evolve_demo import (CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config,
+                                       warm_start_trials)
 
 CLAIM_SETS = ("ps", "dfs", "psdfs", "multitask")
 SCORES_FILE = "scores.json"
@@ -137,7 +139,7 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
     data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler,
-                ps_search="coarse-to-fine" if staged and trials >= 3 else "single-stage CMA-ES")
+                ps_search="coarse-to-fine" if staged and warm_start_trials(trials) else "single-stage CMA-ES")
     run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
     config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=staged))
     math_path = str(world.model(MATH_SPECIALIST))
