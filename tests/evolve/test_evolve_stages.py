@@ -92,6 +92,30 @@ def test_a_larger_step_leaves_the_start_and_improves_on_it(tmp_path: Path) -> No
                for v, s in zip(t.params.values(), complete(study)[0].params.values())) > 0.02
 
 
+def test_a_source_the_warm_start_switched_off_keeps_its_values_in_stage_2(tmp_path: Path) -> None:
+    cfg = config(trials=24, warm=10, sigma0=0.1)
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
+        "warm_start": cfg.search.warm_start.model_copy(update={"drop_below": 0.5})})})
+    ranges = {k: ((0.0, 2.0) if k.endswith("weight") else (0.0, 1.0)) for k in FINE_KEYS}
+    storage, study = studies(tmp_path, cfg)
+    fitness = Recorder()  # its optimum: m0's genes at 0.2 (weight 0.19), m1's at 0.7
+    run_staged(study, cfg, FINE_KEYS, InProcess(fitness), storage=storage, study_name="run",
+               run_dir=tmp_path, ranges=ranges)
+    record = json.loads((tmp_path / WARM_START_FILE).read_text())
+    from shoal.flow.genes import to_range
+
+    m0_weight = to_range(record["coarse_genome"]["m0.weight"], 0.0, 2.0)
+    m1_weight = to_range(record["coarse_genome"]["m1.weight"], 0.0, 2.0)
+    assert record["dropped_models"] == [tag for tag, w in (("m0", m0_weight), ("m1", m1_weight)) if w <= 0.5]
+    assert record["dropped_models"] == ["m0"], (m0_weight, m1_weight)
+    assert record["searched_genes"] == 6
+    for genome in fitness.seen[10:]:  # stage 2: m0's genes stay where the warm start put them
+        assert {k: v for k, v in genome.items() if k.startswith("m0")} == \
+            {k: v for k, v in record["x0"].items() if k.startswith("m0")}
+    assert len({genome["m1.c0.weight"] for genome in fitness.seen[10:]}) > 5  # m1's are searched
+    assert len(complete(study)) == 14
+
+
 @pytest.mark.parametrize("stop_after", [3, 11])  # inside the warm start; inside the per-layer stage
 def test_an_interrupted_run_resumes_into_the_right_stage(tmp_path: Path, stop_after: int) -> None:
     cfg = config(trials=20, warm=8)

@@ -16,8 +16,8 @@ Example::
     report: {tasks: [math_b, math_a, lang_b], split: test}
     search: {sampler: cmaes, trials: 200, seed: 0}
     # coarse-to-fine: 40 of the 200 trials over one gene per model and parameter (TPE), then
-    # the per-layer CMA-ES from the best of them (step 0.1); null (default): one CMA-ES stage
-    #   search: {sampler: cmaes, trials: 200, seed: 0, warm_start: {trials: 40, sampler: tpe, sigma0: 0.1}}
+    # the per-layer CMA-ES from the best of them (step 0.2); null (default): one CMA-ES stage
+    #   search: {sampler: cmaes, trials: 200, seed: 0, warm_start: {trials: 40, sampler: tpe, sigma0: 0.2}}
     threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 
@@ -107,7 +107,10 @@ class WarmStartSpec(_Strict):
 
     trials: int = Field(ge=1)  # part of search.trials, not added to it
     sampler: Literal["cmaes", "random", "tpe"] = "tpe"
-    sigma0: float = Field(default=0.1, gt=0)  # of the per-layer CMA-ES around the warm start, gene units
+    sigma0: float = Field(default=0.2, gt=0)  # of the per-layer CMA-ES around the warm start, gene units
+    # a source whose warm-start weight is at most this (parameter units) keeps its warm-start
+    # values in stage 2: its genes are not searched (None: every gene is searched)
+    drop_below: float | None = Field(default=None, ge=0)
 
 
 class SearchSpec(_Strict):

@@ -215,7 +215,8 @@ def _run_search(run: _Run, workers: int, executor: str, progress: ProgressFn) ->
 
             assert run.run_dir is not None
             run_staged(run.study, config, run.evaluator.gene_keys, evaluations, storage=run.storage,
-                       study_name=run.study_name, run_dir=run.run_dir, progress=progress)
+                       study_name=run.study_name, run_dir=run.run_dir,
+                       ranges={g.key: (g.low, g.high) for g in run.evaluator.space.genes}, progress=progress)
         else:
             run_trials(run.study, run.evaluator.gene_keys, evaluations, config.search.trials,
                        progress=progress)

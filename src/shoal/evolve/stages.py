@@ -99,8 +99,25 @@ def best_trial(study: Any) -> Any:
     return sorted(done, key=lambda t: (-t.value, t.number))[0]
 
 
+def dropped_models(coarse: Mapping[str, float], ranges: Mapping[str, tuple[float, float]],
+                   drop_below: float | None) -> list[str]:
+    """The model tags (``m0``, ...) whose warm-start weight is at most ``drop_below``."""
+    if drop_below is None:
+        return []
+    from shoal.flow.genes import to_range
+
+    out = []
+    for key, gene in sorted(coarse.items()):
+        tag, param = key.split(".")
+        if param == "weight" and tag != "g" and key in ranges and to_range(gene, *ranges[key]) <= drop_below:
+            out.append(tag)
+    return out
+
+
 def run_staged(study: Any, config: EvolveConfig, fine_keys: list[str], evaluations: Evaluations, *,
-               storage: str, study_name: str, run_dir: Path, progress: ProgressFn = no_progress) -> Any:
+               storage: str, study_name: str, run_dir: Path,
+               ranges: Mapping[str, tuple[float, float]] | None = None,
+               progress: ProgressFn = no_progress) -> Any:
     """Run (or resume) both stages until the run holds ``search.trials`` completed trials in all:
     ``warm_start.trials`` in the warm-start study, the rest in ``study``. Returns the
     warm-start study."""
@@ -118,11 +135,17 @@ def run_staged(study: Any, config: EvolveConfig, fine_keys: list[str], evaluatio
                progress=coarse_progress)
     start = best_trial(coarse)
     x0 = expand(start.params, fine_keys)
+    coarse_ranges = {coarse_key(k): r for k, r in (ranges or {}).items()}
+    if ws.drop_below is not None and not coarse_ranges:
+        raise ConfigError("search.warm_start.drop_below needs the genes' ranges")
+    dropped = dropped_models(start.params, coarse_ranges, ws.drop_below)
+    fixed = {k: v for k, v in x0.items() if k.split(".")[0] in dropped}
     record = {"stage": "per-layer CMA-ES", "from_warm_start_trial": start.number,
               "warm_start_study": study_name + STAGE_SUFFIX, "fitness": start.value,
               "coarse_genome": dict(sorted(start.params.items())), "x0": x0, "sigma0": ws.sigma0,
               "warm_start_trials": ws.trials, "per_layer_trials": total - ws.trials,
-              "recipe": start.user_attrs.get("recipe")}
+              "recipe": start.user_attrs.get("recipe"), "dropped_models": dropped,
+              "searched_genes": len(fine_keys) - len(fixed)}
     _write_json(run_dir / WARM_START_FILE, record)
     study.sampler = make_sampler(fine_spec(search), x0)
     if not study.get_trials(deepcopy=False):
@@ -132,7 +155,7 @@ def run_staged(study: Any, config: EvolveConfig, fine_keys: list[str], evaluatio
     def fine_progress(stage: str, finished: int, _total: int | None) -> None:
         progress(stage, done + finished, total)
 
-    run_trials(study, fine_keys, evaluations, total - ws.trials, progress=fine_progress)
+    run_trials(study, fine_keys, evaluations, total - ws.trials, fixed=fixed, progress=fine_progress)
     return coarse
 
 

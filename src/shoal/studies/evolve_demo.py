@@ -49,12 +49,12 @@ def warm_start_trials(trials: int) -> int | None:
 def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
                 hold_at_zero: tuple[str, ...] = (), staged: bool = False) -> EvolveConfig:
     """The demo's search. ``staged``: coarse-to-fine (a third of ``trials`` over one gene per
-    model and parameter, TPE, then per-layer CMA-ES from the best of them, step 0.1); else one
+    model and parameter, TPE, then per-layer CMA-ES from the best of them, step 0.2); else one
     CMA-ES stage over every gene, the paper's search."""
     search: dict[str, Any] = {"sampler": "cmaes", "trials": trials, "seed": seed}
     warm = warm_start_trials(trials) if staged else None
     if warm is not None:
-        search["warm_start"] = {"trials": warm, "sampler": "tpe", "sigma0": 0.1}
+        search["warm_start"] = {"trials": warm, "sampler": "tpe", "sigma0": 0.2}
     base = str(world.model("base"))
     models = [str(world.model(LANGUAGE_SPECIALIST)), str(world.model(MATH_SPECIALIST))]
     report_tasks = [CROSS_TASK, _task_of(world, MATH_SPECIALIST), _task_of(world, LANGUAGE_SPECIALIST)]
