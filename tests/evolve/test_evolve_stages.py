@@ -154,12 +154,15 @@ def test_coarse_keys_follow_the_space_keys() -> None:
     ({"layer_group_size": None}, "search.warm_start"),
     ({"kind": "dfs"}, "search.warm_start"),
     ({"extra": 1}, "unknown key 'steps'"),
+    ({"drop": -0.5}, "warm_start.drop_below"),
 ])
 def test_a_bad_warm_start_is_a_config_error_naming_the_key(change: dict, words: str) -> None:
     search: dict = {"sampler": change.get("sampler", "cmaes"), "trials": 20,
                     "warm_start": {"trials": change.get("warm", 8), "sigma0": change.get("sigma0_ws", 0.1)}}
     if "sigma0" in change:
         search["sigma0"] = change["sigma0"]
+    if "drop" in change:
+        search["warm_start"]["drop_below"] = change["drop"]
     if "extra" in change:
         search["warm_start"]["steps"] = 3
     data = {"models": ["a", "b"], "space": {"layer_group_size": change.get("layer_group_size", 1)},
