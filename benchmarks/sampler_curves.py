@@ -36,7 +36,8 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.config:
         return load_evolve_config(args.config)
-    return demo_config(build_zoo(args.size), trials=args.trials, limit=args.limit)
+    # the samplers compared one stage each (the demo's default is coarse-to-fine)
+    return demo_config(build_zoo(args.size), trials=args.trials, limit=args.limit, staged=False)
 
 
 def _run(config: Any, sampler: str, seed: int, trials: int, run_dir: Path) -> dict[str, Any]:
