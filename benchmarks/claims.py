@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Optuna sampler of the equal-budget uniform search")
     parser.add_argument("--dfs-scaling", default=None, choices=["matrix", "per_slot"],
                         help="DFS scaling (default: the evolve config's default); recorded per row")
-    parser.add_argument("--search", default="staged", choices=["staged", "single"],
-                        help="the PS searches (evolved and controls): coarse-to-fine (search.warm_start, "
-                             "a third of the trials) or one CMA-ES stage")
+    parser.add_argument("--search", default="single", choices=["single", "staged"],
+                        help="the PS searches (evolved and controls): one CMA-ES stage (the demo's) or "
+                             "coarse-to-fine (search.warm_start, a third of the trials)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("runs/claims"))
     parser.add_argument("--report-only", type=Path, default=None, metavar="DIR",

@@ -36,8 +36,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.config:
         return load_evolve_config(args.config)
-    # the samplers compared one stage each (the demo's default is coarse-to-fine)
-    return demo_config(build_zoo(args.size), trials=args.trials, limit=args.limit, staged=False)
+    return demo_config(build_zoo(args.size), trials=args.trials, limit=args.limit)
 
 
 def _run(config: Any, sampler: str, seed: int, trials: int, run_dir: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ claim is judged on paired differences (:mod:`shoal.studies.claims_tables`).
 
 Claim sets (``claims``):
 
-- ``ps``: the evolved per-layer DARE-TIES merge (coarse-to-fine, ``search.warm_start``, unless
-  ``staged=False``: then the paper's single CMA-ES stage) against the best source (picked on validation),
+- ``ps``: the evolved per-layer DARE-TIES merge (the paper's single CMA-ES stage, or with
+  ``staged=True`` the coarse-to-fine ``search.warm_start``) against the best source (picked on validation),
   an equal-budget uniform search (Optuna over the two uniform genes, density and weight, with as
   many trials as the evolved search, top-k re-ranked on validation exactly as the evolved one)
   and the single-source control (the same search with one source held at weight 0) keeping the
@@ -124,7 +124,7 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
-             staged: bool = True, progress: ProgressFn = no_progress) -> dict[str, Any]:
+             staged: bool = False, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
     config's default)."""
