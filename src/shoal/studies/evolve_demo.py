@@ -51,7 +51,7 @@ def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
     """The demo's search: one CMA-ES stage over every gene, the paper's search. ``staged``:
     coarse-to-fine (a third of ``trials`` over one gene per model and parameter, TPE, then
     per-layer CMA-ES from the best of them, step 0.2). Not the default: on the three world
-    seeds it reached a higher fitness on seed 0, the same on seed 1 and a lower one on seed 2
+    seeds it reached a higher fitness on seeds 0 and 1 and a much lower one on seed 2
     (benchmarks/RESULTS.md, "Claims over world seeds")."""
     search: dict[str, Any] = {"sampler": "cmaes", "trials": trials, "seed": seed}
     warm = warm_start_trials(trials) if staged else None
