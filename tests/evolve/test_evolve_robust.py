@@ -92,6 +92,9 @@ BAD_CONFIGS = [  # (dotted key, bad value, words the one line must hold)
     ("models", ["/nonexistent/lang", "MATH"], ["models[0]", "/nonexistent/lang"]),
     ("base_model", "zoo:nosuchsize/base", ["base_model", "nosuchsize"]),
     ("threads", 0, ["threads"]),
+    ("search.warm_start", {"trials": 3}, ["search", "warm_start.trials (3)", "search.trials (3)"]),
+    ("search.warm_start", {"trials": 1}, ["search", "warm_start", "search.sampler is 'random'"]),
+    ("search.warm_start", {"trials": 1, "stages": 2}, ["search.warm_start", "unknown key 'stages'"]),
 ]
 
 

@@ -147,3 +147,27 @@ def test_a_changed_uniform_search_is_refused_in_the_same_folder(tmp_path: Path, 
             uniform_search(evaluator, tmp_path / "u", trials=1, sampler="cmaes")
     finally:
         evaluator.close()
+
+
+def test_staged_ps_searches_are_coarse_to_fine_and_the_default_is_one_stage(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    """With ``staged=True`` the evolved merge and both controls run the same staged search (a
+    third of the budget in the warm start); the default runs the single CMA-ES stage."""
+    from shoal.evolve.stages import WARM_START_FILE
+
+    out = tmp_path / "claims" / "seed0"
+    data = run_seed(micro_world, out, claims=["ps"], trials=3, limit=4, staged=True)
+    assert data["ps_search"] == "coarse-to-fine"
+    folders = ["ps-evolved", "control-math", f"control-{Path(data['best_source']).name}"]
+    for folder in folders:
+        record = json.loads((out / folder / WARM_START_FILE).read_text())
+        assert (record["warm_start_trials"], record["per_layer_trials"]) == (1, 2), folder
+    for name in ["ps evolved", "control: math alone", "control: best source alone"]:
+        assert data["searches"][name]["trials"] == 3, name  # both stages counted, the budget exact
+    # the evolved merge's warm start has a weight and a density per source; the control's only the kept one's
+    evolved = json.loads((out / "ps-evolved" / WARM_START_FILE).read_text())
+    control = json.loads((out / "control-math" / WARM_START_FILE).read_text())
+    assert set(evolved["coarse_genome"]) == {"m0.weight", "m0.density", "m1.weight", "m1.density"}
+    assert set(control["coarse_genome"]) == {"m0.weight", "m0.density"}
+    single = run_seed(micro_world, tmp_path / "single" / "seed0", claims=["ps"], trials=3, limit=4)
+    assert single["ps_search"] == "single-stage CMA-ES"
+    assert not (tmp_path / "single" / "seed0" / "ps-evolved" / WARM_START_FILE).exists()

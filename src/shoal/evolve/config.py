@@ -15,6 +15,9 @@ Example::
     validation: {task: math_b, split: validation, limit: 500, top_k: 5}
     report: {tasks: [math_b, math_a, lang_b], split: test}
     search: {sampler: cmaes, trials: 200, seed: 0}
+    # coarse-to-fine: 40 of the 200 trials over one gene per model and parameter (TPE), then
+    # the per-layer CMA-ES from the best of them (step 0.2); null (default): one CMA-ES stage
+    #   search: {sampler: cmaes, trials: 200, seed: 0, warm_start: {trials: 40, sampler: tpe, sigma0: 0.2}}
     threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 
@@ -97,6 +100,19 @@ class ReportSpec(_Strict):
     limit: int | None = Field(default=None, ge=1)
 
 
+class WarmStartSpec(_Strict):
+    """The first stage of a coarse-to-fine search (:mod:`shoal.evolve.stages`): ``trials`` of the
+    budget go to one gene per model and parameter (a uniform merge per source, so a source can
+    go to weight 0), and the per-layer CMA-ES starts at the best of them with step ``sigma0``."""
+
+    trials: int = Field(ge=1)  # part of search.trials, not added to it
+    sampler: Literal["cmaes", "random", "tpe"] = "tpe"
+    sigma0: float = Field(default=0.2, gt=0)  # of the per-layer CMA-ES around the warm start, gene units
+    # a source whose warm-start weight is at most this (parameter units) keeps its warm-start
+    # values in stage 2: its genes are not searched (None: every gene is searched)
+    drop_below: float | None = Field(default=None, ge=0)
+
+
 class SearchSpec(_Strict):
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
     trials: int = Field(default=100, ge=1)  # completed candidates: failed and killed ones are re-run
@@ -104,6 +120,23 @@ class SearchSpec(_Strict):
     population: int | None = Field(default=None, ge=2)  # default: Optuna's 4 + floor(3 ln n)
     sigma0: float | None = Field(default=None, gt=0)  # in gene units; default: 1/6 of the range (the paper)
     with_margin: bool = False
+    # None: one CMA-ES stage over every gene (the paper's search); else coarse-to-fine
+    warm_start: WarmStartSpec | None = None
+
+    @model_validator(mode="after")
+    def _stages(self) -> "SearchSpec":
+        if self.warm_start is None:
+            return self
+        if self.warm_start.trials >= self.trials:
+            raise ValueError(f"warm_start.trials ({self.warm_start.trials}) is part of search.trials "
+                             f"({self.trials}) and must be smaller, leaving trials to the per-layer stage")
+        if self.sampler != "cmaes":
+            raise ValueError(f"warm_start starts a CMA-ES at the best coarse point; search.sampler is "
+                             f"{self.sampler!r} (use 'cmaes' or drop warm_start)")
+        if self.sigma0 is not None:
+            raise ValueError("search.sigma0 and warm_start are both given; the per-layer stage's step "
+                             "is warm_start.sigma0")
+        return self
 
 
 class DfsSpec(_Strict):
@@ -221,6 +254,10 @@ class EvolveConfig(_Strict):
         if self.base_model in self.prefix_maps and all(m in self.prefix_maps for m in self.models):
             raise ValueError("base_model has a prefix_map, so one model needs none: the candidates "
                              "take its tensor names, config and processor (the VLM)")
+        if self.search.warm_start is not None and (self.kind != "ps" or self.space.layer_group_size is None):
+            raise ValueError("search.warm_start: the coarse stage searches one gene per model and "
+                             "parameter before the per-layer genes, so it needs kind 'ps' and a "
+                             "space.layer_group_size (this space has nothing finer to warm-start)")
         if self.prefix_maps and self.kind == "dfs":
             raise ValueError("prefix_map: a dfs run stacks whole decoder layers of like models; "
                              "prefix maps apply to parameter-space (ps) runs")

@@ -25,7 +25,7 @@ from shoal.evolve.lock import run_lock
 from shoal.evolve.preflight import check_config
 from shoal.evolve.references import CONFIG_FILE
 from shoal.evolve.saving import write_evolved_card
-from shoal.evolve.search import default_storage, finished_trials, open_study, run_trials
+from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.study_attrs import describe_study, run_study_name
 from shoal.evolve.workers import Evaluations, InProcess, LocalWorkers, evaluator_threads
 from shoal.progress import ProgressFn, no_progress
@@ -153,6 +153,15 @@ class _Run:
     config: EvolveConfig
     evaluator: Any
     study: Any = None
+    run_dir: Path | None = None
+    storage: str = ""
+    study_name: str = ""
+
+    def trials(self) -> int:
+        """Completed trials of the whole run (both stages of a warm-started search)."""
+        from shoal.evolve.stages import completed_trials
+
+        return completed_trials(self.study, self.config, self.storage, self.study_name)
 
     def close(self) -> None:
         if self.evaluator is not None:
@@ -178,13 +187,14 @@ def _open_run(config: EvolveConfig, run_dir: Path, resume: bool) -> Iterator[_Ru
             run_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(run_lock(run_dir))
             config = resolve_config(config, run_dir)
-            run = _Run(config, make_evaluator(config))
+            run = _Run(config, make_evaluator(config), run_dir=run_dir)
             stack.callback(run.close)
             _check_first_candidate(run.evaluator)
             _save_config(run_dir, config, resume)
             storage = config.storage or default_storage(run_dir)
+            run.storage, run.study_name = storage, run_study_name(storage, run_dir)
             run.study = open_study(storage, run.evaluator.gene_keys, config.search, resume=resume,
-                                   x0=run.evaluator.x0, study_name=run_study_name(storage, run_dir))
+                                   x0=run.evaluator.x0, study_name=run.study_name)
             describe_study(run.study, run.evaluator)
         yield run
 
@@ -200,7 +210,16 @@ def _run_search(run: _Run, workers: int, executor: str, progress: ProgressFn) ->
     else:
         evaluations = LocalWorkers(config.model_dump(mode="json"), workers, config.threads)
     try:
-        run_trials(run.study, run.evaluator.gene_keys, evaluations, config.search.trials, progress=progress)
+        if config.search.warm_start is not None:
+            from shoal.evolve.stages import run_staged
+
+            assert run.run_dir is not None
+            run_staged(run.study, config, run.evaluator.gene_keys, evaluations, storage=run.storage,
+                       study_name=run.study_name, run_dir=run.run_dir,
+                       ranges={g.key: (g.low, g.high) for g in run.evaluator.space.genes}, progress=progress)
+        else:
+            run_trials(run.study, run.evaluator.gene_keys, evaluations, config.search.trials,
+                       progress=progress)
     finally:
         evaluations.close()
 
@@ -293,15 +312,15 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
         if not report:
             return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
                                 best_fitness=fitness, best_validation=validation,
-                                trials=finished_trials(study), model_dir=model_dir)
+                                trials=run.trials(), model_dir=model_dir)
         rows = rows_for(evaluator, genome, baseline, extra_rows)
         scores = report_scores(evaluator, rows, progress=progress)
         (run_dir / SCORES_FILE).write_text(json.dumps({
             "best_fitness": fitness, "best_validation": validation,
-            "trials": finished_trials(study), "scores": [asdict(s) for s in scores],
+            "trials": run.trials(), "scores": [asdict(s) for s in scores],
         }, indent=2))
         write_report(run_dir, study, evaluator, genome, scores)
-        write_evolved_card(run_dir, evaluator, finished_trials(study), scores, validation)
+        write_evolved_card(run_dir, evaluator, run.trials(), scores, validation)
         return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),
                             best_fitness=fitness, best_validation=validation,
-                            trials=finished_trials(study), model_dir=model_dir, scores=tuple(scores))
+                            trials=run.trials(), model_dir=model_dir, scores=tuple(scores))

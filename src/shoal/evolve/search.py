@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import SearchSpec
@@ -104,7 +104,7 @@ def finished_trials(study: Any) -> int:
 
 
 def run_trials(study: Any, gene_keys: list[str], evaluations: Evaluations, trials: int, *,
-               progress: ProgressFn = no_progress) -> None:
+               fixed: Mapping[str, float] | None = None, progress: ProgressFn = no_progress) -> None:
     """Run until the study holds ``trials`` completed trials (across every resume), never more.
 
     This process asks the sampler for each candidate and tells the study its outcome; the
@@ -112,8 +112,10 @@ def run_trials(study: Any, gene_keys: list[str], evaluations: Evaluations, trial
     actors), ``evaluations.capacity`` at a time. A new candidate is asked for only while
     completed + running trials stay under the budget. A candidate that raises is recorded as
     a failed trial with its error and its slot is run again; after ``min(20, trials)``
-    failures in a row the search stops with the first of their errors.
+    failures in a row the search stops with the first of their errors. Genes in ``fixed``
+    keep their value in every trial (a one-point range, which CMA-ES leaves out of its space).
     """
+    fixed = dict(fixed or {})
     optuna = _optuna()
     give_up_after = min(MAX_FAILURES_IN_A_ROW, trials)
     running: dict[int, Any] = {}
@@ -125,7 +127,8 @@ def run_trials(study: Any, gene_keys: list[str], evaluations: Evaluations, trial
             while len(failures) < give_up_after and len(running) < evaluations.capacity \
                     and done + len(running) < trials:
                 trial = study.ask()
-                genome = {key: trial.suggest_float(key, 0.0, 1.0) for key in gene_keys}
+                genome = {key: trial.suggest_float(key, fixed[key], fixed[key]) if key in fixed
+                          else trial.suggest_float(key, 0.0, 1.0) for key in gene_keys}
                 running[trial.number] = trial
                 evaluations.submit(trial.number, genome)
             if not running:

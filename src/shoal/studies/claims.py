@@ -7,7 +7,8 @@ claim is judged on paired differences (:mod:`shoal.studies.claims_tables`).
 
 Claim sets (``claims``):
 
-- ``ps``: the evolved per-layer DARE-TIES merge against the best source (picked on validation),
+- ``ps``: the evolved per-layer DARE-TIES merge (the paper's single CMA-ES stage, or with
+  ``staged=True`` the coarse-to-fine ``search.warm_start``) against the best source (picked on validation),
   an equal-budget uniform search (Optuna over the two uniform genes, density and weight, with as
   many trials as the evolved search, top-k re-ranked on validation exactly as the evolved one)
   and the single-source control (the same search with one source held at weight 0) keeping the
@@ -40,7 +41,8 @@ from shoal.progress import ProgressFn, no_progress
 from shoal.studies.claims_tables import (Claim, claim_markdown, claim_table, holds, mean_over_seeds, raw_markdown,
                                          searches_markdown)
 from shoal.studies.claims_uniform import uniform_search
-from shoal.studies.evolve_demo import CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config
+from shoal.studies.evolve_demo import (CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config,
+                                       warm_start_trials)
 
 CLAIM_SETS = ("ps", "dfs", "psdfs", "multitask")
 SCORES_FILE = "scores.json"
@@ -122,7 +124,7 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
-             progress: ProgressFn = no_progress) -> dict[str, Any]:
+             staged: bool = False, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
     config's default)."""
@@ -136,9 +138,10 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     data = _load_scores(out / SCORES_FILE) or {"seed": world.seed, "world": str(world.root), "rows": {}}
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
-    data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler)
+    data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler,
+                ps_search="coarse-to-fine" if staged and warm_start_trials(trials) else "single-stage CMA-ES")
     run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
-    config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed))
+    config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=staged))
     math_path = str(world.model(MATH_SPECIALIST))
     needs_ps = any(c in claims for c in ("ps", "psdfs"))
 
