@@ -6,7 +6,7 @@ Builds (or reuses) the VLM world of SIZE and SEED, then scores task-arithmetic m
 on the image tasks, in memory, with plain torch arithmetic (no shoal merge code, so it also
 checks the library's merges from outside)::
 
-    flock /work/notes/heavy.lock nice -n 10 python benchmarks/vlm_probe.py --size small --seed 0 \\
+    flock /work/notes/heavyB.lock nice -n 10 python benchmarks/vlm_probe.py --size small --seed 0 \\
         --n 300 --split validation [--out FOLDER]
 """
 

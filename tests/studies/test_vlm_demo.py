@@ -70,3 +70,22 @@ def test_cli_demo_vlm_runs_the_vlm_demo_and_plain_demo_the_llm_one(tmp_path: Pat
     assert plain.exit_code != 0 and "the LLM demo ran" in str(plain.exception)
     bad = CliRunner().invoke(cli, ["demo", "vlmx"])
     assert bad.exit_code == 64 and "No such command 'vlmx'" in bad.output  # a usage error
+
+
+def test_paired_differences_pair_the_same_examples() -> None:
+    from shoal.studies.vlm_demo import markdown_differences, paired_differences
+
+    scores = {"VLM": [1.0, 0.5, 0.0, 1.0], "control": [1.0, 1.0, 1.0, 1.0],
+              "evolved": [1.0, 1.0, 0.5, 1.0]}
+    vlm, control = paired_differences(scores, "evolved")
+    assert (vlm.baseline, control.baseline) == ("VLM", "control") and vlm.n == 4
+    # exact match per example: evolved 1,1,0,1; VLM 1,0,0,1 -> differences 0,1,0,0
+    assert vlm.exact == pytest.approx(0.25) and vlm.exact_stderr == pytest.approx(0.25)
+    assert vlm.rouge_l == pytest.approx(0.25) and vlm.z == pytest.approx(1.0)
+    assert control.exact == pytest.approx(-0.25) and control.rouge_l == pytest.approx(-0.125)
+    same = paired_differences({"a": [1.0, 0.0], "evolved": [1.0, 0.0]}, "evolved")[0]
+    assert (same.exact, same.exact_stderr, same.z) == (0.0, 0.0, 0.0)
+    table = markdown_differences([vlm])
+    assert "| VLM | +25.0 ± 25.0 | +1.0 | +25.0 ± " in table
+    with pytest.raises(Exception, match="differ in length"):
+        paired_differences({"a": [1.0], "evolved": [1.0, 0.0]}, "evolved")

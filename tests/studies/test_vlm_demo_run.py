@@ -41,6 +41,13 @@ def test_rows_are_the_six_of_the_issue_on_the_whole_test_split(demo) -> None:
     data = json.loads((result.out / "demo.json").read_text())
     assert [r["model"] for r in data["rows"]] == [r.model for r in result.rows]
     assert result.pictures.is_file() and result.evolved_recipe.is_file()
+    # evolved minus each other row, paired over the same test examples
+    assert [d.baseline for d in result.differences] == [r.model for r in result.rows[:-1]]
+    for row, d in zip(result.rows, result.differences):
+        assert d.n == 500 and d.exact == pytest.approx(result.rows[-1].exact - row.exact)
+        assert d.rouge_l == pytest.approx(result.rows[-1].rouge_l - row.rouge_l)
+    assert len(data["scores"][result.rows[0].model]) == 500
+    assert "evolved − row" in (result.out / "report.md").read_text()
 
 
 def test_source_rows_equal_the_models_scored_on_their_own(demo) -> None:

@@ -16,7 +16,9 @@ from shoal.zoo import (ZooError, build_vlm_world, build_zoo, get_image_task, loa
                        resolve_zoo_ref)
 from shoal.zoo.languages import A_WORDS, B_WORDS, NUMBERS, PUNCTUATION
 from shoal.zoo.vision_tasks import IMAGE_TASKS
-from shoal.zoo.vlm_build import training_examples
+from shoal.zoo.vlm_build import VLM_WORLD_VERSION, check_examples, training_examples
+
+VLM_FOLDER = f"micro-seed0-vlm-v{VLM_WORLD_VERSION}"
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +26,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the micro language world and its VLM world (seed 0)."""
     root = tmp_path_factory.mktemp("vlm-cache")
     words = build_zoo("micro", out=root / "zoo" / "micro-seed0-v1", seed=0, threads=1)
-    build_vlm_world("micro", out=root / "zoo" / "micro-seed0-vlm-v1", seed=0,
+    build_vlm_world("micro", out=root / "zoo" / VLM_FOLDER, seed=0,
                     language_world=words.root, threads=1)
     return root
 
@@ -75,10 +77,53 @@ def test_the_language_world_is_left_as_it_was(cache: Path) -> None:
     assert manifest["world_version"] == 1 and "vlm" not in manifest["models"]
     assert sorted(p.name for p in (cache / "zoo" / "micro-seed0-v1").iterdir()) == sorted(
         ["manifest.json", *manifest["models"]])
-    vlm_manifest = json.loads((cache / "zoo" / "micro-seed0-vlm-v1" / "manifest.json").read_text())
+    vlm_manifest = json.loads((cache / "zoo" / VLM_FOLDER / "manifest.json").read_text())
     assert vlm_manifest["kind"] == "vlm" and vlm_manifest["models"] == ["vlm"]
     assert set(vlm_manifest["trained_on"]).isdisjoint(vlm_manifest["held_out"])
     assert "vqa_b" in vlm_manifest["held_out"]
+    training = vlm_manifest["training"]["vlm"]
+    assert set(vlm_manifest["trained_on"]) <= set(training["checks"][-1])
+    assert training["checks"][-1]["final"] and training["steps"] >= training["checks"][0]["step"]
+
+
+def test_training_stops_when_the_checks_pass_and_cools_down_first(world) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shoal.zoo.corpus import documents, pretraining_mix
+    from shoal.zoo.sizes import VlmTrainingSettings, get_vlm_size
+    from shoal.zoo.vlm_train import _lr_factor, new_processor, new_vlm, train_vlm
+    import random
+
+    spec = get_vlm_size("micro")
+    checks = {name: rows[:2] for name, rows in check_examples("micro", 0).items()}
+    base = AutoModelForCausalLM.from_pretrained(world.model("base"))
+    processor = new_processor(AutoTokenizer.from_pretrained(world.model("base")), spec.vision)
+    common = dict(batch_size=4, replay_rows=1, vision_lr=1e-3, language_lr=1e-3, warmup=1,
+                  check_every=2, cooldown=3)
+    # a target every model reaches: checked once at step 2, cooled down 3 steps, stopped
+    easy = VlmTrainingSettings(steps=50, target=0.0, **common)
+    run = train_vlm(new_vlm(base, spec.vision, seed=0), processor, training_examples("micro", 0)[:12],
+                    documents(pretraining_mix(), random.Random(0)), easy, spec.vision, seed=0,
+                    checks=checks)
+    assert run.target_reached and run.cooldown_from == 2 and run.steps == 5
+    assert [c["step"] for c in run.checks] == [2, 5] and set(checks) <= set(run.checks[0])
+    # an unreachable target: checked until the cool-down must start, then stopped at `steps`
+    hard = VlmTrainingSettings(steps=8, target=1.1, **common)
+    run = train_vlm(new_vlm(base, spec.vision, seed=0), processor, training_examples("micro", 0)[:12],
+                    documents(pretraining_mix(), random.Random(0)), hard, spec.vision, seed=0,
+                    checks=checks)
+    assert not run.target_reached and run.cooldown_from == 5 and run.steps == 8
+    assert [c["step"] for c in run.checks] == [2, 4, 8]
+    assert [round(_lr_factor(s, hard, 5), 3) for s in (0, 4, 5, 6, 7)] == [1.0, 1.0, 0.7, 0.4, 0.1]
+    # the checked examples are unseen: not trained on, not in an evaluation split
+    from shoal.zoo.vlm_build import _task_counts
+
+    for name, count in _task_counts("micro").items():
+        drawn = get_image_task(name, 0, train_size=count + spec.train.check_size).drawn("train")
+        checked, trained = {d.key() for d in drawn[count:]}, {d.key() for d in drawn[:count]}
+        held = {d.key() for s in ("fitness", "validation", "test") for d in get_image_task(name).drawn(s)}
+        assert len(checked) == spec.train.check_size and not checked & (trained | held)
+        assert [e.prompt for e in check_examples("micro", 0)[name]] == [d.prompt for d in drawn[count:]]
 
 
 def test_cached_vlm_world_is_returned_without_training(world, monkeypatch) -> None:
@@ -120,9 +165,9 @@ def test_training_is_deterministic_for_a_seed(world) -> None:
         replay = documents(pretraining_mix(), random.Random(seed))
         runs.append((train_vlm(model, processor, examples, replay, settings, spec.vision, seed=seed),
                      model.state_dict()))
-    assert runs[0][0] == runs[1][0]
+    assert runs[0][0].losses == runs[1][0].losses
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
-    assert runs[0][0] != runs[2][0]
+    assert runs[0][0].losses != runs[2][0].losses
 
 
 def test_image_tasks_use_only_world_words_and_b_tasks_speak_b() -> None:

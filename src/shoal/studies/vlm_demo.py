@@ -11,12 +11,14 @@ Rows, all scored on the test split (ROUGE-L and exact match, with n and standard
 the VLM, the language specialist (its language model in the VLM's body), the uniform merge,
 the equal-budget uniform search, the VLM-only per-layer control (the same search with the
 specialist held at 0) and the evolved merge; plus a picture grid of a few test pictures with
-every row's answer.
+every row's answer. Every row is scored on the same test examples, so the evolved merge is
+compared with each other row by paired differences (``report.md``, ``demo.json``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,12 +58,33 @@ class DemoRow:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """The evolved merge minus one other row on the same test examples: mean difference of
+    exact match and of ROUGE-L, each with the standard error of that mean."""
+
+    baseline: str
+    exact: float
+    exact_stderr: float
+    rouge_l: float
+    rouge_l_stderr: float
+    n: int
+
+    @property
+    def z(self) -> float:
+        """The exact-match difference in standard errors."""
+        if self.exact_stderr > 0:
+            return self.exact / self.exact_stderr
+        return math.inf if self.exact > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class VlmDemoResult:
     out: Path
     rows: tuple[DemoRow, ...]
     pictures: Path
     evolved_recipe: Path
     model: Path | None  # the evolved merge as a LLaVA folder
+    differences: tuple[PairedDifference, ...] = ()
 
 
 def demo_config(world: Any, *, trials: int, limit: int | None, seed: int = 0,
@@ -114,6 +137,33 @@ def markdown_rows(rows: Sequence[DemoRow]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(scores: dict[str, Sequence[float]], evolved: str) -> tuple[PairedDifference, ...]:
+    """``evolved`` minus every other row of ``scores`` (per-example ROUGE-L, the same examples
+    in the same order for every row), in the rows' order."""
+    from shoal.studies.claims_tables import paired_difference
+
+    mine = scores[evolved]
+    exact = [1.0 if s >= 1.0 else 0.0 for s in mine]
+    out = []
+    for name, theirs in scores.items():
+        if name == evolved:
+            continue
+        d_exact, se_exact = paired_difference(exact, [1.0 if s >= 1.0 else 0.0 for s in theirs])
+        d_rouge, se_rouge = paired_difference(mine, theirs)
+        out.append(PairedDifference(name, d_exact, se_exact, d_rouge, se_rouge, len(mine)))
+    return tuple(out)
+
+
+def markdown_differences(differences: Sequence[PairedDifference]) -> str:
+    """The paired differences in points, each ± one standard error, with exact match in SEs."""
+    lines = [f"| evolved − row ({CROSS_TASK}, test) | exact match | (SE) | ROUGE-L | n |",
+             "|---|---:|---:|---:|---:|"]
+    for d in differences:
+        lines.append(f"| {d.baseline} | {100 * d.exact:+.1f} ± {100 * d.exact_stderr:.1f} | "
+                     f"{d.z:+.1f} | {100 * d.rouge_l:+.1f} ± {100 * d.rouge_l_stderr:.1f} | {d.n} |")
+    return "\n".join(lines)
+
+
 def run_vlm_demo(*, size: str = "small", out: str | Path = "runs/demo-vlm", trials: int = 120,
                  limit: int | None = None, seed: int = 0, resume: bool = True,
                  progress: ProgressFn = no_progress) -> VlmDemoResult:
@@ -148,22 +198,26 @@ def run_vlm_demo(*, size: str = "small", out: str | Path = "runs/demo-vlm", tria
         ]
         task = world.task(CROSS_TASK)
         examples = task.examples("test")
-        rows, answers = [], {}
+        rows, answers, scores = [], {}, {}
         for i, (name, recipe) in enumerate(candidates):
             progress(ROWS_STAGE, i, len(candidates))
             result = evaluator.score_recipe(recipe, CROSS_TASK, "test", None)
             rows.append(row_of(name, result))
             answers[name.split(" (")[0]] = list(result.outputs[:PICTURES])
+            scores[name] = list(result.scores)
         progress(ROWS_STAGE, len(candidates), len(candidates))
     finally:
         evaluator.close()
     pictures = picture_grid(examples[:PICTURES], answers, out / "pictures.png",
                             title=f"{CROSS_TASK}: stories about pictures in language B (test)")
     recipe_path = evolved.run_dir / BEST_RECIPE
+    differences = paired_differences(scores, candidates[-1][0])
+    (out / "report.md").write_text(f"{markdown_rows(rows)}\n\n{markdown_differences(differences)}\n")
     (out / "demo.json").write_text(json.dumps({
-        "rows": [asdict(r) for r in rows], "uniform_search": found.values,
+        "rows": [asdict(r) for r in rows], "differences": [asdict(d) for d in differences],
+        "scores": scores, "uniform_search": found.values,
         "evolved_recipe": str(recipe_path), "control_recipe": str(control.run_dir / BEST_RECIPE),
         "pictures": str(pictures), "world": str(world.root),
         "model": str(evolved.model_dir) if evolved.model_dir else None}, indent=2) + "\n")
     return VlmDemoResult(out=out, rows=tuple(rows), pictures=pictures, evolved_recipe=recipe_path,
-                         model=evolved.model_dir)
+                         model=evolved.model_dir, differences=differences)

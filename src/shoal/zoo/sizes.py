@@ -72,9 +72,13 @@ class VisionShape:
 
 @dataclass(frozen=True)
 class VlmTrainingSettings:
-    """How the VLM is trained: ``steps`` of ``batch_size`` image examples plus ``replay_rows``
-    packed rows of the base's pretraining text; the vision tower and projector (new) learn at
-    ``vision_lr``, the language model (the world's base) at ``language_lr``."""
+    """How the VLM is trained: at most ``steps`` of ``batch_size`` image examples plus
+    ``replay_rows`` packed rows of the base's pretraining text; the vision tower and projector
+    (new) learn at ``vision_lr``, the language model (the world's base) at ``language_lr``.
+    After ``warmup`` the rates stay constant; every ``check_every`` steps the answers of
+    ``check_size`` unseen examples per trained task are checked (teacher-forced, every answer
+    token right), and once each task reaches ``target`` (or ``steps - cooldown`` steps have run)
+    the rates fall linearly to a tenth over ``cooldown`` steps and training stops."""
 
     steps: int
     batch_size: int
@@ -84,6 +88,10 @@ class VlmTrainingSettings:
     warmup: int = 20
     seq_len: int = 64
     weight_decay: float = 0.01
+    check_every: int = 100
+    check_size: int = 64
+    target: float = 0.98
+    cooldown: int = 100
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,13 @@ VLM_SIZES: dict[str, VlmSize] = {
     "micro": VlmSize("micro", VisionShape(hidden_size=32, intermediate_size=64, num_layers=1,
                                           num_heads=2),
                      VlmTrainingSettings(steps=30, batch_size=16, replay_rows=4, vision_lr=3e-3,
-                                         language_lr=1e-3, warmup=5)),
+                                         language_lr=1e-3, warmup=5, check_every=10,
+                                         check_size=8, cooldown=10)),
     "small": VlmSize("small", VisionShape(hidden_size=64, intermediate_size=256, num_layers=2,
                                           num_heads=4),
-                     VlmTrainingSettings(steps=800, batch_size=32, replay_rows=8, vision_lr=2e-3,
-                                         language_lr=3e-4, warmup=40)),
+                     VlmTrainingSettings(steps=3000, batch_size=32, replay_rows=8, vision_lr=2e-3,
+                                         language_lr=3e-4, warmup=40, check_every=100,
+                                         check_size=100, target=0.97, cooldown=150)),
 }
 
 

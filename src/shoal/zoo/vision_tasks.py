@@ -5,15 +5,21 @@ one colour (sizes vary). The picture stands where a story names what someone has
 
 | name    | prompt (the picture at ``<image>``)                | answer              | who learns it |
 |---------|----------------------------------------------------|---------------------|---------------|
-| `look_a`| ``tom has <image> . now tom has``                  | ``3 red apples``    | the VLM       |
-| `vqa_a` | ``tom has <image> . tom finds 2 . now tom has``     | ``5 red apples``    | the VLM       |
+| `look_a`| ``tom has <image> . now tom has``                  | ``3 apples``        | the VLM       |
+| `vqa_a` | ``tom has <image> . tom finds 2 apples . now tom has`` | ``5 apples``     | the VLM       |
 | `look_b`| the same as `look_a`, in language B                 | in B                | the VLM       |
 | `vqa_b` | as `vqa_a` in B, verbs new in B (the cross task)    | in B                | nobody        |
 
-The answer of `vqa_b` needs what the VLM sees and can name in B (how many, which colour,
-which kind) and what only the language-B specialist knows (what the six quantity verbs the
-base never saw at work in B do to a quantity). (A first world trained the VLM on A alone; it
-then named what it saw in A words even when asked in B, and no merge answered in B.) Answers are scored by ROUGE-L over words (the
+The picture stands exactly where a story of the language world says what someone has
+(``tom has 5 apples . tom finds 2 apples . now tom has 7 apples .``), and answers are the
+stories' own ``N obj``, so the VLM and the language-B specialist answer in the same format.
+The answer of `vqa_b` needs what the VLM sees and can name in B (how many, which kind) and what
+only the language-B specialist knows (what the six quantity verbs the base never saw at work
+in B do to a quantity). Colour and size are drawn but never asked. (A first world trained the
+VLM on A alone; it then named what it saw in A words even when asked in B, and no merge
+answered in B. A second answered ``N colour obj`` after a story without the object, and a
+merge with the specialist dropped the colour, answering in the specialist's ``N obj``, VLM
+world version 1.) Answers are scored by ROUGE-L over words (the
 paper's metric); an answer scores 1.0 exactly when it matches word for word, so an
 evaluation's ``correct`` count is its exact-match count. Splits are fixed by the seed and
 disjoint by prompt and scene; pictures are drawn when a split is first asked for.
@@ -57,8 +63,8 @@ def _scene(rng: random.Random) -> Scene:
 
 
 def _answer(scene: Scene, count: int) -> str:
-    thing = scene.things[0]
-    return f"{count} {thing.colour} {thing.obj}"
+    """``5 apples``: how the language world's stories end."""
+    return f"{count} {scene.things[0].obj}"
 
 
 def _look(rng: random.Random) -> Drawn:
@@ -72,7 +78,8 @@ def _story(verbs: Sequence[str]) -> Callable[[random.Random], Drawn]:
         scene, name, verb = _scene(rng), rng.choice(NAMES), rng.choice(tuple(verbs))
         count, sign = len(scene.things), QUANTITY_VERBS[verb]
         amount = rng.randint(1, 9) if sign > 0 else rng.randint(1, count)
-        prompt = f"{name} has {IMAGE_PLACEHOLDER} . {name} {verb} {amount} . now {name} has"
+        obj = scene.things[0].obj
+        prompt = f"{name} has {IMAGE_PLACEHOLDER} . {name} {verb} {amount} {obj} . now {name} has"
         return Drawn(prompt, _answer(scene, count + sign * amount), scene)
     return draw
 

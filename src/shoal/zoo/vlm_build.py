@@ -9,7 +9,8 @@ first when missing) and lives in its own folder, so the language world stays as 
 ``root`` defaults to ``$SHOAL_CACHE/zoo/<size>-seed<seed>-vlm-v<version>``. The VLM's
 language model starts as the language world's ``base`` and is trained on saying what a picture
 shows in both languages (``look_a``, ``look_b``) and on stories about pictures in language A
-(``vqa_a``), with replay of the base's pretraining text; no model trains on stories about
+(``vqa_a``), with replay of the base's pretraining text, until held-out checks of those tasks
+pass (:func:`shoal.zoo.vlm_train.train_vlm`); no model trains on stories about
 pictures in B (``vqa_b``, the cross task). Like :func:`shoal.zoo.build.build_zoo`, the world is built in a
 staging folder and renamed into place when complete.
 """
@@ -26,10 +27,14 @@ from shoal.progress import ProgressFn, no_progress
 from shoal.zoo.errors import ZooError
 from shoal.zoo.references import MANIFEST, VLM_MODEL
 
-VLM_WORLD_VERSION = 1
+# 2: answers in the stories' own `N obj` (no colour), the object named in the story's change,
+#    and training until held-out checks pass (version 1: `N colour obj`, a fixed 800 steps).
+VLM_WORLD_VERSION = 2
 TRAINED_TASKS = ("look_a", "look_b", "vqa_a")
-# Shares of the VLM's training examples taken from each trained task.
-TASK_SHARES = {"look_a": 0.25, "look_b": 0.2, "vqa_a": 0.55}
+# Shares of the VLM's training examples taken from each trained task (the stories name the
+# object, so only the look tasks teach the vision tower to tell kinds apart).
+TASK_SHARES = {"look_a": 0.3, "look_b": 0.3, "vqa_a": 0.4}
+MAX_TRAINING_EXAMPLES = 6000
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,35 @@ def load_vlm_world(size: str = "small", seed: int = 0, *, root: Path | None = No
 def training_examples(size: str, seed: int) -> list:
     """The image examples the VLM of ``size`` and ``seed`` trains on (with their pictures),
     in a fixed order: a prefix of each trained task's train split."""
+    from shoal.zoo.vision_tasks import get_image_task
+
+    examples: list = []
+    for name, count in _task_counts(size).items():
+        examples.extend(get_image_task(name, seed, train_size=count).examples("train"))
+    return examples
+
+
+def _task_counts(size: str) -> dict[str, int]:
+    from shoal.zoo.sizes import get_vlm_size
+
+    settings = get_vlm_size(size).train
+    total = min(MAX_TRAINING_EXAMPLES, settings.steps * settings.batch_size)
+    return {name: round(total * TASK_SHARES[name]) for name in TRAINED_TASKS}
+
+
+def check_examples(size: str, seed: int) -> dict[str, list]:
+    """The unseen examples the VLM's training checks, by task: the next ``check_size``
+    examples of each trained task's train split after those it trains on (so none is trained
+    on, and none is in an evaluation split)."""
     from shoal.zoo.sizes import get_vlm_size
     from shoal.zoo.vision_tasks import get_image_task
 
-    settings = get_vlm_size(size).train
-    total = min(6000, settings.steps * settings.batch_size)
-    examples: list = []
-    for name in TRAINED_TASKS:
-        count = round(total * TASK_SHARES[name])
-        examples.extend(get_image_task(name, seed, train_size=count).examples("train"))
-    return examples
+    size_of_check = get_vlm_size(size).train.check_size
+    checks = {}
+    for name, count in _task_counts(size).items():
+        task = get_image_task(name, seed, train_size=count + size_of_check)
+        checks[name] = list(task.examples("train")[count:])
+    return checks
 
 
 def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int = 0,
@@ -133,7 +157,7 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
     started = time.monotonic()
     with staged_world(root, force) as staging:
         with _deterministic(threads) as used_threads:
-            losses = _train(words.model("base"), spec, size, seed, staging / VLM_MODEL, report)
+            run = _train(words.model("base"), spec, size, seed, staging / VLM_MODEL, report)
         from shoal.zoo.vision_tasks import IMAGE_TASKS
 
         manifest = {
@@ -142,14 +166,17 @@ def build_vlm_world(size: str = "small", *, out: Path | None = None, seed: int =
             "trained_on": list(TRAINED_TASKS),
             "held_out": [name for name, t in IMAGE_TASKS.items() if t.held_out],
             "threads": used_threads, "build_seconds": round(time.monotonic() - started, 1),
-            "final_train_loss": {VLM_MODEL: round(sum(losses[-20:]) / len(losses[-20:]), 4)},
+            "final_train_loss": {VLM_MODEL: round(sum(run.losses[-20:]) / len(run.losses[-20:]), 4)},
+            "training": {VLM_MODEL: {"steps": run.steps, "cooldown_from": run.cooldown_from,
+                                     "target": spec.train.target,
+                                     "target_reached": run.target_reached, "checks": run.checks}},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return _world(root, manifest)
 
 
 def _train(base_folder: Path, spec, size: str, seed: int, folder: Path,
-           report: ProgressFn) -> list[float]:
+           report: ProgressFn):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shoal.zoo.build import _save
@@ -164,7 +191,7 @@ def _train(base_folder: Path, spec, size: str, seed: int, folder: Path,
     examples = training_examples(size, seed)
     report("draw pictures", 1, 1)
     replay = documents(pretraining_mix(), random.Random(f"vlm-replay:{seed}"))
-    losses = train_vlm(model, processor, examples, replay, spec.train, spec.vision, seed=seed,
-                       progress=report)
+    run = train_vlm(model, processor, examples, replay, spec.train, spec.vision, seed=seed,
+                    checks=check_examples(size, seed), progress=report)
     _save(model, processor, folder)
-    return losses
+    return run

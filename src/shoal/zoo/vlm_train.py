@@ -10,14 +10,19 @@ feature is dropped), and the model writes the projected patch features there.
 Training (:func:`train_vlm`) is a plain CPU loop: each step takes a batch of image examples
 (loss on the answer and the end token only) and a few packed rows of the base's pretraining
 text (replay, which keeps the language model's task vector small enough to combine with the
-language world's specialists).
+language world's specialists). How long it trains is decided by held-out checks, not by a
+fixed step count: a vision tower trained from scratch learns to tell shapes apart after a
+plateau whose length depends on the seed (world version 1 trained a fixed 800 steps on a
+cosine schedule; seed 1's VLM was still on the plateau and said one kind of thing for every
+picture). The rates stay constant until every trained task's check reaches the target, then
+cool down and stop.
 """
 
 from __future__ import annotations
 
-import math
 import random
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,21 +114,66 @@ def _image_batch(ids: list[list[int]], starts: list[int], pad: int) -> tuple[tor
     return batch, mask, attention
 
 
-def _lr_factor(step: int, settings: VlmTrainingSettings) -> float:
+@dataclass
+class TrainingRun:
+    """What :func:`train_vlm` did: the image loss of every step, each check (step and the
+    fraction of unseen examples per task answered right, teacher-forced), the step the
+    cool-down began and whether every task had reached the target by then."""
+
+    losses: list[float] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    cooldown_from: int | None = None
+    target_reached: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+def _lr_factor(step: int, settings: VlmTrainingSettings, cooldown_from: int | None) -> float:
     if step < settings.warmup:
         return (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cooldown_from is None:
+        return 1.0
+    done = (step - cooldown_from + 1) / max(1, settings.cooldown)
+    return 1.0 - 0.9 * min(1.0, done)
+
+
+class _Checks:
+    """The held-out answers of each trained task, encoded once."""
+
+    def __init__(self, examples: Mapping[str, Sequence[Example]], tokenizer: Any,
+                 vision: VisionShape, processor: Any) -> None:
+        self.tasks = {name: encode_examples(rows, tokenizer, vision, processor)
+                      for name, rows in examples.items() if rows}
+        self.pad = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def __call__(self, model: Any) -> dict[str, float]:
+        model.eval()
+        scores = {}
+        for name, (ids, starts, pixels) in self.tasks.items():
+            batch, mask, attention = _image_batch(ids, starts, self.pad)
+            logits = model(input_ids=batch, attention_mask=attention, pixel_values=pixels,
+                           use_cache=False).logits
+            right = (logits[:, :-1].argmax(-1) == batch[:, 1:]) | ~mask[:, 1:]
+            scores[name] = round(right.all(dim=1).float().mean().item(), 4)
+        model.train()
+        return scores
 
 
 def train_vlm(model: Any, processor: Any, examples: Sequence[Example], replay: Iterator[Document],
               settings: VlmTrainingSettings, vision: VisionShape, *, seed: int,
-              progress: ProgressFn | None = None) -> list[float]:
-    """Train ``model`` in place on ``examples`` (with their pictures) and replayed text; return
-    the image loss of every step. Deterministic for a seed and a thread count."""
+              checks: Mapping[str, Sequence[Example]] | None = None,
+              progress: ProgressFn | None = None) -> TrainingRun:
+    """Train ``model`` in place on ``examples`` (with their pictures) and replayed text until
+    every task of ``checks`` (unseen examples by task name) reaches ``settings.target``, then
+    cool down (see :class:`shoal.zoo.sizes.VlmTrainingSettings`). Deterministic for a seed and
+    a thread count."""
     report = progress or no_progress
     tokenizer = processor.tokenizer
     ids, starts, pixels = encode_examples(examples, tokenizer, vision, processor)
+    check = _Checks(checks or {}, tokenizer, vision, processor)
     text = pack(replay, tokenizer, settings.steps * settings.replay_rows, settings.seq_len)
     rng = random.Random(seed)
     order: list[int] = []
@@ -133,11 +183,18 @@ def train_vlm(model: Any, processor: Any, examples: Sequence[Example], replay: I
     optimizer = torch.optim.AdamW(
         [{"params": new, "lr": settings.vision_lr}, {"params": language, "lr": settings.language_lr}],
         betas=(0.9, 0.95), weight_decay=settings.weight_decay, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
+    rates = [group["lr"] for group in optimizer.param_groups]
+    run = TrainingRun()
     model.train()
-    losses: list[float] = []
     report("train vlm", 0, settings.steps)
+    last_cooldown = max(0, settings.steps - settings.cooldown)
     for step in range(settings.steps):
+        if run.cooldown_from is not None and step >= run.cooldown_from + settings.cooldown:
+            break
+        if run.cooldown_from is None and step >= last_cooldown:
+            run.cooldown_from = step
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate * _lr_factor(step, settings, run.cooldown_from)
         if len(order) < settings.batch_size:
             fresh = list(range(len(ids)))
             rng.shuffle(fresh)
@@ -158,8 +215,20 @@ def train_vlm(model: Any, processor: Any, examples: Sequence[Example], replay: I
         (loss + text_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        run.losses.append(loss.item())
         report("train vlm", step + 1, settings.steps)
+        if check.tasks and (step + 1) % settings.check_every == 0 and run.cooldown_from is None:
+            scores = check(model)
+            run.checks.append({"step": step + 1, "loss": round(sum(run.losses[-20:]) / len(run.losses[-20:]), 4),
+                               **scores})
+            report("check vlm: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
+                   step + 1, settings.steps)
+            if min(scores.values()) >= settings.target:
+                run.target_reached = True
+                run.cooldown_from = step + 1
+    if check.tasks:
+        scores = check(model)
+        run.checks.append({"step": run.steps, "loss": round(sum(run.losses[-20:]) / len(run.losses[-20:]), 4),
+                           **scores, "final": True})
     model.eval()
-    return losses
+    return run
