@@ -58,7 +58,8 @@ def convert(values: np.ndarray, dtype: str, to: str) -> np.ndarray:
     if to == "float32":
         return wide
     if to == "float16":
-        return wide.astype(np.float16)
+        with np.errstate(over="ignore"):  # to Inf, as torch rounds (the callers check finiteness where torch does)
+            return wide.astype(np.float16)
     assert to == "bfloat16", to
     out = np.empty(wide.shape, np.uint16)
     to_bf16_bits(wide, out)

@@ -5,7 +5,7 @@ build and the CPU (the kernel torch dispatches to), so the answer is kept in
 ``$SHOAL_CACHE/torch-rounding.json`` (else ``~/.cache/shoal``) under a key naming both: torch's
 ``version.py`` (version and git commit) and where it lies, ``ATEN_CPU_CAPABILITY``, the CPU's
 model and flags. A process that finds its key there need not import torch at all; one that
-has imported torch anyway asks it again (a few microseconds) and refreshes the entry.
+has imported torch anyway asks it (a few microseconds) and writes nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def torch_fuses_alpha() -> bool | None:
     """Whether torch's ``add_`` with ``alpha`` fuses the multiply-add here (None: not consistently)."""
     import sys
 
+    if "torch" in sys.modules:  # imported anyway: its own answer, nothing written
+        return ask_torch()
     key = _machine_key()
-    if "torch" not in sys.modules and key is not None:
+    if key is not None:
         known = _cached().get(key, "missing")
         if known is None or isinstance(known, bool):
             return known
@@ -112,8 +114,11 @@ def _remember(key: str, value: bool | None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{_FILE}.", dir=path.parent)
+    except OSError:
+        return
+    try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(known, out, sort_keys=True)
         os.replace(temporary, path)
     except OSError:
-        return
+        Path(temporary).unlink(missing_ok=True)
