@@ -220,3 +220,16 @@ def test_default_worker_count_without_torch(monkeypatch) -> None:  # type: ignor
     assert runtime._default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert 1 <= runtime._default_threads() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("scale,expect_torch", [(1.0, False), (0.5, True)])
+def test_passthrough_unscaled_is_copied_without_torch(tmp_path: Path, trio, scale: float,
+                                                       expect_torch: bool) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "bfloat16",
+                                      "models": [{"model": str(trio[1]), "parameters": {"scale": scale}}]}))
+    merge(recipe, tmp_path / "reference", options=ExecutorOptions(backend="reference"))
+    done, imported = _shoal(tmp_path, "merge", str(recipe), str(tmp_path / "out"), "--quiet", cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert ("torch" in imported) == expect_torch, imported
+    _same_files(tmp_path / "reference", tmp_path / "out")
