@@ -26,7 +26,7 @@ import mmap
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from shoal.checkpoint.pickle_weights import load_pickle_state_dict, refuse_pickl
 from shoal.checkpoint.file_guard import changed_error, fd_identity, lease_held, path_identity, take_read_lease
 from shoal.checkpoint.safetensors_header import TensorEntry, read_header
 from shoal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 _FAULT_AROUND = 1 << 21  # bytes Linux may map around a read fault of a file mapping (see release_range)

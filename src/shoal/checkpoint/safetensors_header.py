@@ -20,10 +20,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal.checkpoint.dtypes import BY_NAME, BY_TAG, torch_dtype
 from shoal.checkpoint.file_guard import file_identity
 from shoal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000

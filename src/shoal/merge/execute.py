@@ -27,9 +27,9 @@ from shoal.merge.output import write_support
 from shoal.merge.plan import COPY, MergePlan, SourceRef, TensorOp, plan_merge
 from shoal.merge.recipe import Recipe, load_recipe
 from shoal.merge.pool import Stage, chunk_pool, ranges_of, start_stages
-from shoal.runtime import one_torch_thread
 from shoal.merge.registry import MethodSpec, get_method
 from shoal.progress import ProgressFn, no_progress
+from shoal.runtime import one_torch_thread
 
 DEFAULT_SHARD_SIZE = DEFAULT_MAX_SHARD_BYTES
 

@@ -27,6 +27,7 @@ __all__ = ["DROP_ALL", "KEEP_ALL", "LOOP_DTYPES", "as_input", "combine_settings"
            "loop_input", "merge_arrays", "model_arrays", "philox_keep", "scratch", "ties_merge", "ties_scan",
            "to_bf16_bits", "torch_fuses_alpha", "widen"]
 
+
 def as_input(values: torch.Tensor) -> np.ndarray:
     """A torch chunk as the loops read it: bfloat16 as its bits, anything else widened to float32 as the methods widen it."""
     if values.dtype == torch.bfloat16:
