@@ -132,13 +132,55 @@ _NUMBA_BLAS_PROBE = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
 
 
 def worker_threads() -> int:
-    """How many worker threads a pool should use: the context's ``threads``, else torch's own count."""
+    """How many worker threads a pool should use: the context's ``threads``, else torch's own count.
+
+    Without torch imported, the count torch would start with: ``OMP_NUM_THREADS``, else the
+    physical cores this process may run on.
+    """
     threads = current().threads
     if threads is not None:
         return threads
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return int(torch.get_num_threads())
+    return _default_threads()
 
-    return torch.get_num_threads()
+
+def _default_threads() -> int:
+    import os
+
+    try:
+        requested = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        requested = 0
+    if requested > 0:
+        return requested
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:  # hyperthreads of one core share it
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as siblings:
+                cores.add(siblings.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+_torch_threads = threading.local()
+
+
+def one_torch_thread() -> None:
+    """In a pool's worker thread: torch's intra-op threads for this thread set to 1, once torch is imported.
+
+    Called before each job; a no-op until some job (or the caller) imports torch.
+    """
+    if getattr(_torch_threads, "set", False):
+        return
+    torch = sys.modules.get("torch")
+    set_threads = getattr(torch, "set_num_threads", None) if torch is not None else None
+    if set_threads is not None:
+        set_threads(1)
+        _torch_threads.set = True
 
 
 def _set_torch_threads(threads: int) -> int:

@@ -30,8 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Mapping, Sequence
 
-import torch
+import numpy as np
 
+from shoal.checkpoint.lazy_torch import torch
 from shoal.checkpoint.locate import WeightFiles, read_index
 from shoal.checkpoint.reader import CheckpointReader
 from shoal.errors import CheckpointError
@@ -148,6 +149,10 @@ class DiffusionCheckpoint:
         reader, inner = self._locate(name)
         return reader.dtype(inner)
 
+    def dtype_name(self, name: str) -> str:
+        reader, inner = self._locate(name)
+        return reader.dtype_name(inner)
+
     def nbytes(self, name: str) -> int:
         reader, inner = self._locate(name)
         return reader.nbytes(inner)
@@ -168,6 +173,14 @@ class DiffusionCheckpoint:
     def map_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         reader, inner = self._locate(name)
         return reader.map_range(inner, start, stop)
+
+    def read_array(self, name: str, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+        reader, inner = self._locate(name)
+        return reader.read_array(inner, bounds)
+
+    def map_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        reader, inner = self._locate(name)
+        return reader.map_array(inner, start, stop)
 
     def release_range(self, name: str, start: int, stop: int) -> None:
         reader, inner = self._locate(name)

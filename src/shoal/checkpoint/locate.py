@@ -131,3 +131,19 @@ def locate_weights(path: Path, root: Path | None = None) -> WeightFiles:
     raise CheckpointError(
         f"{path}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, or a single .safetensors file)"
     )
+
+
+def read_config(folder: Path) -> dict | None:
+    """``config.json`` in ``folder`` as a dict, or None when there is none."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read model config: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read model config: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: model config is not a JSON object")
+    return config

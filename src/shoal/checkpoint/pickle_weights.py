@@ -13,8 +13,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import CheckpointError
 
 

@@ -5,6 +5,9 @@ sharded index), a single weight file, an index file, or a hub id. Shapes and dty
 from the validated safetensors headers without reading tensor data. Three ways to read:
 ``get`` (one whole tensor, converted to a dtype and device), ``read_ranges`` (flat ranges,
 copied) and ``map_range`` (a flat range as a view of the file's pages, for chunked work).
+``read_array`` and ``map_array`` are the last two as numpy arrays of the stored bits
+(:func:`shoal.checkpoint.dtypes.storage`), for callers that work without torch: nothing here
+imports torch until a tensor is asked for.
 
 Sources that change while they are read are refused, never mixed: each file's identity (device,
 inode, size, mtime) is taken when its header is read, compared whenever it is opened and read,
@@ -19,22 +22,25 @@ filesystem without leases, a file of another user) ranges are copied with positi
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+import numpy as np
 
+from shoal.checkpoint.dtypes import storage, torch_dtype
+from shoal.checkpoint.finite import all_finite
 from shoal.checkpoint.hub import download_checkpoint, hub_cache_root, looks_like_hub_id
-from shoal.checkpoint.locate import WeightFiles, locate_weights
+from shoal.checkpoint.locate import WeightFiles, locate_weights, read_config
 from shoal.checkpoint.pickle_weights import load_pickle_state_dict, refuse_pickle
 from shoal.checkpoint.file_guard import changed_error, fd_identity, lease_held, path_identity, take_read_lease
 from shoal.checkpoint.safetensors_header import TensorEntry, read_header
 from shoal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 _FAULT_AROUND = 1 << 21  # bytes Linux may map around a read fault of a file mapping (see release_range)
@@ -138,8 +144,15 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         shard = self._shard(name)
         if name in self._entries:
-            return self._entries[name].dtype
+            return torch_dtype(self._entries[name].dtype_name)
         return self._load_pickle(shard)[name].dtype
+
+    def dtype_name(self, name: str) -> str:
+        """The dtype as :mod:`shoal.checkpoint.dtypes` names it (no torch import for safetensors storage)."""
+        shard = self._shard(name)
+        if name in self._entries:
+            return self._entries[name].dtype_name
+        return str(self._load_pickle(shard)[name].dtype).removeprefix("torch.")
 
     def nbytes(self, name: str) -> int:
         shard = self._shard(name)
@@ -165,7 +178,7 @@ class CheckpointReader:
         shard = self._shard(name)
         if name in self._entries:
             entry = self._entries[name]
-            tensor = self.read_ranges(name, [(0, entry.nbytes // entry.dtype.itemsize)]).view(entry.shape)
+            tensor = self.read_ranges(name, [(0, entry.nbytes // entry.itemsize)]).view(entry.shape)
         else:
             tensor = self._load_pickle(shard)[name]
         # `.to` returns the same object when nothing changes; a pickled tensor must not be
@@ -174,6 +187,8 @@ class CheckpointReader:
         if converted is tensor and name not in self._entries:
             converted = tensor.clone()
         if check_finite and converted.is_floating_point() and not all_finite(converted):
+            import torch
+
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 count = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(f"{shard}: tensor {name!r} contains {count} NaN or Inf values")
@@ -193,11 +208,15 @@ class CheckpointReader:
         not stay in this process's resident memory, and safe from several threads at once. No
         finiteness check (see :meth:`check_range`).
         """
+        return _as_tensor(self.read_array(name, bounds), self.dtype_name(name))
+
+    def read_array(self, name: str, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+        """:meth:`read_ranges` as a numpy array of the stored bits (``bfloat16`` as ``uint16``)."""
         dtype, shard = self._where(name, 0, 0)[2:]  # a tensor not in a safetensors file raises here
         places = [self._where(name, start, stop) for start, stop in bounds]
         self._check_same(shard, fd_identity(self._fd(shard)), "while it was read")
-        buffer = torch.empty(sum(nbytes for _, nbytes, _, _ in places), dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        buffer = np.empty(sum(nbytes for _, nbytes, _, _ in places), dtype=np.uint8)
+        view = memoryview(buffer)
         at = 0
         for offset, nbytes, _, shard in places:
             fd = self._fd(shard)
@@ -208,7 +227,7 @@ class CheckpointReader:
                     raise CheckpointError(f"{shard}: file ended while reading tensor {name!r}")
                 done += got
             at += nbytes
-        return buffer.view(dtype)
+        return buffer.view(storage(dtype))
 
     def map_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` of tensor ``name`` as :meth:`read_ranges` reads them, without copying them.
@@ -219,18 +238,22 @@ class CheckpointReader:
         chunked merge does, where a copy of each range would double the memory traffic.
         Safe to call from several threads at once. No finiteness check.
         """
+        return _as_tensor(self.map_array(name, start, stop), self.dtype_name(name))
+
+    def map_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """:meth:`map_range` as a numpy array of the stored bits (``bfloat16`` as ``uint16``), not copied."""
         offset, nbytes, dtype, shard = self._where(name, start, stop)
         if nbytes == 0:
-            return torch.empty(0, dtype=dtype)
+            return np.empty(0, dtype=storage(dtype))
         fd = self._fd(shard)
         if shard not in self._leased:  # taken before the first mapping, which then keeps it
             self._leased[shard] = take_read_lease(fd)
         if not self._leased[shard]:
-            return self.read_ranges(name, [(start, stop)])
+            return self.read_array(name, [(start, stop)])
         if not lease_held(fd):  # a writer waits for the lease to go
             raise CheckpointError(f"{shard}: another process opened the file for writing or truncated it "
                                   f"while tensor {name!r} was read; nothing was merged from a changed file")
-        return torch.frombuffer(self._mapping(shard), dtype=dtype, count=stop - start, offset=offset)
+        return np.frombuffer(self._mapping(shard), dtype=storage(dtype), count=stop - start, offset=offset)
 
     def release_range(self, name: str, start: int, stop: int) -> None:
         """Unmap the pages of a :meth:`map_range` (views of them read the file again if used after)."""
@@ -246,18 +269,19 @@ class CheckpointReader:
         last = offset + nbytes + (-(offset + nbytes)) % _FAULT_AROUND
         mapping.madvise(mmap.MADV_DONTNEED, first, min(last, len(mapping)) - first)
 
-    def _where(self, name: str, start: int, stop: int) -> tuple[int, int, torch.dtype, Path]:
+    def _where(self, name: str, start: int, stop: int) -> tuple[int, int, str, Path]:
         """(offset in its shard, byte count, dtype, shard) of entries ``[start, stop)`` of safetensors tensor ``name``."""
         entry = self._entries.get(name)
         if entry is None:
             self._shard(name)  # an unknown name raises the usual error
             raise CheckpointError(f"{self._shard_of[name]}: tensor {name!r} is not in a safetensors file")
-        itemsize = entry.dtype.itemsize
+        itemsize = entry.itemsize
         count = entry.nbytes // itemsize
         if not 0 <= start <= stop <= count:
             raise ValueError(f"range [{start}, {stop}) outside tensor {name!r} of {count} entries")
         shard = self._shard_of[name]
-        return self._data_start[shard] + entry.begin + start * itemsize, (stop - start) * itemsize, entry.dtype, shard
+        return (self._data_start[shard] + entry.begin + start * itemsize, (stop - start) * itemsize, entry.dtype_name,
+                shard)
 
     def _mapping(self, shard: Path) -> mmap.mmap:
         mapping = self._mappings.get(shard)
@@ -336,32 +360,11 @@ class CheckpointReader:
         return f"CheckpointReader({self.source!r}, {len(self)} tensors, {self.files.format})"
 
 
-def all_finite(values: torch.Tensor) -> bool:
-    """Whether a tensor holds no NaN or Inf (always true for integers).
+def _as_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor of ``dtype`` over an array of its stored bits (no copy)."""
+    import torch
 
-    A sum is finite only if every term is, so a finite sum (one fast reduction) settles it;
-    only a non-finite sum, which may also be an overflow of large finite values, is checked
-    entry by entry.
-    """
-    if not values.is_floating_point() or values.numel() == 0:
-        return True
-    total = float(values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
-    return math.isfinite(total) or bool(torch.isfinite(values).all())
-
-
-def _read_config(folder: Path) -> dict | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read model config: {exc}") from exc
-    except RecursionError:
-        raise CheckpointError(f"{path}: cannot read model config: JSON nested too deeply") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: model config is not a JSON object")
-    return config
+    return torch.from_numpy(values).view(torch_dtype(dtype))
 
 
 def open_checkpoint(
@@ -392,4 +395,4 @@ def open_checkpoint(
         raise refuse_pickle(files.index or files.shards[0])
     folder = local if local.is_dir() else local.parent
     path = folder if files.index is not None else local
-    return diffusion.by_components(CheckpointReader(name, path, files, _read_config(folder)))
+    return diffusion.by_components(CheckpointReader(name, path, files, read_config(folder)))

@@ -20,44 +20,18 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from shoal.checkpoint.dtypes import BY_NAME, BY_TAG, torch_dtype
 from shoal.checkpoint.file_guard import file_identity
 from shoal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
-
-
-def _torch_dtype(name: str) -> torch.dtype | None:
-    return getattr(torch, name, None)
-
-
-# safetensors dtype tag -> (torch dtype, bytes per element). Only dtypes this torch has.
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    tag: (dtype, size)
-    for tag, dtype, size in [
-        ("BOOL", torch.bool, 1),
-        ("U8", torch.uint8, 1),
-        ("I8", torch.int8, 1),
-        ("I16", torch.int16, 2),
-        ("U16", _torch_dtype("uint16"), 2),
-        ("I32", torch.int32, 4),
-        ("U32", _torch_dtype("uint32"), 4),
-        ("I64", torch.int64, 8),
-        ("U64", _torch_dtype("uint64"), 8),
-        ("F16", torch.float16, 2),
-        ("BF16", torch.bfloat16, 2),
-        ("F32", torch.float32, 4),
-        ("F64", torch.float64, 8),
-        ("F8_E4M3", _torch_dtype("float8_e4m3fn"), 1),
-        ("F8_E5M2", _torch_dtype("float8_e5m2"), 1),
-        ("F8_E8M0", _torch_dtype("float8_e8m0fnu"), 1),
-    ]
-    if dtype is not None
-}
 
 
 @dataclass(frozen=True)
@@ -65,7 +39,7 @@ class TensorEntry:
     """One tensor as a safetensors header describes it (offsets relative to the data section)."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # torch's name of the dtype (shoal.checkpoint.dtypes)
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -73,6 +47,15 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    @property
+    def itemsize(self) -> int:
+        return BY_NAME[self.dtype_name].itemsize
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        """The ``torch.dtype`` (imports torch)."""
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass(frozen=True)
@@ -110,7 +93,7 @@ def _parse_entry(path: Path, name: str, raw: object) -> TensorEntry:
     if not isinstance(raw, dict):
         raise _fail(path, f"corrupt safetensors header: {where} is not an object")
     tag, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if tag not in SAFETENSORS_DTYPES:
+    if tag not in BY_TAG:
         raise _fail(path, f"{where} has an unsupported or unknown dtype {tag!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -123,7 +106,8 @@ def _parse_entry(path: Path, name: str, raw: object) -> TensorEntry:
         or offsets[0] > offsets[1]
     ):
         raise _fail(path, f"corrupt safetensors header: {where} has invalid data_offsets {offsets!r}")
-    dtype, itemsize = SAFETENSORS_DTYPES[tag]
+    info = BY_TAG[tag]
+    itemsize = info.itemsize
     expected = math.prod(shape) * itemsize
     if offsets[1] - offsets[0] != expected:
         raise _fail(
@@ -131,7 +115,7 @@ def _parse_entry(path: Path, name: str, raw: object) -> TensorEntry:
             f"corrupt safetensors header: {where} ({tag}, shape {shape}) needs {expected} bytes "
             f"but its data_offsets {offsets} span {offsets[1] - offsets[0]}",
         )
-    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+    return TensorEntry(name=name, dtype_name=info.name, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:

@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from shoal.checkpoint.architecture import LAYER_COUNT_KEYS
+from shoal.checkpoint.dtypes import BY_NAME
 from shoal.checkpoint.reader import CheckpointReader
 from shoal.errors import CheckpointError
 
@@ -53,7 +52,7 @@ def _support_dir(source: CheckpointReader | Path) -> Path:
 def dtype_name(value: Any) -> str:
     """``torch.bfloat16`` or ``"torch.bfloat16"`` -> ``"bfloat16"``, as config.json spells it."""
     name = str(value).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
+    if name not in BY_NAME:
         raise CheckpointError(f"{CONFIG_FILE}: unknown dtype {value!r} for key 'dtype'")
     return name
 

@@ -16,9 +16,13 @@ import os
 import re
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-import torch
+import numpy as np
 
+from shoal.checkpoint.dtypes import name_of
+from shoal.checkpoint.dtypes import info as dtype_info
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -217,21 +221,19 @@ class _ShardFile:
     at its place with ``pwrite`` (several threads may write at once, each to its own bytes).
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
-        from shoal.checkpoint.safetensors_header import SAFETENSORS_DTYPES
-
-        tags = {dtype: (tag, size) for tag, (dtype, size) in SAFETENSORS_DTYPES.items()}
+    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]]) -> None:
         self.path = path
         header: dict[str, object] = {"__metadata__": dict(SAFETENSORS_METADATA)}
-        places: dict[str, tuple[int, int, torch.dtype]] = {}
+        places: dict[str, tuple[int, int, str]] = {}
         position = 0
         for name, dtype, shape in layout:
             count = 1
             for dim in shape:
                 count *= dim
-            nbytes = count * tags[dtype][1]
-            header[name] = {"dtype": tags[dtype][0], "shape": list(shape), "data_offsets": [position, position + nbytes]}
-            places[name] = (position, nbytes, dtype)
+            described = dtype_info(dtype)
+            nbytes = count * described.itemsize
+            header[name] = {"dtype": described.tag, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+            places[name] = (position, nbytes, described.name)
             position += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -245,14 +247,25 @@ class _ShardFile:
             raise
         self.places = {name: (data_start + begin, nbytes, dtype) for name, (begin, nbytes, dtype) in places.items()}
 
-    def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
-        """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``."""
+    def write(self, name: str, values: torch.Tensor | np.ndarray, start: int = 0) -> None:
+        """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``.
+
+        ``values`` is a tensor, or a numpy array of the dtype's storage (:func:`~shoal.checkpoint.dtypes.storage`:
+        ``bfloat16`` as its ``uint16`` bits).
+        """
         offset, nbytes, dtype = self.places[name]
-        if values.dtype != dtype:
-            raise ValueError(f"tensor {name!r} is {dtype}, got {values.dtype}")
-        values = values.detach().contiguous()
-        size = values.element_size()
-        data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
+        if isinstance(values, np.ndarray):
+            if values.dtype != dtype_info(dtype).storage:
+                raise ValueError(f"tensor {name!r} is {dtype} (held as {dtype_info(dtype).storage}), "
+                                 f"got an array of {values.dtype}")
+            size = values.itemsize
+            data = memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+        else:
+            if name_of(values.dtype) != dtype:
+                raise ValueError(f"tensor {name!r} is torch.{dtype}, got {values.dtype}")
+            values = values.detach().contiguous()
+            size = values.element_size()
+            data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
         begin = start * size
         if begin + len(data) > nbytes:
             raise ValueError(f"write past the end of tensor {name!r}")
@@ -274,17 +287,15 @@ class ShardWriter:
     threads at once (each piece goes to its own bytes).
     """
 
-    def __init__(self, directory: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
+    def __init__(self, directory: Path, layout: list[tuple[str, Any, tuple[int, ...]]], *,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, filename_prefix: str = "model") -> None:
-        from shoal.checkpoint.safetensors_header import SAFETENSORS_DTYPES
-
+        """``layout``: (name, dtype, shape) of every tensor; a dtype is a name (``"bfloat16"``) or a ``torch.dtype``."""
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        sizes_of = {dtype: size for _, (dtype, size) in SAFETENSORS_DTYPES.items()}
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = filename_prefix
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         sizes = []
         for name, dtype, shape in layout:
             if name in specs:
@@ -292,10 +303,10 @@ class ShardWriter:
             count = 1
             for dim in shape:
                 count *= dim
-            specs[name] = (dtype, tuple(shape))
-            sizes.append((name, count * sizes_of[dtype]))
+            specs[name] = (name_of(dtype), tuple(shape))
+            sizes.append((name, count * dtype_info(dtype).itemsize))
         self._total_bytes = sum(size for _, size in sizes)
-        self._total_parameters = sum(size // sizes_of[specs[name][0]] for name, size in sizes)
+        self._total_parameters = sum(size // dtype_info(specs[name][0]).itemsize for name, size in sizes)
         self._files: list[tuple[_ShardFile, list[str]]] = []
         self._where: dict[str, _ShardFile] = {}
         self._closed = False
@@ -309,8 +320,8 @@ class ShardWriter:
             self.abort()
             raise
 
-    def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
-        """Write ``values`` (any shape, the tensor's dtype, on the CPU) at flat entry ``start`` of ``name``."""
+    def write(self, name: str, values: torch.Tensor | np.ndarray, start: int = 0) -> None:
+        """Write ``values`` (a tensor, or an array as :meth:`_ShardFile.write` takes it) at flat entry ``start``."""
         self._where[name].write(name, values, start)
 
     def close(self) -> dict[str, str]:

@@ -197,9 +197,11 @@ def _device(device: str | None, cuda: bool | None) -> str:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     from shoal.errors import MergeError
+
+    if device == "cpu":  # no torch needed to know (the fused path runs without it)
+        return
+    import torch
 
     try:
         kind = torch.device(device).type

@@ -19,19 +19,21 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Mapping, Optional
 
-import torch
+import numpy as np
 
 from shoal.checkpoint import CheckpointReader
-from shoal.checkpoint.reader import all_finite
+from shoal.checkpoint.dtypes import as_float32, torch_dtype
+from shoal.checkpoint.finite import all_finite, array_all_finite
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import MergeError
-from shoal.merge.methods._inputs import working_dtype
 from shoal.merge.methods.randomness import EntryRandom
 from shoal.merge.plan import SourceRef, TensorOp
 from shoal.merge.pool import Stage
 from shoal.merge.registry import MethodSpec
 
-Write = Callable[[int, torch.Tensor], None]  # (flat start, values in the output dtype)
+Write = Callable[[int, "torch.Tensor | np.ndarray"], None]  # (flat start, values in the output dtype)
 Ranges = list[tuple[int, int]]
+LOOP_DTYPES = ("bfloat16", "float16", "float32")  # what the fused loops read and write (float32: their working dtype)
 
 
 class Sources:
@@ -39,7 +41,8 @@ class Sources:
 
     Ranges are views of the files' pages (``CheckpointReader.map_range``, no copy), valid until
     the job that read them ends: jobs wrapped with :meth:`job` let the pages go then, so
-    resident memory stays a few chunks.
+    resident memory stays a few chunks. :meth:`read` gives tensors, :meth:`array` the stored
+    bits as numpy arrays (the fused loops' inputs, no torch).
     """
 
     def __init__(self, op: TensorOp, readers: Mapping[str, CheckpointReader]) -> None:
@@ -52,8 +55,17 @@ class Sources:
         if check:
             reader.check_range(ref.tensor, values)
         if self.op.compute_dtype is not None:  # as compute_op widens them
-            values = values.to(self.op.compute_dtype)
+            values = values.to(torch_dtype(self.op.compute_dtype))
         return values
+
+    def array(self, ref: SourceRef, start: int, stop: int) -> tuple[np.ndarray, str]:
+        """The stored bits of a range and their dtype, widened to ``compute_dtype`` as :meth:`read` widens (no check)."""
+        values = self.readers[ref.model].map_array(ref.tensor, start, stop)
+        dtype = self.readers[ref.model].dtype_name(ref.tensor)
+        if self.op.compute_dtype is not None and self.op.compute_dtype != dtype:
+            assert self.op.compute_dtype == "float32", self.op.compute_dtype
+            return as_float32(values, dtype), "float32"
+        return values, dtype
 
     def base(self, start: int, stop: int, *, check: bool = True) -> torch.Tensor | None:
         return self.read(self.op.base, start, stop, check=check) if self.op.base is not None else None
@@ -63,7 +75,11 @@ class Sources:
 
     def dtype(self, ref: SourceRef) -> torch.dtype:
         """The dtype :meth:`read` returns for ``ref``."""
-        return self.op.compute_dtype or self.readers[ref.model].dtype(ref.tensor)
+        return torch_dtype(self.dtype_name(ref))
+
+    def dtype_name(self, ref: SourceRef) -> str:
+        """:meth:`dtype` by name (:mod:`shoal.checkpoint.dtypes`)."""
+        return self.op.compute_dtype or self.readers[ref.model].dtype_name(ref.tensor)
 
     def check(self, start: int, stop: int) -> None:
         """Raise the reader's error for the source of a range that holds a NaN or Inf."""
@@ -115,10 +131,12 @@ class ChunkJob:
         return kwargs
 
     def float32_kernels(self) -> ModuleType | None:
-        """The fused loops if they can run this op: they work in float32, the working dtype of all but float64."""
+        """The fused loops if they can run this op: they work in float32, the working dtype of half precision
+        and float32 sources (float64 works in float64), and write the output dtypes a recipe names."""
         if not self.fused or self.op.base is None:
             return None
-        if working_dtype(self.sources.dtype(self.op.base)) != torch.float32:
+        if self.op.out_dtype not in LOOP_DTYPES or any(self.sources.dtype_name(ref) not in LOOP_DTYPES
+                                                        for ref in self.op.sources):
             return None
         from shoal.merge.fast import load_kernels
 
@@ -136,7 +154,7 @@ def finish(op: TensorOp, spec: MethodSpec | None, result: torch.Tensor) -> torch
     """What ``compute_op`` does with a method's result: the NaN/Inf check, then the output dtype."""
     if spec is not None and not all_finite(result):
         raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
-    return result.to(op.out_dtype)
+    return result.to(torch_dtype(op.out_dtype))
 
 
 def all_written(results: list[Any]) -> bool:
@@ -156,9 +174,18 @@ def elementwise(job: ChunkJob) -> Stage:
 
 
 def copy_chunks(op: TensorOp, sources: Sources, write: Write, ranges: Ranges) -> Stage:
-    """The chunks of a copied tensor (the reader checks them for NaN/Inf)."""
+    """The chunks of a copied tensor (the reader checks them for NaN/Inf); kept in its dtype, as stored bits."""
+    ref = op.models[0]
+    stored = sources.readers[ref.model].dtype_name(ref.tensor)
+
     def run(start: int, stop: int) -> None:
-        write(start, sources.read(op.models[0], start, stop).to(op.out_dtype))
+        if stored != op.out_dtype:
+            write(start, sources.read(ref, start, stop).to(torch_dtype(op.out_dtype)))
+            return
+        values = sources.readers[ref.model].map_array(ref.tensor, start, stop)
+        if not array_all_finite(values, stored):
+            sources.read(ref, start, stop)  # raises the reader's error
+        write(start, values)
 
     return Stage(sources.job(run), ranges, all_written)
 
@@ -166,25 +193,25 @@ def copy_chunks(op: TensorOp, sources: Sources, write: Write, ranges: Ranges) ->
 _buffers = threading.local()  # each worker thread's result buffer
 
 
-def buffer(nbytes: int) -> torch.Tensor:
-    """This thread's result buffer, at least ``nbytes`` long (kept from chunk to chunk: no page faults)."""
+def buffer(nbytes: int) -> np.ndarray:
+    """This thread's result buffer (bytes), at least ``nbytes`` long (kept from chunk to chunk: no page faults)."""
     found = getattr(_buffers, "out", None)
-    if found is None or found.numel() < nbytes:
-        found = _buffers.out = torch.empty(nbytes, dtype=torch.uint8)
+    if found is None or found.size < nbytes:
+        found = _buffers.out = np.empty(nbytes, dtype=np.uint8)
     return found
 
 
 def fused_merge(job: ChunkJob, kernels: ModuleType, start: int, stop: int, loop: Callable[..., tuple[bool, bool]],
                 *args: Any) -> None:
     """Read a range, merge it with a fused loop (of ``kernels``), and write it as :func:`finish` would."""
-    sources = job.sources
-    base = sources.base(start, stop, check=False)
-    assert base is not None
-    out = buffer(base.numel() * max(base.element_size(), 4))
-    result, sources_finite, result_finite = kernels.merge_chunk(
-        base, sources.models(start, stop, check=False), loop, *args, out=out)
+    sources, op = job.sources, job.op
+    assert op.base is not None
+    base = sources.array(op.base, start, stop)
+    out = buffer(base[0].size * 4)
+    result, dtype, sources_finite, result_finite = kernels.merge_arrays(
+        base, [sources.array(ref, start, stop) for ref in op.models], loop, *args, out=out)
     if not sources_finite:
         sources.check(start, stop)
     if not result_finite:
-        raise MergeError(f"merged tensor {job.op.name!r} contains NaN or Inf ({job.op.method})")
-    job.write(start, result.to(job.op.out_dtype))
+        raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
+    job.write(start, kernels.convert(result, dtype, op.out_dtype))

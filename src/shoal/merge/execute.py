@@ -14,11 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
-
-import torch
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from shoal.checkpoint import CheckpointReader, open_checkpoint, staged_output
+from shoal.checkpoint.dtypes import is_floating, torch_dtype
+from shoal.checkpoint.lazy_torch import torch
 from shoal.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from shoal.errors import MergeError
 from shoal.merge.chunks import ChunkJob, Sources, copy_chunks
@@ -29,10 +29,11 @@ from shoal.merge.recipe import Recipe, load_recipe
 from shoal.merge.pool import Stage, chunk_pool, ranges_of, start_stages
 from shoal.merge.registry import MethodSpec, get_method
 from shoal.progress import ProgressFn, no_progress
+from shoal.runtime import one_torch_thread
 
 DEFAULT_SHARD_SIZE = DEFAULT_MAX_SHARD_BYTES
 
-Fetch = Callable[[SourceRef], torch.Tensor]
+Fetch = Callable[[SourceRef], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -87,23 +88,23 @@ def compute_op(op: TensorOp, fetch: Fetch, *, compat: str = "paper",
                device: str | torch.device = "cpu") -> torch.Tensor:
     """The output tensor of one operation, whole, in its output dtype (on ``device``): the reference."""
     if op.method == COPY:
-        return fetch(op.models[0]).to(op.out_dtype)
+        return fetch(op.models[0]).to(torch_dtype(op.out_dtype))
     spec = get_method(op.method)
     if op.compute_dtype is not None:  # half-precision sources widened: the result is rounded once, to out_dtype
-        widen = op.compute_dtype
+        widen = torch_dtype(op.compute_dtype)
         fetch_stored = fetch
         fetch = lambda ref: fetch_stored(ref).to(widen)  # noqa: E731
     base = fetch(op.base) if op.base is not None else None
     result = spec.fn(base, [fetch(ref) for ref in op.models], **method_kwargs(op, spec, compat))
     if not torch.isfinite(result).all():
         raise MergeError(f"merged tensor {op.name!r} contains NaN or Inf ({op.method})")
-    return result.to(op.out_dtype)
+    return result.to(torch_dtype(op.out_dtype))
 
 
 def _chunked(op: TensorOp, readers: Mapping[str, CheckpointReader], writer: ShardWriter, compat: str,
              options: ExecutorOptions) -> Stage | None:
     """The first pass of ``op`` in chunks, or None when it runs whole."""
-    if not all(readers[ref.model].can_read_range(ref.tensor) and readers[ref.model].dtype(ref.tensor).is_floating_point
+    if not all(readers[ref.model].can_read_range(ref.tensor) and is_floating(readers[ref.model].dtype_name(ref.tensor))
                for ref in op.sources):
         return None
     n = 1
@@ -111,7 +112,7 @@ def _chunked(op: TensorOp, readers: Mapping[str, CheckpointReader], writer: Shar
         n *= dim
     sources = Sources(op, readers)
 
-    def write(start: int, values: torch.Tensor) -> None:
+    def write(start: int, values: Any) -> None:
         writer.write(op.name, values, start)
 
     ranges = ranges_of(n, options.chunk)
@@ -167,7 +168,7 @@ def write_tensor_ops(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointRe
 
 def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], writer: ShardWriter, compat: str,
               device: str | torch.device, progress: ProgressFn, options: ExecutorOptions) -> None:
-    on_cpu = torch.device(device).type == "cpu"
+    on_cpu = _device_type(device) == "cpu"
     total = len(ops)
     finished = 0
 
@@ -178,9 +179,12 @@ def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], 
 
     # Each op's serial first steps (a planner's, e.g. the TIES sample) run on a thread of their own with
     # one torch thread: torch threads of the caller's would wait for work, busy, beside the pool's workers.
+    def plan_chunks(op: TensorOp) -> Stage | None:
+        one_torch_thread()
+        return _chunked(op, readers, writer, compat, options)
+
     with chunk_pool(options.workers) as pool, ThreadPoolExecutor(2, thread_name_prefix="shoal-io") as io, \
-            ThreadPoolExecutor(1, thread_name_prefix="shoal-plan", initializer=torch.set_num_threads,
-                               initargs=(1,)) as planning:
+            ThreadPoolExecutor(1, thread_name_prefix="shoal-plan") as planning:
         def read_all(op: TensorOp) -> dict[SourceRef, torch.Tensor]:
             return {ref: readers[ref.model].get(ref.tensor, device=device) for ref in op.sources}
 
@@ -190,8 +194,7 @@ def _run_fast(ops: Sequence[TensorOp], readers: Mapping[str, CheckpointReader], 
 
         def stage_of(i: int) -> Stage | None:
             if i not in stages:
-                stages[i] = planning.submit(_chunked, ops[i], readers, writer, compat, options).result() \
-                    if on_cpu else None
+                stages[i] = planning.submit(plan_chunks, ops[i]).result() if on_cpu else None
             return stages[i]
 
         def whole(i: int) -> None:
@@ -246,15 +249,24 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False,
     return readers
 
 
+def _device_type(device: Any) -> str:
+    """``"cpu"`` for the CPU (named without importing torch), else torch's type of ``device``."""
+    if device == "cpu":
+        return "cpu"
+    return str(torch.device(device).type)
+
+
 def check_device(device: str) -> None:
     """``device`` names a place shoal merges on (``cpu``, ``cuda``, ``cuda:N``) that this machine has."""
+    if device == "cpu":
+        return
     try:
-        parsed = torch.device(device)
+        kind = _device_type(device)
     except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        kind = None
+    if kind not in ("cpu", "cuda"):
         raise MergeError(f"device {device!r}: shoal merges on 'cpu', 'cuda' or 'cuda:N'")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise MergeError(f"device {device!r}: CUDA is not available on this machine")
 
 

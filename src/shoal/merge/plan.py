@@ -11,11 +11,10 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-import torch
-
 from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
 from shoal.checkpoint.chat_templates import resolve_chat_template
 from shoal.checkpoint.diffusion import is_diffusion
+from shoal.checkpoint.dtypes import HALF, itemsize, name_of
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.model_view import ModelView as _ModelView
 from shoal.merge.model_view import architecture as _architecture
@@ -29,7 +28,6 @@ from shoal.merge.source_checks import check_floating_sources, check_layer_counts
 
 COPY = "copy"
 
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,12 @@ class SourceRef:
 
 @dataclass(frozen=True)
 class TensorOp:
-    """How to produce one output tensor."""
+    """How to produce one output tensor.
+
+    Dtypes are names (``"bfloat16"``: :mod:`shoal.checkpoint.dtypes`; a ``torch.dtype`` given is
+    read as its name), so a plan is made and run without torch where no tensor is computed with
+    it; :func:`~shoal.checkpoint.dtypes.torch_dtype` gives the ``torch.dtype``.
+    """
 
     name: str
     method: str  # a registered merge method, or ``copy``
@@ -50,12 +53,17 @@ class TensorOp:
     models: tuple[SourceRef, ...]
     params: tuple[tuple[str, Any], ...]  # per-model parameters as tuples, in ``models`` order
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: str
     seed: int
     # the dtype sources are widened to before the method runs (None: as stored): float32 for
     # half-precision sources whose result is written in another dtype, so that the result is
     # rounded once, to the output dtype, and never to the inputs' precision on the way
-    compute_dtype: torch.dtype | None = None
+    compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dtype", name_of(self.out_dtype))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", name_of(self.compute_dtype))
 
     @property
     def sources(self) -> tuple[SourceRef, ...]:
@@ -66,13 +74,13 @@ class TensorOp:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.tensor([], dtype=self.out_dtype).element_size()
+        return count * itemsize(self.out_dtype)
 
     def kwargs(self) -> dict[str, Any]:
         return {python_name(k): (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
 
     @classmethod
-    def copy(cls, name: str, source: SourceRef, shape: tuple[int, ...], dtype: torch.dtype) -> "TensorOp":
+    def copy(cls, name: str, source: SourceRef, shape: tuple[int, ...], dtype: Any) -> "TensorOp":
         """An op that writes ``source`` as output tensor ``name`` (converted to ``dtype``)."""
         return cls(name=name, method=COPY, base=None, models=(source,), params=(), shape=tuple(shape),
                    out_dtype=dtype, seed=0)
@@ -182,17 +190,14 @@ def prefix_maps(recipe: Recipe) -> dict[str, dict[str, str]]:
     return maps
 
 
-def out_dtype(recipe: Recipe, reader: CheckpointReader, name: str) -> torch.dtype:
+def out_dtype(recipe: Recipe, reader: CheckpointReader, name: str) -> str:
     chosen = recipe.out_dtype or recipe.dtype
-    return DTYPE_BY_NAME[chosen] if chosen else reader.dtype(name)
+    return chosen if chosen else reader.dtype_name(name)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(source_dtype: torch.dtype, written: torch.dtype) -> torch.dtype | None:
+def compute_dtype(source_dtype: str, written: str) -> str | None:
     """float32 when half-precision sources give a result in another dtype (see ``TensorOp.compute_dtype``)."""
-    return torch.float32 if source_dtype in _HALF and written != source_dtype else None
+    return "float32" if source_dtype in HALF and written != source_dtype else None
 
 
 def merge_op(name: str, method: MethodSpec, recipe: Recipe, base: tuple[_ModelView, str] | None,
@@ -205,7 +210,7 @@ def merge_op(name: str, method: MethodSpec, recipe: Recipe, base: tuple[_ModelVi
                     base=SourceRef(base[0].key, base[1]) if base else None,
                     models=tuple(SourceRef(v.key, n) for v, n in refs), params=params, shape=shape,
                     out_dtype=written, seed=tensor_seed(seed, name),
-                    compute_dtype=compute_dtype(lead_view.reader.dtype(lead_name), written))
+                    compute_dtype=compute_dtype(lead_view.reader.dtype_name(lead_name), written))
 
 
 def check_shapes(out_name: str, refs: list[tuple[_ModelView, str]]) -> tuple[int, ...]:

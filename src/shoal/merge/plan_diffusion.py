@@ -19,6 +19,7 @@ import re
 from typing import Mapping
 
 from shoal.checkpoint.diffusion import FOLDER, DiffusionCheckpoint, component_of, is_diffusion
+from shoal.checkpoint.dtypes import is_floating
 from shoal.checkpoint.unet import unet_block_map, unet_blocks
 from shoal.errors import RecipeError
 from shoal.merge.model_view import ModelView
@@ -111,10 +112,10 @@ def plan_diffusion(recipe: Recipe, method: MethodSpec, readers: Mapping[str, Dif
     ops: list[TensorOp] = []
     for out_name in ref_view.to_source:
         stored = source_name(ref_view, out_name)
-        if modes[component_of(out_name)[0]] == COPY_COMPONENT or not ref_reader.dtype(stored).is_floating_point:
+        if modes[component_of(out_name)[0]] == COPY_COMPONENT or not is_floating(ref_reader.dtype_name(stored)):
             # as stored: a copied component is bitwise the reference's (no dtype change either)
             ops.append(TensorOp(name=out_name, method="copy", base=None, models=(SourceRef(reference, stored),),
-                                params=(), shape=tuple(ref_reader.shape(stored)), out_dtype=ref_reader.dtype(stored),
+                                params=(), shape=tuple(ref_reader.shape(stored)), out_dtype=ref_reader.dtype_name(stored),
                                 seed=tensor_seed(seed, out_name)))
             continue
         base = (ref_view, stored) if method.uses_base(base_key) else None

@@ -1,7 +1,8 @@
 """The chunk pool: worker threads for the streamed executor, and passes (stages) over ranges on it.
 
 Each worker runs torch with one intra-op thread (the pool is the parallelism; OpenMP's thread
-count is per thread, so the caller's own setting is untouched). Process-wide settings (the
+count is per thread, so the caller's own setting is untouched), set before its first job once
+torch is imported: the fused path never imports it. Process-wide settings (the
 garbage collector, allocator trimming) are the caller's, through :mod:`shoal.runtime`.
 """
 
@@ -13,9 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import torch
-
-from shoal.runtime import chunk_done, worker_threads
+from shoal.runtime import chunk_done, one_torch_thread, worker_threads
 
 Job = Callable[[int, int], Any]  # (start, stop) -> anything
 
@@ -23,8 +22,7 @@ Job = Callable[[int, int], Any]  # (start, stop) -> anything
 @contextmanager
 def chunk_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
     """A pool of ``workers`` threads (default: :func:`shoal.runtime.worker_threads`), one torch thread each."""
-    with ThreadPoolExecutor(max_workers=workers or worker_threads(), thread_name_prefix="shoal-merge",
-                            initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or worker_threads(), thread_name_prefix="shoal-merge") as pool:
         try:
             yield pool
         except BaseException:
@@ -69,6 +67,7 @@ def start_stages(pool: ThreadPoolExecutor, first: Stage) -> Future:
         def run(index: int, bounds: tuple[int, int]) -> None:
             try:
                 if not errors:  # a failed range: the others of the stage are skipped
+                    one_torch_thread()
                     results[index] = stage.job(*bounds)
                     chunk_done()
             except BaseException as exc:  # handed to the caller through the future

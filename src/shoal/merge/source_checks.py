@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from shoal.checkpoint import CheckpointReader, describe_tensor, map_prefix
+from shoal.checkpoint.dtypes import is_floating
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.model_view import architecture
 from shoal.merge.recipe import FilterValue, ParamValue, Recipe
@@ -87,9 +88,9 @@ def check_floating_sources(ops: tuple, readers: Mapping[str, CheckpointReader], 
         if op.method == copy:
             continue
         for ref in op.sources:
-            dtype = readers[ref.model].dtype(ref.tensor)
-            if not dtype.is_floating_point:
+            dtype = readers[ref.model].dtype_name(ref.tensor)
+            if not is_floating(dtype):
                 raise MergeError(
                     f"{readers[ref.model].shard_path(ref.tensor)}: tensor {ref.tensor!r} is "
-                    f"{str(dtype).replace('torch.', '')}, not floating point: method {op.method!r} "
+                    f"{dtype}, not floating point: method {op.method!r} "
                     "merges floating-point weights only (is its header's dtype wrong?)")

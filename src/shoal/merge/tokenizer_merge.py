@@ -35,15 +35,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from shoal.checkpoint import CheckpointReader, describe_tensor
+from shoal.checkpoint.dtypes import name_of, torch_dtype
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import CheckpointError, MergeError, RecipeError
 from shoal.merge.model_view import architecture
 from shoal.merge.recipe import Recipe
 from shoal.merge.tokenizer_config import TokenSetting
 
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # files a saved tokenizer replaces in the output folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
@@ -201,6 +200,11 @@ class AlignedReader:
             return self._vocabulary.dtype
         return self._reader.dtype(name)
 
+    def dtype_name(self, name: str) -> str:
+        if name in self._aligned and self._vocabulary.dtype is not None:
+            return name_of(self._vocabulary.dtype)
+        return self._reader.dtype_name(name)
+
     def nbytes(self, name: str) -> int:
         count = 1
         for dim in self.shape(name):
@@ -276,7 +280,7 @@ def plan_vocabulary(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> 
         originals[key] = model_vocab
         rows[key] = tuple(model_vocab[t] if t in model_vocab and model_vocab[t] < sizes[key] else -1 for t in ordered)
         aligned[key] = _per_token_tensors(readers[key], sizes[key])
-    dtype = DTYPE_BY_NAME[recipe.dtype] if recipe.dtype else None
+    dtype = torch_dtype(recipe.dtype) if recipe.dtype else None
     return Vocabulary(tokens=tuple(ordered), size=size, rows=rows, originals=originals, aligned=aligned,
                       settings=tokens, base=recipe.base_model, dtype=dtype, tokenizer=out), warnings
 

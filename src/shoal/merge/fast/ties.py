@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from shoal.checkpoint.dtypes import as_float32
 from shoal.merge.chunks import ChunkJob, Ranges, Sources, all_written, fused_merge
-from shoal.merge.methods._inputs import per_model, working_dtype
-from shoal.merge.methods.consensus import task_vector
+from shoal.merge.methods._inputs import per_model
 from shoal.merge.methods.selection import (SAMPLE_SIZE, bracket_values, kth_in_tallies, sample_positions,
                                           ties_taken)
 from shoal.merge.methods.sparsify import trim_count
@@ -115,27 +115,26 @@ def _sample_magnitudes(sources: Sources, n: int) -> list[np.ndarray]:
     bounds = [(start, min(n, start + SAMPLE_RUN))
               for start in (min(run * SAMPLE_RUN, max(0, n - SAMPLE_RUN)) for run in runs)]
 
-    def gather(ref: SourceRef) -> Any:
-        return sources.readers[ref.model].read_ranges(ref.tensor, bounds)
+    def gather(ref: SourceRef) -> np.ndarray:  # widened to float32, the working dtype, as the method's task vectors
+        reader = sources.readers[ref.model]
+        return as_float32(reader.read_array(ref.tensor, bounds), reader.dtype_name(ref.tensor))
 
     assert sources.op.base is not None
     base = gather(sources.op.base)
-    work_base = base.to(working_dtype(base.dtype))
-    return [np.sort(task_vector(gather(ref), work_base).abs().numpy()) for ref in sources.op.models]
+    return [np.sort(np.abs(gather(ref) - base)) for ref in sources.op.models]
 
 
 def _fused_scan(kernels: ModuleType, sources: Sources, brackets: dict[int, tuple[Any, Any]],
                 start: int, stop: int) -> dict[int, FusedScan]:
     """The scan of one range for each searched model, one fused loop each (``KthLargest.scan``)."""
-    base = sources.base(start, stop, check=False)
-    assert base is not None
-    models = sources.models(start, stop, check=False)
-    base_values = kernels.as_input(base)
-    work = kernels.scratch(base.numel())
+    assert sources.op.base is not None
+    base_values = kernels.loop_input(*sources.array(sources.op.base, start, stop))
+    models = sources.op.models
+    work = kernels.scratch(base_values.size)
     found, finite = {}, True
     for k, (lo, hi) in brackets.items():
         above, distinct, counts, ok = kernels.ties_scan(
-            base_values, kernels.as_input(models[k]), np.float32(0.0 if lo is None else lo),
+            base_values, kernels.loop_input(*sources.array(models[k], start, stop)), np.float32(0.0 if lo is None else lo),
             np.float32(0.0 if hi is None else hi), lo is not None, hi is not None, work)
         finite &= ok
         found[k] = (int(above), distinct, counts)

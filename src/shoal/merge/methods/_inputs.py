@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Literal, Sequence, Union
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.methods.randomness import EntryRandom
 
 Compat = Literal["paper", "mergekit"]
 PerModel = Union[float, Sequence[float]]  # one value for every model, or one value per model
 
-Randomness = Union[EntryRandom, torch.Generator]  # counter-based (paper) or sequential (mergekit's draws)
+Randomness = Union[EntryRandom, "torch.Generator"]  # counter-based (paper) or sequential (mergekit's draws)
 
 COMPAT_CHOICES = ("paper", "mergekit")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from shoal.checkpoint.lazy_torch import torch
 
 _NORMALIZE_EPS = 1e-8
 

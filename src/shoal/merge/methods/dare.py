@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.merge.methods._inputs import Compat, PerModel, Randomness, generator_or_default, per_model
 from shoal.merge.methods.generalized import generalized_task_arithmetic
 from shoal.merge.methods.sparsify import drop_random

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.merge.methods._inputs import Compat, check_compat, check_tensors, working_dtype
 from shoal.merge.methods.consensus import disjoint_merge, elect_sign, task_vector, weighted_sum
 
 # (task vector of model k, k) -> sparsified task vector; may work in place
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
+Sparsifier = Callable[["torch.Tensor", int], "torch.Tensor"]
 
 
 def generalized_task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], *, method: str,

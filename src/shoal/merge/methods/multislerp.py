@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.methods._inputs import PerModel, check_tensors, per_model, working_dtype
 from shoal.merge.registry import merge_method

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.merge.methods._inputs import PerModel, check_tensors, per_model, working_dtype
 from shoal.merge.registry import merge_method
 
 
 @merge_method("passthrough", needs_base=False, paper="https://github.com/arcee-ai/mergekit",
               min_models=1, max_models=1,
-              chunked="shoal.merge.chunks:elementwise")
+              chunked="shoal.merge.fast.passthrough:passthrough_stages")
 def passthrough(base: torch.Tensor | None, models: Sequence[torch.Tensor], *,
                 scale: PerModel = 1.0) -> torch.Tensor:
     """Passthrough: the one model's tensor unchanged, or multiplied by ``scale``; ``base`` is not used.

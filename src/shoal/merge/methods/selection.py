@@ -15,7 +15,8 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-import torch
+
+from shoal.checkpoint.lazy_torch import torch
 
 SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the k-th largest value
 _DIRECT_BELOW = 1 << 18  # smaller tensors: kthvalue on all of it
@@ -29,14 +30,14 @@ def count_for_fraction(fraction: float, n: int, *, floor: bool = False) -> int:
     return max(0, min(n, k))
 
 
-def sample_positions(n: int, count: int = SAMPLE_SIZE) -> torch.Tensor:
-    """``count`` evenly spread flat positions in ``[0, n)`` (all of them when ``n <= count``)."""
+def sample_positions(n: int, count: int = SAMPLE_SIZE) -> np.ndarray:
+    """``count`` evenly spread flat positions in ``[0, n)`` (all of them when ``n <= count``), as int64."""
     if n <= count:
-        return torch.arange(n)
-    return torch.arange(count, dtype=torch.int64) * n // count
+        return np.arange(n, dtype=np.int64)
+    return np.arange(count, dtype=np.int64) * n // count
 
 
-Scan = tuple[int, torch.Tensor, torch.Tensor]  # (count above the bracket, distinct values inside, their counts)
+Scan = tuple[int, "torch.Tensor", "torch.Tensor"]  # (count above the bracket, distinct values inside, their counts)
 
 
 def bracket_positions(k: int, n: int, size: int) -> tuple[int, int]:
@@ -135,7 +136,7 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if n < _DIRECT_BELOW:
         return torch.kthvalue(flat, n - k + 1).values
-    sample = flat[sample_positions(n).to(flat.device)]
+    sample = flat[torch.from_numpy(sample_positions(n)).to(flat.device)]
     search = KthLargest(k, n, sample)
     found = search.value([search.scan(flat)])
     if found is None:

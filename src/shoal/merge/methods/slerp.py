@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.merge.methods._inputs import check_tensors, working_dtype
 from shoal.merge.registry import merge_method
 

@@ -15,8 +15,7 @@ L1 norm of the task vector instead of dividing by the keep probability) to merge
 
 from __future__ import annotations
 
-import torch
-
+from shoal.checkpoint.lazy_torch import torch
 from shoal.merge.methods._inputs import Compat, Randomness, keep_mask
 from shoal.merge.methods.selection import count_for_fraction, top_k_mask
 
