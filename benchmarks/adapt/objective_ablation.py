@@ -4,7 +4,7 @@
         --cells svf:sft:2e-3,lora:reinforce:3e-3:4 --out /tmp/ablation
 
 ``shoal svf study`` trains SVF by REINFORCE (as the paper does) and its LoRA baseline by
-next-token loss (as the paper trained its LoRA). When LoRA wins there, is it the parametrization
+next-token loss (our reading of how the paper trained its LoRA). When LoRA wins there, is it the parametrization
 or the objective? Each cell ``method:objective:lr[:rank]`` trains one adapter with the study's
 defaults otherwise (batch 256, SVF in chunks of 128 with gradient clip 1e-3, the reference
 parametrization; LoRA clip 1.0 for next-token loss and 1e-3 for REINFORCE, greedy rollouts;

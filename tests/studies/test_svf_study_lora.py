@@ -1,4 +1,4 @@
-"""The study's LoRA baseline is trained as the paper trained it (next-token loss), REINFORCE on request."""
+"""The study's LoRA baseline is trained by next-token loss (our reading of the paper), REINFORCE on request."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def train(model: str, task_name: str, objective: str, parametrization: str, kl: 
 @click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--lora-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--lora-objective", type=click.Choice(["sft", "reinforce"]), default="sft", show_default=True,
-              help="the LoRA baseline's objective: next-token loss, as the paper trained it, or SVF's REINFORCE")
+              help="the LoRA baseline's objective: next-token loss (our reading of the paper's baseline) or SVF's REINFORCE")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per task")
 @click.option("--cem-iterations", type=click.IntRange(min=1), default=50, show_default=True)

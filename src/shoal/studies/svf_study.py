@@ -2,8 +2,8 @@
 
 1. One SVF expert per skill task (REINFORCE, reference parametrization by default) and a LoRA baseline with
    the same matrices, data, batches and steps: test scores vs the base, trainable parameters. LoRA is
-   trained as the paper trained its baseline (``lora_objective="sft"``: next-token loss on the
-   reference answers; the paper reports LoRA trained by RL only as an ablation, and Sakana's reference
+   trained by next-token loss on the reference answers (``lora_objective="sft"``), our reading of the
+   paper's baseline (not confirmed against its appendix); the paper reports LoRA trained by RL only as an ablation, and Sakana's reference
    code has no LoRA trainer); ``lora_objective="reinforce"`` trains it with SVF's REINFORCE instead
    (greedy rollouts, gradient clip 1e-3, as for SVF).
 2. A classifier expert trained to name the skill of a prompt.
