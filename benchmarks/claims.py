@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="Optuna sampler of the equal-budget uniform search")
     parser.add_argument("--dfs-scaling", default=None, choices=["matrix", "per_slot"],
                         help="DFS scaling (default: the evolve config's default); recorded per row")
-    parser.add_argument("--search", default="single", choices=["single", "staged"],
-                        help="the PS searches (evolved and controls): one CMA-ES stage (the demo's) or "
-                             "coarse-to-fine (search.warm_start, a third of the trials)")
+    parser.add_argument("--search", default="single", choices=["single", "staged", "portfolio"],
+                        help="the PS searches (evolved and controls): one CMA-ES stage (the demo's), "
+                             "coarse-to-fine (search.warm_start, a third of the trials) or the portfolio "
+                             "(search.portfolio: shared genes, per-source genes, CMA-ES restarts from the "
+                             "middle and from the best point; shoal.studies.claims.portfolio_search)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("runs/claims"))
     parser.add_argument("--report-only", type=Path, default=None, metavar="DIR",
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                   progress(f"seed {seed} | world | {s}", d, t))
                 run_seed(world, args.out / f"seed{seed}", claims=claims, trials=args.trials,
                          limit=args.limit, uniform_sampler=args.uniform_sampler,
-                         dfs_scaling=args.dfs_scaling, staged=args.search == "staged", progress=progress)
+                         dfs_scaling=args.dfs_scaling, search=args.search, progress=progress)
                 write_tables(args.out, claims)
         out = args.report_only or args.out
         write_tables(out, CLAIM_SETS if args.report_only else claims)

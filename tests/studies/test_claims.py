@@ -171,3 +171,35 @@ def test_staged_ps_searches_are_coarse_to_fine_and_the_default_is_one_stage(tmp_
     single = run_seed(micro_world, tmp_path / "single" / "seed0", claims=["ps"], trials=3, limit=4)
     assert single["ps_search"] == "single-stage CMA-ES"
     assert not (tmp_path / "single" / "seed0" / "ps-evolved" / WARM_START_FILE).exists()
+
+
+@pytest.mark.parametrize("trials", [4, 5, 24, 120, 121])
+def test_the_portfolio_search_shares_the_budget_exactly(trials: int) -> None:
+    from shoal.evolve.config import SearchSpec
+    from shoal.studies.claims import portfolio_search
+
+    spec = SearchSpec.model_validate({"sampler": "cmaes", "trials": trials, "portfolio": portfolio_search(trials)})
+    pf = spec.portfolio
+    assert pf is not None
+    assert pf.shared_trials + pf.per_source_trials + sum(pf.budgets(trials)) == trials
+    assert min([pf.shared_trials, pf.per_source_trials, *pf.budgets(trials)]) >= 1
+    if trials == 120:
+        assert (pf.shared_trials, pf.per_source_trials, pf.budgets(trials)) == (25, 15, [45, 35])
+
+
+def test_portfolio_ps_searches_run_every_stage_for_evolved_and_controls(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    from shoal.evolve.portfolio import PORTFOLIO_FILE
+    from shoal.studies.claims import ps_config
+
+    out = tmp_path / "claims" / "seed0"
+    data = run_seed(micro_world, out, claims=["ps"], trials=4, limit=4, search="portfolio")
+    assert data["ps_search"].startswith("portfolio")
+    for folder in ["ps-evolved", "control-math", f"control-{Path(data['best_source']).name}"]:
+        record = json.loads((out / folder / PORTFOLIO_FILE).read_text())
+        assert [s["trials"] for s in record["stages"]] == [1, 1, 1, 1], folder
+        assert [s.get("start") for s in record["stages"]] == [None, None, "middle", "best"], folder
+        assert record["final"]["stage"] in {s["stage"] for s in record["stages"]}
+    for name in ["ps evolved", "control: math alone", "control: best source alone"]:
+        assert data["searches"][name]["trials"] == 4, name  # every stage counted, the budget exact
+    with pytest.raises(ConfigError, match="unknown PS search 'both'"):
+        ps_config(micro_world, trials=4, limit=4, search="both")

@@ -18,6 +18,9 @@ Example::
     # coarse-to-fine: 40 of the 200 trials over one gene per model and parameter (TPE), then
     # the per-layer CMA-ES from the best of them (step 0.2); null (default): one CMA-ES stage
     #   search: {sampler: cmaes, trials: 200, seed: 0, warm_start: {trials: 40, sampler: tpe, sigma0: 0.2}}
+    # portfolio: shared genes (the uniform merges), per-source genes, then CMA-ES restarts
+    #   search: {sampler: cmaes, trials: 120, portfolio: {shared_trials: 25, per_source_trials: 15,
+    #            restarts: [{start: middle, trials: 45}, {start: best, sigma0: 0.2}]}}
     threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 
@@ -113,6 +116,30 @@ class WarmStartSpec(_Strict):
     drop_below: float | None = Field(default=None, ge=0)
 
 
+class RestartSpec(_Strict):
+    """One CMA-ES restart of ``search.portfolio``: where its mean starts, its step and its trials."""
+
+    start: Literal["best", "middle"]  # best: the best trial of every stage before it; middle: 0.5 everywhere
+    trials: int | None = Field(default=None, ge=1)  # None: what the other stages leave (one start at most)
+    sigma0: float | None = Field(default=None, gt=0)  # gene units; None: 1/6, the single stage's step
+
+
+class PortfolioSpec(_Strict):
+    """Stages and CMA-ES restarts sharing one budget (:mod:`shoal.evolve.portfolio`): a search over
+    the genes every model and layer share (the uniform merges), one over a gene per model and
+    parameter, then CMA-ES restarts over every gene, each from its own start point."""
+
+    shared_trials: int = Field(default=0, ge=0)  # one gene per parameter, shared by every model and layer
+    per_source_trials: int = Field(default=0, ge=0)  # one gene per model and parameter
+    sampler: Literal["cmaes", "random", "tpe"] = "tpe"  # of the shared and per-source stages
+    restarts: list[RestartSpec] = Field(min_length=1)
+
+    def budgets(self, total: int) -> list[int]:
+        """Trials of each restart out of ``total`` (the open one takes what is left)."""
+        given = self.shared_trials + self.per_source_trials + sum(r.trials or 0 for r in self.restarts)
+        return [r.trials if r.trials is not None else total - given for r in self.restarts]
+
+
 class SearchSpec(_Strict):
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
     trials: int = Field(default=100, ge=1)  # completed candidates: failed and killed ones are re-run
@@ -122,9 +149,13 @@ class SearchSpec(_Strict):
     with_margin: bool = False
     # None: one CMA-ES stage over every gene (the paper's search); else coarse-to-fine
     warm_start: WarmStartSpec | None = None
+    # None: no portfolio; else shared / per-source stages and CMA-ES restarts (search.portfolio)
+    portfolio: PortfolioSpec | None = None
 
     @model_validator(mode="after")
     def _stages(self) -> "SearchSpec":
+        if self.portfolio is not None:
+            self._check_portfolio(self.portfolio)
         if self.warm_start is None:
             return self
         if self.warm_start.trials >= self.trials:
@@ -137,6 +168,29 @@ class SearchSpec(_Strict):
             raise ValueError("search.sigma0 and warm_start are both given; the per-layer stage's step "
                              "is warm_start.sigma0")
         return self
+
+    def _check_portfolio(self, pf: PortfolioSpec) -> None:
+        if self.warm_start is not None:
+            raise ValueError("search.portfolio and search.warm_start are both given; the portfolio's "
+                             "shared_trials and per_source_trials are its warm start")
+        if self.sampler != "cmaes":
+            raise ValueError(f"search.portfolio runs CMA-ES restarts; search.sampler is {self.sampler!r} "
+                             "(use 'cmaes' or drop portfolio)")
+        if self.sigma0 is not None:
+            raise ValueError("search.sigma0 and search.portfolio are both given; each restart's step is "
+                             "search.portfolio.restarts[i].sigma0")
+        open_ = [i for i, r in enumerate(pf.restarts) if r.trials is None]
+        if len(open_) > 1:
+            raise ValueError(f"search.portfolio.restarts[{open_[1]}].trials: only one restart may take "
+                             "what is left of the budget (trials: null)")
+        given = pf.shared_trials + pf.per_source_trials + sum(r.trials or 0 for r in pf.restarts)
+        if open_ and given >= self.trials:
+            raise ValueError(f"search.portfolio.restarts[{open_[0]}].trials is null but the other stages "
+                             f"take {given} of search.trials ({self.trials}), leaving it none")
+        if not open_ and given != self.trials:
+            raise ValueError(f"search.portfolio: shared_trials + per_source_trials + the restarts' trials "
+                             f"is {given}, not search.trials ({self.trials}); the stages share the budget "
+                             "exactly (or leave one restart's trials null)")
 
 
 class DfsSpec(_Strict):
@@ -258,6 +312,9 @@ class EvolveConfig(_Strict):
             raise ValueError("search.warm_start: the coarse stage searches one gene per model and "
                              "parameter before the per-layer genes, so it needs kind 'ps' and a "
                              "space.layer_group_size (this space has nothing finer to warm-start)")
+        if self.search.portfolio is not None and (self.kind != "ps" or self.space.layer_group_size is None):
+            raise ValueError("search.portfolio: its stages search shared and per-model genes before the "
+                             "per-layer ones, so it needs kind 'ps' and a space.layer_group_size")
         if self.prefix_maps and self.kind == "dfs":
             raise ValueError("prefix_map: a dfs run stacks whole decoder layers of like models; "
                              "prefix maps apply to parameter-space (ps) runs")

@@ -210,7 +210,13 @@ def _run_search(run: _Run, workers: int, executor: str, progress: ProgressFn) ->
     else:
         evaluations = LocalWorkers(config.model_dump(mode="json"), workers, config.threads)
     try:
-        if config.search.warm_start is not None:
+        if config.search.portfolio is not None:
+            from shoal.evolve.portfolio import run_portfolio
+
+            assert run.run_dir is not None
+            run_portfolio(run.study, config, run.evaluator.gene_keys, evaluations, storage=run.storage,
+                          study_name=run.study_name, run_dir=run.run_dir, progress=progress)
+        elif config.search.warm_start is not None:
             from shoal.evolve.stages import run_staged
 
             assert run.run_dir is not None
@@ -307,7 +313,14 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
     with _open_run(config, run_dir, resume) as run:
         _run_search(run, workers, executor, progress)
         evaluator, study = run.evaluator, run.study
-        genome, fitness, validation = select_final(evaluator, study, progress=progress)
+        if config.search.portfolio is not None:  # the pick ranges over every stage's trials
+            from shoal.evolve import portfolio
+
+            genome, fitness, validation = portfolio.select_final(
+                evaluator, study, storage=run.storage, study_name=run.study_name, run_dir=run_dir,
+                progress=progress)
+        else:
+            genome, fitness, validation = select_final(evaluator, study, progress=progress)
         model_dir = evaluator.save_best(genome, run_dir, write_model=write_model)
         if not report:
             return EvolveResult(run_dir=run_dir, genome=genome, description=evaluator.describe(genome),

@@ -160,7 +160,11 @@ def run_staged(study: Any, config: EvolveConfig, fine_keys: list[str], evaluatio
 
 
 def completed_trials(study: Any, config: EvolveConfig, storage: str, study_name: str) -> int:
-    """Completed trials of the whole run: both stages when it has a warm start."""
+    """Completed trials of the whole run: every stage when it has a warm start or a portfolio."""
+    if config.search.portfolio is not None:
+        from shoal.evolve.portfolio import completed_trials as portfolio_trials
+
+        return portfolio_trials(study, config, storage, study_name)
     done = finished_trials(study)
     if config.search.warm_start is None:
         return done

@@ -7,8 +7,8 @@ claim is judged on paired differences (:mod:`shoal.studies.claims_tables`).
 
 Claim sets (``claims``):
 
-- ``ps``: the evolved per-layer DARE-TIES merge (the paper's single CMA-ES stage, or with
-  ``staged=True`` the coarse-to-fine ``search.warm_start``) against the best source (picked on validation),
+- ``ps``: the evolved per-layer DARE-TIES merge (the paper's single CMA-ES stage, the
+  coarse-to-fine ``search.warm_start`` or the ``search.portfolio`` of :func:`portfolio_search`) against the best source (picked on validation),
   an equal-budget uniform search (Optuna over the two uniform genes, density and weight, with as
   many trials as the evolved search, top-k re-ranked on validation exactly as the evolved one)
   and the single-source control (the same search with one source held at weight 0) keeping the
@@ -45,6 +45,7 @@ from shoal.studies.evolve_demo import (CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPE
                                        warm_start_trials)
 
 CLAIM_SETS = ("ps", "dfs", "psdfs", "multitask")
+PS_SEARCHES = ("single", "staged", "portfolio")
 SCORES_FILE = "scores.json"
 MULTITASK_SPECIALISTS = ("math", "lang", "count")
 
@@ -71,6 +72,36 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "uniform search (kept, points)", "multitask evolved", "multitask uniform search"),
     ),
 }
+
+
+def portfolio_search(trials: int) -> dict[str, Any]:
+    """``search.portfolio`` for the PS searches, in shares of ``trials`` (at least 4): 5/24 over the
+    two shared genes (TPE, as the uniform search), 1/8 over one gene per source (TPE, the shared
+    trials as history), 3/8 to a CMA-ES restart from the middle (the single stage's start, step
+    1/6), the rest to one from the best point so far (step 0.2). 120 trials: 25, 15, 45, 35."""
+    if trials < 4:
+        raise ConfigError(f"the portfolio search needs at least 4 trials, got {trials}")
+    shared, per_source, middle = max(1, trials * 5 // 24), max(1, trials // 8), max(1, trials * 3 // 8)
+    return {"shared_trials": shared, "per_source_trials": per_source, "sampler": "tpe",
+            "restarts": [{"start": "middle", "trials": middle}, {"start": "best", "sigma0": 0.2}]}
+
+
+def ps_config(world: Any, *, trials: int, limit: int | None, search: str = "single") -> EvolveConfig:
+    """The demo's PS search on ``world`` with the PS search ``search`` (one of PS_SEARCHES)."""
+    if search not in PS_SEARCHES:
+        raise ConfigError(f"unknown PS search {search!r}; choose from {', '.join(PS_SEARCHES)}")
+    config = demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=search == "staged")
+    if search != "portfolio":
+        return config
+    data = config.model_dump(mode="json")
+    data["search"]["portfolio"] = portfolio_search(trials)
+    return parse_evolve_config(data, where="claims portfolio config")
+
+
+def _search_label(search: str, trials: int) -> str:
+    if search == "portfolio":
+        return "portfolio (shared, per-source, CMA-ES restarts from the middle and the best)"
+    return "coarse-to-fine" if search == "staged" and warm_start_trials(trials) else "single-stage CMA-ES"
 
 
 @dataclass
@@ -124,10 +155,12 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
-             staged: bool = False, progress: ProgressFn = no_progress) -> dict[str, Any]:
+             staged: bool = False, search: str | None = None,
+             progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
-    config's default)."""
+    config's default). ``search``: the PS searches' kind, one of PS_SEARCHES (None: "staged"
+    when ``staged``, else "single")."""
     from shoal.evolve.evaluators import Evaluator
     from shoal.evolve.run import evolve, resolve_config
 
@@ -138,10 +171,11 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     data = _load_scores(out / SCORES_FILE) or {"seed": world.seed, "world": str(world.root), "rows": {}}
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
+    search = search or ("staged" if staged else "single")
+    config = resolve_config(ps_config(world, trials=trials, limit=limit, search=search))
     data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler,
-                ps_search="coarse-to-fine" if staged and warm_start_trials(trials) else "single-stage CMA-ES")
+                ps_search=_search_label(search, trials))
     run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
-    config = resolve_config(demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=staged))
     math_path = str(world.model(MATH_SPECIALIST))
     needs_ps = any(c in claims for c in ("ps", "psdfs"))
 
