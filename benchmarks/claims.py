@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                              "coarse-to-fine (search.warm_start, a third of the trials) or the portfolio "
                              "(search.portfolio: shared genes, per-source genes, CMA-ES restarts from the "
                              "middle and from the best point; shoal.studies.claims.portfolio_search)")
+    parser.add_argument("--method", default="dare_ties", choices=["dare_ties", "ties"],
+                        help="the PS merges' method (evolved, uniform search, controls): the demo's DARE-TIES, "
+                             "or TIES (the same genes, no random drop, so no luck in a mask draw)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("runs/claims"))
     parser.add_argument("--report-only", type=Path, default=None, metavar="DIR",
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                   progress(f"seed {seed} | world | {s}", d, t))
                 run_seed(world, args.out / f"seed{seed}", claims=claims, trials=args.trials,
                          limit=args.limit, uniform_sampler=args.uniform_sampler,
-                         dfs_scaling=args.dfs_scaling, search=args.search, progress=progress)
+                         dfs_scaling=args.dfs_scaling, search=args.search, method=args.method,
+                         progress=progress)
                 write_tables(args.out, claims)
         out = args.report_only or args.out
         write_tables(out, CLAIM_SETS if args.report_only else claims)

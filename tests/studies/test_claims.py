@@ -203,3 +203,19 @@ def test_portfolio_ps_searches_run_every_stage_for_evolved_and_controls(tmp_path
         assert data["searches"][name]["trials"] == 4, name  # every stage counted, the budget exact
     with pytest.raises(ConfigError, match="unknown PS search 'both'"):
         ps_config(micro_world, trials=4, limit=4, search="both")
+
+
+def test_ps_claims_run_with_ties_and_refuse_a_folder_of_another_method(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    """``method="ties"`` reaches every PS search (evolved, uniform search, controls) and is recorded;
+    a folder whose rows were made with another method is refused, not mixed."""
+    from shoal.evolve.saving import BEST_RECIPE
+    from shoal.merge.recipe import load_recipe
+
+    out = tmp_path / "claims" / "seed0"
+    data = run_seed(micro_world, out, claims=["ps"], trials=2, limit=4, method="ties")
+    assert data["ps_method"] == "ties"
+    for folder in ["ps-evolved", "control-math"]:
+        assert load_recipe(out / folder / BEST_RECIPE).merge_method == "ties", folder
+    assert json.loads((out / "uniform-search" / "uniform_search.json").read_text())["method"] == "ties"
+    with pytest.raises(ConfigError, match="another method than dare_ties"):
+        run_seed(micro_world, out, claims=["ps"], trials=2, limit=4)

@@ -7,12 +7,11 @@ claim is judged on paired differences (:mod:`shoal.studies.claims_tables`).
 
 Claim sets (``claims``):
 
-- ``ps``: the evolved per-layer DARE-TIES merge (the paper's single CMA-ES stage, the
-  coarse-to-fine ``search.warm_start`` or the ``search.portfolio`` of :func:`portfolio_search`) against the best source (picked on validation),
-  an equal-budget uniform search (Optuna over the two uniform genes, density and weight, with as
-  many trials as the evolved search, top-k re-ranked on validation exactly as the evolved one)
-  and the single-source control (the same search with one source held at weight 0) keeping the
-  math specialist on every seed, and keeping the best source.
+- ``ps``: the evolved per-layer DARE-TIES (or TIES) merge (single CMA-ES stage, coarse-to-fine
+  ``search.warm_start`` or :func:`portfolio_search`) against the best source (picked on validation),
+  an equal-budget uniform search (Optuna over the two uniform genes, density and weight, as many
+  trials, top-k re-ranked on validation as the evolved one) and the single-source control (the same
+  search with one source held at weight 0) keeping math on every seed, and keeping the best source.
 - ``dfs``: data-flow space over math (model A) + lang against the best source and against DFS
   over the math specialist's own layers alone (the config's default scaling; recorded).
 - ``psdfs``: DFS over the PS result (model A) + math against PS.
@@ -52,8 +51,7 @@ MULTITASK_SPECIALISTS = ("math", "lang", "count")
 CLAIMS: dict[str, tuple[Claim, ...]] = {
     "ps": (
         Claim("ps_vs_best_source", "PS evolved > best source", "ps evolved", "best source"),
-        Claim("ps_vs_uniform_search", "PS evolved > equal-budget uniform search", "ps evolved",
-              "uniform search"),
+        Claim("ps_vs_uniform_search", "PS evolved > equal-budget uniform search", "ps evolved", "uniform search"),
         Claim("ps_vs_control_math", "PS evolved > single-source control (math on every seed)",
               "ps evolved", "control: math alone"),
         Claim("ps_vs_control_best", "PS evolved > single-source control (the best source)",
@@ -75,10 +73,9 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
 
 
 def portfolio_search(trials: int) -> dict[str, Any]:
-    """``search.portfolio`` for the PS searches, in shares of ``trials`` (at least 4): 5/24 over the
-    two shared genes (TPE, as the uniform search), 1/8 over one gene per source (TPE, the shared
-    trials as history), 3/8 to a CMA-ES restart from the middle (the single stage's start, step
-    1/6), the rest to one from the best point so far (step 0.2). 120 trials: 25, 15, 45, 35."""
+    """``search.portfolio`` for the PS searches in shares of ``trials`` (at least 4): 5/24 over the two shared
+    genes (TPE, as the uniform search), 1/8 over one gene per source (TPE, the shared trials as history), 3/8 to
+    CMA-ES from the middle (the single stage's start, step 1/6), the rest from the best point (step 0.2)."""
     if trials < 4:
         raise ConfigError(f"the portfolio search needs at least 4 trials, got {trials}")
     shared, per_source, middle = max(1, trials * 5 // 24), max(1, trials // 8), max(1, trials * 3 // 8)
@@ -86,16 +83,17 @@ def portfolio_search(trials: int) -> dict[str, Any]:
             "restarts": [{"start": "middle", "trials": middle}, {"start": "best", "sigma0": 0.2}]}
 
 
-def ps_config(world: Any, *, trials: int, limit: int | None, search: str = "single") -> EvolveConfig:
-    """The demo's PS search on ``world`` with the PS search ``search`` (one of PS_SEARCHES)."""
+def ps_config(world: Any, *, trials: int, limit: int | None, search: str = "single",
+              method: str | None = None) -> EvolveConfig:
+    """The demo's PS search on ``world``: ``search`` one of PS_SEARCHES, ``method`` None (the demo's) or "ties"."""
     if search not in PS_SEARCHES:
         raise ConfigError(f"unknown PS search {search!r}; choose from {', '.join(PS_SEARCHES)}")
     config = demo_config(world, trials=trials, limit=limit, seed=world.seed, staged=search == "staged")
-    if search != "portfolio":
-        return config
     data = config.model_dump(mode="json")
-    data["search"]["portfolio"] = portfolio_search(trials)
-    return parse_evolve_config(data, where="claims portfolio config")
+    if search == "portfolio":
+        data["search"]["portfolio"] = portfolio_search(trials)
+    data["method"] = method or data["method"]
+    return parse_evolve_config(data, where="claims PS config")
 
 
 def _search_label(search: str, trials: int) -> str:
@@ -155,7 +153,7 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
-             staged: bool = False, search: str | None = None,
+             staged: bool = False, search: str | None = None, method: str | None = None,
              progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
@@ -172,9 +170,11 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     if data.get("seed") != world.seed:
         raise ConfigError(f"{out / SCORES_FILE} holds seed {data.get('seed')}, not {world.seed}")
     search = search or ("staged" if staged else "single")
-    config = resolve_config(ps_config(world, trials=trials, limit=limit, search=search))
+    config = resolve_config(ps_config(world, trials=trials, limit=limit, search=search, method=method))
+    if data.get("ps_method", "dare_ties" if data["rows"] else config.method) != config.method:
+        raise ConfigError(f"{out / SCORES_FILE} holds rows of another method than {config.method}")
     data.update(trials=trials, limit=limit, task=CROSS_TASK, split="test", uniform_sampler=uniform_sampler,
-                ps_search=_search_label(search, trials))
+                ps_search=_search_label(search, trials), ps_method=config.method)
     run = SeedRun(world, out, trials, limit, uniform_sampler, dfs_scaling, progress, data)
     math_path = str(world.model(MATH_SPECIALIST))
     needs_ps = any(c in claims for c in ("ps", "psdfs"))
