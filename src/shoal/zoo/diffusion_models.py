@@ -25,7 +25,7 @@ IMAGE_SIZE = 32
 LATENT_CHANNELS = 4
 PROMPT_TOKENS = 8  # <s> + at most six words + one pad
 MANY_STEPS = 20
-FEW_STEPS = 2
+FEW_STEPS = 1
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,25 @@ def new_unet(size: DrawingSize) -> Any:
         norm_num_groups=8)
 
 
-def new_scheduler() -> Any:
-    """DDIM over Stable Diffusion's betas, trailing timesteps, final alpha 1 (eta 0)."""
+def new_scheduler(*, v_prediction: bool = True) -> Any:
+    """DDIM over Stable Diffusion's betas, trailing timesteps, final alpha 1 (eta 0).
+
+    ``v_prediction`` (the drawing world since version 3): the betas rescaled to zero terminal
+    SNR and the UNet predicting v (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed"). With Stable Diffusion's own schedule (``False``: epsilon, the
+    last training step keeps sqrt(alpha-bar) = .068 of the image) the low frequencies of the
+    image leak into the most-noised latents, so the models learn to put the thing where the
+    starting noise happens to be brightest and never learn the cell the prompt names (v2:
+    the judge read the named cell at chance); from pure noise at zero SNR only the prompt
+    can say where.
+    """
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing",
-                         prediction_type="epsilon")
+                         prediction_type="v_prediction" if v_prediction else "epsilon",
+                         rescale_betas_zero_snr=v_prediction)
 
 
 def assemble_pipeline(*, unet: Any, text_encoder: Any, vae: Any, tokenizer: Any,
