@@ -1,6 +1,6 @@
 """``shoal demo diffusion``: EvoSDXL-JP in miniature, on the drawing world.
 
-The held-out task is language-B prompts at FEW_STEPS (2) steps. Rows, all scored on the test
+The held-out task is language-B prompts at FEW_STEPS (1) step. Rows, all scored on the test
 split's B prompts with the same fixed noise per prompt:
 
 * base at MANY_STEPS and at FEW_STEPS; the language-B specialist (``lang``) and the fast

@@ -7,11 +7,13 @@ scheduler with trailing timesteps (so that the few-step schedule, 999/499 for tw
 subset of the 20-step one, and distillation can read the teacher's trajectory at the student's
 timesteps). diffusers and transformers are imported inside the functions.
 
-FEW_STEPS is 2, not SDXL-Turbo's 4: in a world this small, 4 DDIM steps of the undistilled
-base draw as well as 20 (benchmarks/drawing_probe.py, docs/diffusion.md), so there would be
-no few-step problem to solve; at 2 steps the base's images are visibly unfinished (blurred
-colours, shapes between two), and distillation has something to add, as it has at 4 steps
-for SDXL (SDXL-Lightning ships 2-step checkpoints too).
+FEW_STEPS is 1, SDXL-Turbo's one-step setting. Since version 3 the UNet predicts v at zero
+terminal SNR (:func:`new_scheduler`), and with that even 2 steps of the undistilled base draw
+about as well as 20 (a prompt that names shape, colour, size and cell leaves little to decide);
+one step from pure noise gives the base's mean picture, which is blurred where the prompt leaves
+the picture open (the cell of ``"big red apples ."``, the thing's small offsets), so one step is
+where a distilled model has something to add. (Versions 1 and 2 predicted epsilon; there 4 steps
+drew as well as 20 and 2 were unfinished, so their task was 2 steps.)
 """
 
 from __future__ import annotations

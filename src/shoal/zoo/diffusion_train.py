@@ -2,12 +2,13 @@
 
 * VAE: reconstruction (MSE in [-1, 1]) plus a tiny KL term, on freshly rendered drawings;
   afterwards the latent scaling factor is set so that training latents have unit variance.
-* Denoiser: epsilon prediction (Stable Diffusion's objective) on a pool of latents encoded
-  once, the text encoder trained with the UNet.
+* Denoiser: the scheduler's prediction type (v at zero terminal SNR since world version 3;
+  epsilon, Stable Diffusion's objective, before) on a pool of latents encoded once, the text
+  encoder trained with the UNet unless it is frozen (the B specialist's is).
 * Distillation to FEW_STEPS: the teacher samples MANY_STEPS DDIM steps from fixed noise; with
-  trailing timesteps its trajectory passes through the student's four timesteps. The student
+  trailing timesteps its trajectory passes through the student's timesteps. The student
   (UNet only; the text encoder stays the teacher's, as in SDXL-Turbo / Lightning) learns, at
-  each of its timesteps, the epsilon that makes one DDIM step land where the teacher's
+  each of its timesteps, the output (epsilon or v) that makes one DDIM step land where the teacher's
   several steps landed: a closed-form regression target per segment, one UNet pass per
   example (progressive distillation's target, taken over a whole segment at once).
 
