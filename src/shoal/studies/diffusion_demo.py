@@ -138,7 +138,7 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
 
 
 def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
-                       evaluations: int = 120, test_copies: int = 8, search_copies: int = 8,
+                       evaluations: int = 120, test_copies: int = 8, search_copies: int = 16,
                        progress: ProgressFn | None = None) -> DiffusionDemoResult:
     """Build (or find) the drawing world, run both searches, score every row, write the files."""
     report = progress or no_progress
