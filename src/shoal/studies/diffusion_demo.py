@@ -129,7 +129,7 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
         pen.text((label_width + j * (side + pad), 14), f"{words[2]} {where}", fill=(0, 0, 0))
     for i, (label, images) in enumerate(rows):
         top = header + i * (side + pad)
-        pen.text((4, top + side // 2 - 6), label[:30], fill=(0, 0, 0))
+        pen.text((4, top + side // 2 - 6), label[:32], fill=(0, 0, 0))
         for j in range(len(prompts)):
             array = (images[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
             tile = Image.fromarray(array).resize((side, side), Image.NEAREST)
