@@ -6,8 +6,10 @@ Builds (or loads) the drawing world of SIZE and SEED, then scores on SPLIT, with
 seeds of ``shoal.eval.drawing`` (``--copies`` per prompt), at MANY_STEPS and FEW_STEPS (and, with
 ``--steps``, at other counts): the base on A prompts, the B specialist (``lang``) on B prompts, the
 few-step specialist (``fast``) on A and B, and on B prompts at FEW_STEPS the task-arithmetic merges
-``base + a (lang - base) + b (fast - base)`` (the UNet and the text encoder alike) and the split
-merge that takes the text encoder from ``lang`` and the UNet from ``base + (fast - base)``. Prints
+``base + a (lang - base) + b (fast - base)`` (the UNet and the text encoder alike), the split
+merge that takes the text encoder from ``lang`` and the UNet from ``base + (fast - base)``, and
+merges with fast's UNet delta everywhere and lang's only in one part of the UNet (its
+cross-attention, only its keys and values, or everything else). Prints
 one line per row: all-attribute accuracy ± SE, n, the same on the prompts that name a cell and on
 those that leave it open, diversity and the judge's per-attribute reading rates.
 """
@@ -37,6 +39,23 @@ def _merge(pipes, unet: tuple[float, float], text: tuple[float, float]):  # type
         fast = getattr(pipes["fast"], component).state_dict()
         getattr(merged, component).load_state_dict(
             {k: base[k] + a * (lang[k] - base[k]) + b * (fast[k] - base[k]) for k in base})
+    return merged
+
+
+# Parts of the UNet (tensor-name tests) for the split merges: fast's delta everywhere, lang's
+# only in the part. Since v3 lang's text encoder is the base's, so its B knowledge is in the UNet.
+PARTS = {
+    "cross-attention": lambda name: ".attn2." in name,
+    "cross-attention keys and values": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
+    "everything but cross-attention": lambda name: ".attn2." not in name,
+}
+
+
+def _merge_parts(pipes, part):  # type: ignore[no-untyped-def]
+    merged = copy.deepcopy(pipes["base"])
+    base, lang, fast = (pipes[m].unet.state_dict() for m in ("base", "lang", "fast"))
+    merged.unet.load_state_dict({k: base[k] + (fast[k] - base[k])
+                                 + (lang[k] - base[k] if part(k) else 0.0) for k in base})
     return merged
 
 
@@ -75,6 +94,8 @@ def main() -> None:
     for a, b in WEIGHTS:
         row(f"lang x {a} + fast x {b}", _merge(pipes, (a, b), (a, b)), task_b, FEW_STEPS)
     row("text encoder lang, UNet fast", _merge(pipes, (0.0, 1.0), (1.0, 0.0)), task_b, FEW_STEPS)
+    for label, part in PARTS.items():  # lang's UNet delta only where it reads the prompt
+        row(f"fast + lang in {label}", _merge_parts(pipes, part), task_b, FEW_STEPS)
     print(f"{time.monotonic() - started:.0f} s", flush=True)
 
 

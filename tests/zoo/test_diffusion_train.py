@@ -12,20 +12,26 @@ pytest.importorskip("diffusers")
 from shoal.zoo.captions import all_drawings, labels_of
 from shoal.zoo.diffusion_models import new_scheduler
 from shoal.zoo.diffusion_models import FEW_STEPS, MANY_STEPS
-from shoal.zoo.diffusion_train import _alpha, ddim_step, render_pool, student_timesteps, teacher_states
+from shoal.zoo.diffusion_train import (_alpha, ddim_step, render_pool, segment_target,
+                                       student_timesteps, teacher_states)
 
 
-def test_ddim_step_is_the_schedulers_step():
-    scheduler = new_scheduler()
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_ddim_step_is_the_schedulers_step(v_prediction):
+    scheduler = new_scheduler(v_prediction=v_prediction)
+    kind = scheduler.config.prediction_type
+    assert kind == ("v_prediction" if v_prediction else "epsilon")
+    if v_prediction:  # zero terminal SNR: the first step starts from pure noise
+        assert float(scheduler.alphas_cumprod[-1]) == 0.0
     scheduler.set_timesteps(4)
     gen = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    x, out = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
     marks = student_timesteps(scheduler, 4)
     assert marks == [999, 749, 499, 249, -1]
     scheduler.set_timesteps(4)
     for t, t_next in zip(marks[:-1], marks[1:]):
-        expected = scheduler.step(eps, t, x, eta=0.0).prev_sample
-        ours = ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t_next))
+        expected = scheduler.step(out, t, x, eta=0.0).prev_sample
+        ours = ddim_step(x, out, _alpha(scheduler, t), _alpha(scheduler, t_next), kind)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -35,9 +41,12 @@ def test_the_few_step_schedule_lies_on_the_many_step_one():
         assert set(student_timesteps(scheduler, few)) <= set(student_timesteps(scheduler, MANY_STEPS))
 
 
-def test_distillation_targets_land_the_student_on_the_teacher_states():
-    """A student that outputs the closed-form target eps reproduces the teacher's states."""
-    scheduler = new_scheduler()
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_distillation_targets_land_the_student_on_the_teacher_states(v_prediction):
+    """A student that outputs the closed-form target reproduces the teacher's states, through
+    diffusers' own DDIM step."""
+    scheduler = new_scheduler(v_prediction=v_prediction)
+    kind = scheduler.config.prediction_type
 
     class Teacher(torch.nn.Module):
         def forward(self, x, t, h):
@@ -48,13 +57,13 @@ def test_distillation_targets_land_the_student_on_the_teacher_states():
     noise, hidden = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 5, 8, generator=gen)
     states = teacher_states(Teacher(), hidden, noise, scheduler)
     assert states.shape == (FEW_STEPS + 1, 3, 4, 8, 8) and torch.equal(states[0], noise)
+    assert torch.isfinite(states).all()
     marks = student_timesteps(scheduler, FEW_STEPS)
     x = noise
     for k in range(FEW_STEPS):
         a_t, a_n = _alpha(scheduler, marks[k]), _alpha(scheduler, marks[k + 1])
-        ratio = (a_n / a_t).sqrt()
-        eps = (states[k + 1] - ratio * x) / ((1 - a_n).sqrt() - ratio * (1 - a_t).sqrt())
-        x = ddim_step(x, eps, a_t, a_n)
+        target = segment_target(x, states[k + 1], a_t, a_n, kind)
+        x = scheduler.step(target, marks[k], x, eta=0.0).prev_sample
         torch.testing.assert_close(x, states[k + 1], rtol=1e-4, atol=1e-4)
 
 
@@ -114,3 +123,24 @@ def test_denoiser_training_is_deterministic_for_a_seed():
     (first, a), (second, b), (other, _) = run(1), run(1), run(2)
     assert first == second and first != other
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_a_frozen_text_encoder_stays_as_it_was(v_prediction):
+    from shoal.zoo.diffusion_models import (DRAWING_SIZES, Stage, drawing_tokenizer,
+                                            new_text_encoder, new_unet)
+    from shoal.zoo.diffusion_train import prompt_ids, train_denoiser
+
+    size, tokenizer = DRAWING_SIZES["micro"], drawing_tokenizer()
+    drawings = list(all_drawings()[:8])
+    ids = prompt_ids(tokenizer, [d.prompt("b") for d in drawings])
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    unet, text = new_unet(size), new_text_encoder(size, tokenizer)
+    before_text = {k: v.clone() for k, v in text.state_dict().items()}
+    before_unet = {k: v.clone() for k, v in unet.state_dict().items()}
+    losses = train_denoiser(unet, text, ids, latents, new_scheduler(v_prediction=v_prediction),
+                            Stage(3, 4, 1e-3, 1), seed=0, name="t", freeze_text=True)
+    assert all(map(lambda x: x == x, losses))  # finite, not NaN, at zero terminal SNR too
+    assert all(torch.equal(before_text[k], v) for k, v in text.state_dict().items())
+    assert any(not torch.equal(before_unet[k], v) for k, v in unet.state_dict().items())

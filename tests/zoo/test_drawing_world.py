@@ -87,6 +87,10 @@ def test_micro_world_holds_three_pipelines_and_a_judge(micro_world):
         # class recorded is the world tokenizer's own, and loading uses it (next test)
         assert index["tokenizer"] == ["transformers", type(drawing_tokenizer()).__name__]
         assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+        scheduler = json.loads((micro_world.model(name) / "scheduler"
+                                / "scheduler_config.json").read_text())
+        assert scheduler["prediction_type"] == "v_prediction"  # at zero terminal SNR (v3)
+        assert scheduler["rescale_betas_zero_snr"] is True
     assert set(manifest["judge_accuracy_fresh_renders"]) == set(ATTRIBUTES) | {"all"}
 
 
@@ -120,8 +124,10 @@ def test_the_specialists_differ_from_the_base_where_they_were_trained(micro_worl
     assert all(torch.equal(base_te[k], fast_te[k]) for k in base_te)  # distillation: UNet only
     base_unet, fast_unet = weights("base", "unet"), weights("fast", "unet")
     assert any(not torch.equal(base_unet[k], fast_unet[k]) for k in base_unet)
-    lang_te = weights("lang", "text_encoder")
-    assert any(not torch.equal(base_te[k], lang_te[k]) for k in base_te)
+    # lang learns B with the base's text encoder frozen: its B knowledge is in its UNet
+    lang_te, lang_unet = weights("lang", "text_encoder"), weights("lang", "unet")
+    assert all(torch.equal(base_te[k], lang_te[k]) for k in base_te)
+    assert any(not torch.equal(base_unet[k], lang_unet[k]) for k in base_unet if ".attn2." in k)
 
 
 def test_a_finished_world_is_found_in_the_cache(micro_world):

@@ -1,4 +1,4 @@
-"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in 2 steps."""
+"""``shoal demo diffusion``: an evolved per-block merge that draws from language-B prompts in one step."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from shoal.cli._options import threads_option, verbosity
 def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int, as_json: bool,
             threads: int, quiet: bool) -> None:
     """EvoSDXL-JP in miniature: merge the language-B and the 2-step specialists of the drawing
-    world, block by block, for language-B prompts at 2 steps.
+    world, block by block, for language-B prompts at one step.
 
     Builds the drawing world first when it is not cached (micro: about a minute; small: about
-    15 minutes on 2 cores). Writes report.md, grid.png, evolved_recipe.yaml and trace.json."""
+    20 minutes on 2 cores). Writes report.md, grid.png, evolved_recipe.yaml and trace.json."""
     from shoal.cli._options import use_threads
     from shoal.cli._progress import print_text, progress_bars
     from shoal.studies.diffusion_demo import run_diffusion_demo

@@ -1,6 +1,6 @@
 """``shoal demo diffusion``: EvoSDXL-JP in miniature, on the drawing world.
 
-The held-out task is language-B prompts at FEW_STEPS (2) steps. Rows, all scored on the test
+The held-out task is language-B prompts at FEW_STEPS (1) step. Rows, all scored on the test
 split's B prompts with the same fixed noise per prompt:
 
 * base at MANY_STEPS and at FEW_STEPS; the language-B specialist (``lang``) and the fast
@@ -129,7 +129,7 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
         pen.text((label_width + j * (side + pad), 14), f"{words[2]} {where}", fill=(0, 0, 0))
     for i, (label, images) in enumerate(rows):
         top = header + i * (side + pad)
-        pen.text((4, top + side // 2 - 6), label[:30], fill=(0, 0, 0))
+        pen.text((4, top + side // 2 - 6), label[:32], fill=(0, 0, 0))
         for j in range(len(prompts)):
             array = (images[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
             tile = Image.fromarray(array).resize((side, side), Image.NEAREST)
@@ -138,7 +138,7 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
 
 
 def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
-                       evaluations: int = 120, test_copies: int = 8, search_copies: int = 8,
+                       evaluations: int = 120, test_copies: int = 8, search_copies: int = 16,
                        progress: ProgressFn | None = None) -> DiffusionDemoResult:
     """Build (or find) the drawing world, run both searches, score every row, write the files."""
     report = progress or no_progress

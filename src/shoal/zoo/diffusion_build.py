@@ -35,7 +35,7 @@ from shoal.zoo.errors import ZooError
 from shoal.zoo.judge import Judge, judge_accuracy, load_judge, save_judge, train_judge
 from shoal.zoo.references import MANIFEST
 
-DRAWING_WORLD_VERSION = 2
+DRAWING_WORLD_VERSION = 3
 DRAWING_MODELS = ("base", "lang", "fast")
 _REPLAY = 0.25  # share of language-A prompts in the language-B specialist's data
 
@@ -142,7 +142,11 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
     common = {"vae": vae, "tokenizer": tokenizer, "scheduler": scheduler}
     _save_pipeline(staging / "base", unet=unet, text_encoder=text_encoder, **common)
 
-    # B prompts for the train split's drawings only, plus some A prompts as replay.
+    # B prompts for the train split's drawings only, plus some A prompts as replay. The text
+    # encoder stays the base's (frozen): the B words are learnt by the UNet (its cross-attention
+    # reads them), where the fast specialist's few-step changes live too, so that a per-block
+    # merge has something to weigh (v2 trained both: lang's B knowledge sat in its text encoder
+    # and a plain merge of lang's text encoder with fast's UNet left blocks nothing to add).
     train_set = set(b_train)
     b_rows = [i for i, d in enumerate(pool) if d in train_set]
     a_rows = [i for i, d in enumerate(pool) if d not in train_set]
@@ -152,7 +156,8 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
     lang_unet, lang_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     losses["lang"] = _mean_tail(train_denoiser(
         lang_unet, lang_text, prompt_ids(tokenizer, lang_prompts), latents[rows], scheduler,
-        spec.lang, seed=seed + 2, name="specialist lang (B prompts)", progress=report))
+        spec.lang, seed=seed + 2, name="specialist lang (B prompts)", freeze_text=True,
+        progress=report))
     _save_pipeline(staging / "lang", unet=lang_unet, text_encoder=lang_text, **common)
     del lang_unet, lang_text
 

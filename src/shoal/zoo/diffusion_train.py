@@ -2,12 +2,13 @@
 
 * VAE: reconstruction (MSE in [-1, 1]) plus a tiny KL term, on freshly rendered drawings;
   afterwards the latent scaling factor is set so that training latents have unit variance.
-* Denoiser: epsilon prediction (Stable Diffusion's objective) on a pool of latents encoded
-  once, the text encoder trained with the UNet.
+* Denoiser: the scheduler's prediction type (v at zero terminal SNR since world version 3;
+  epsilon, Stable Diffusion's objective, before) on a pool of latents encoded once, the text
+  encoder trained with the UNet unless it is frozen (the B specialist's is).
 * Distillation to FEW_STEPS: the teacher samples MANY_STEPS DDIM steps from fixed noise; with
-  trailing timesteps its trajectory passes through the student's four timesteps. The student
+  trailing timesteps its trajectory passes through the student's timesteps. The student
   (UNet only; the text encoder stays the teacher's, as in SDXL-Turbo / Lightning) learns, at
-  each of its timesteps, the epsilon that makes one DDIM step land where the teacher's
+  each of its timesteps, the output (epsilon or v) that makes one DDIM step land where the teacher's
   several steps landed: a closed-form regression target per segment, one UNet pass per
   example (progressive distillation's target, taken over a whole segment at once).
 
@@ -104,19 +105,28 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def _prediction(scheduler: Any) -> str:
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"the drawing world trains epsilon or v_prediction, not {kind!r}")
+    return kind
+
+
 def train_denoiser(unet: Any, text_encoder: Any, ids: torch.Tensor, latents: torch.Tensor,
                    scheduler: Any, stage: Stage, *, seed: int, name: str,
-                   progress: ProgressFn | None = None) -> list[float]:
-    """Train ``unet`` and ``text_encoder`` in place to predict the noise added to ``latents``
-    (row i captioned by ``ids[i]``). Returns the losses."""
+                   freeze_text: bool = False, progress: ProgressFn | None = None) -> list[float]:
+    """Train ``unet`` (and, unless ``freeze_text``, ``text_encoder``) in place to predict what
+    the scheduler's ``prediction_type`` says (the noise, or v = sqrt(a) noise - sqrt(1 - a) x0)
+    for ``latents`` noised (row i captioned by ``ids[i]``). Returns the losses."""
     report = progress or no_progress
     generator = torch.Generator().manual_seed(seed)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    kind = _prediction(scheduler)
+    params = list(unet.parameters()) + ([] if freeze_text else list(text_encoder.parameters()))
     optimizer, schedule = _optimizer(params, stage)
     alphas = scheduler.alphas_cumprod.float()
     losses: list[float] = []
     unet.train()
-    text_encoder.train()
+    text_encoder.train(not freeze_text)
     report(name, 0, stage.steps)
     for step in range(stage.steps):
         rows = torch.randint(0, latents.shape[0], (stage.batch_size,), generator=generator)
@@ -125,8 +135,10 @@ def train_denoiser(unet: Any, text_encoder: Any, ids: torch.Tensor, latents: tor
         t = torch.randint(0, alphas.shape[0], (stage.batch_size,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        hidden = text_encoder(ids[rows]).last_hidden_state  # (B, T, C)
-        loss = F.mse_loss(unet(noisy, t, hidden).sample, noise)
+        target = noise if kind == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        with torch.set_grad_enabled(not freeze_text):
+            hidden = text_encoder(ids[rows]).last_hidden_state  # (B, T, C)
+        loss = F.mse_loss(unet(noisy, t, hidden).sample, target)
         losses.append(_step(loss, params, optimizer, schedule))
         report(name, step + 1, stage.steps)
     unet.eval()
@@ -138,11 +150,32 @@ def _alpha(scheduler: Any, t: int) -> torch.Tensor:
     return scheduler.alphas_cumprod[t].float() if t >= 0 else scheduler.final_alpha_cumprod.float()
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor,
-              a_next: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM step (eta 0) from alpha-bar ``a_t`` to ``a_next``."""
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+def ddim_step(x: torch.Tensor, out: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor,
+              prediction: str = "epsilon") -> torch.Tensor:
+    """One deterministic DDIM step (eta 0) from alpha-bar ``a_t`` to ``a_next`` for a model
+    output ``out`` of type ``prediction`` ("epsilon" or "v_prediction")."""
+    if prediction == "epsilon":
+        eps = out
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    else:
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
+def segment_target(x: torch.Tensor, x_next: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor,
+                   prediction: str = "epsilon") -> torch.Tensor:
+    """The model output (of type ``prediction``) with which one DDIM step from ``x`` at
+    alpha-bar ``a_t`` lands exactly on ``x_next`` at ``a_next``: :func:`ddim_step` is linear in
+    the output, so this is closed form."""
+    if prediction == "epsilon":
+        ratio = (a_next / a_t).sqrt()
+        return (x_next - ratio * x) / ((1 - a_next).sqrt() - ratio * (1 - a_t).sqrt())
+    # x_next = sqrt(a_n) x0 + sqrt(1 - a_n) (x - sqrt(a_t) x0) / sqrt(1 - a_t): solve for x0,
+    # then v = (sqrt(a_t) x - x0) / sqrt(1 - a_t). Defined at a_t = 0 (zero terminal SNR).
+    c = ((1 - a_next) / (1 - a_t)).sqrt()
+    x0 = (x_next - c * x) / (a_next.sqrt() - c * a_t.sqrt())
+    return (a_t.sqrt() * x - x0) / (1 - a_t).sqrt()
 
 
 def student_timesteps(scheduler: Any, steps: int = FEW_STEPS) -> list[int]:
@@ -160,14 +193,15 @@ def teacher_states(unet: Any, hidden: torch.Tensor, noise: torch.Tensor, schedul
     marks = student_timesteps(scheduler, FEW_STEPS)
     if not set(marks) <= set(teacher):
         raise RuntimeError(f"the {MANY_STEPS}-step schedule misses the student's {marks}")
+    kind = _prediction(scheduler)
     out = []
     for start in range(0, noise.shape[0], batch_size):
         x = noise[start:start + batch_size]
         h = hidden[start:start + batch_size]
         states = [x]
         for t, t_next in zip(teacher[:-1], teacher[1:]):
-            eps = unet(x, torch.full((x.shape[0],), t), h).sample
-            x = ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t_next))
+            pred = unet(x, torch.full((x.shape[0],), t), h).sample
+            x = ddim_step(x, pred, _alpha(scheduler, t), _alpha(scheduler, t_next), kind)
             if t_next in marks:
                 states.append(x)
         out.append(torch.stack(states))
@@ -182,6 +216,7 @@ def distill_few_steps(student: Any, hidden: torch.Tensor, states: torch.Tensor, 
     report = progress or no_progress
     generator = torch.Generator().manual_seed(seed)
     marks = student_timesteps(scheduler, FEW_STEPS)
+    kind = _prediction(scheduler)
     params = list(student.parameters())
     optimizer, schedule = _optimizer(params, stage)
     losses: list[float] = []
@@ -194,11 +229,9 @@ def distill_few_steps(student: Any, hidden: torch.Tensor, states: torch.Tensor, 
         target_x = states[segment + 1, rows]
         a_t = torch.stack([_alpha(scheduler, marks[k]) for k in segment.tolist()]).view(-1, 1, 1, 1)
         a_n = torch.stack([_alpha(scheduler, marks[k + 1]) for k in segment.tolist()]).view(-1, 1, 1, 1)
-        ratio = (a_n / a_t).sqrt()
-        # ddim_step is linear in eps: x_next = ratio * x + (sqrt(1 - a_n) - ratio sqrt(1 - a_t)) eps
-        target_eps = (target_x - ratio * x) / ((1 - a_n).sqrt() - ratio * (1 - a_t).sqrt())
+        target = segment_target(x, target_x, a_t, a_n, kind)
         t = torch.tensor([marks[k] for k in segment.tolist()])
-        loss = F.mse_loss(student(x, t, hidden[rows]).sample, target_eps)
+        loss = F.mse_loss(student(x, t, hidden[rows]).sample, target)
         losses.append(_step(loss, params, optimizer, schedule))
         report("distill fast", step + 1, stage.steps)
     student.eval()
