@@ -35,7 +35,7 @@ from shoal.zoo.errors import ZooError
 from shoal.zoo.judge import Judge, judge_accuracy, load_judge, save_judge, train_judge
 from shoal.zoo.references import MANIFEST
 
-DRAWING_WORLD_VERSION = 3
+DRAWING_WORLD_VERSION = 4
 DRAWING_MODELS = ("base", "lang", "fast")
 _REPLAY = 0.25  # share of language-A prompts in the language-B specialist's data
 

@@ -66,7 +66,7 @@ DRAWING_SIZES: dict[str, DrawingSize] = {
         latent_pool=256, distill_pool=32),
     "small": DrawingSize(
         "small", vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), text_hidden=64, text_layers=2,
-        vae=Stage(400, 32, 2e-3), base=Stage(1800, 32, 1e-3, 50), lang=Stage(300, 32, 3e-4),
+        vae=Stage(400, 32, 2e-3), base=Stage(1800, 32, 1e-3, 50), lang=Stage(900, 32, 1e-3),
         fast=Stage(300, 32, 2e-4), judge=Stage(500, 64, 3e-3),
         latent_pool=3840, distill_pool=768),
 }
