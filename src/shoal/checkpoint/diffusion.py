@@ -24,7 +24,6 @@ works on ``unet/...`` names as on any others.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from shoal.checkpoint.lazy_torch import torch
-from shoal.checkpoint.locate import WeightFiles, read_index
+from shoal.checkpoint.locate import WeightFiles, read_index, read_json_object
 from shoal.checkpoint.reader import CheckpointReader
 from shoal.errors import CheckpointError
 
@@ -235,18 +234,6 @@ def looks_like_single_file(tensor_names: Sequence[str]) -> bool:
     return any(name.startswith(UNET_MARK) for name in tensor_names)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read {what}: {exc}") from exc
-    except RecursionError:
-        raise CheckpointError(f"{path}: cannot read {what}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} is not a JSON object")
-    return data
-
-
 def _component_files(folder: Path) -> WeightFiles | None:
     """The weight files of one component folder, or None when it holds no weights (a tokenizer)."""
     for name in _WEIGHT_FILES:
@@ -270,7 +257,7 @@ def listed_folders(index: Mapping[str, object]) -> list[str]:
 
 def open_pipeline_folder(folder: Path, source: str | None = None) -> DiffusionCheckpoint:
     """Open a diffusers pipeline folder (``model_index.json`` and one folder per component)."""
-    index = _read_json(folder / MODEL_INDEX, "pipeline index")
+    index = read_json_object(folder / MODEL_INDEX, "pipeline index")
     components = []
     for name in listed_folders(index):
         entry = index[name]
@@ -281,7 +268,7 @@ def open_pipeline_folder(folder: Path, source: str | None = None) -> DiffusionCh
         if files is None:
             continue  # tokenizer, scheduler, feature extractor: support folders, copied as they are
         config_path = sub / "config.json"
-        config = _read_json(config_path, "component config") if config_path.is_file() else None
+        config = read_json_object(config_path, "component config") if config_path.is_file() else None
         reader = CheckpointReader(str(sub), sub, files, config)
         components.append(Component(name, reader, "", library=str(entry[0]), class_name=str(entry[1]), folder=sub))
     if not components:

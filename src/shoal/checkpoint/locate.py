@@ -136,14 +136,17 @@ def locate_weights(path: Path, root: Path | None = None) -> WeightFiles:
 def read_config(folder: Path) -> dict | None:
     """``config.json`` in ``folder`` as a dict, or None when there is none."""
     path = folder / "config.json"
-    if not path.is_file():
-        return None
+    return read_json_object(path, "model config") if path.is_file() else None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; any failure is one CheckpointError naming the file and ``what``."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read model config: {exc}") from exc
+        raise CheckpointError(f"{path}: cannot read {what}: {exc}") from exc
     except RecursionError:
-        raise CheckpointError(f"{path}: cannot read model config: JSON nested too deeply") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: model config is not a JSON object")
-    return config
+        raise CheckpointError(f"{path}: cannot read {what}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return data
