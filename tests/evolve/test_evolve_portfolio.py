@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from shoal.errors import ConfigError
 from shoal.evolve.config import parse_evolve_config
 from shoal.evolve.portfolio import (HISTORY_ATTR, PORTFOLIO_FILE, START_ATTR, completed_trials, plan,
                                     run_portfolio, select_final, shared_key)
 from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.workers import InProcess
+from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -223,15 +223,7 @@ def test_a_bad_portfolio_is_a_config_error_naming_the_key(change: dict, words: s
     for key in ("sigma0", "warm_start"):
         if key in change:
             search[key] = change[key]
-    data = {"models": ["a", "b"], "space": {"layer_group_size": change.get("layer_group_size", 1)},
-            "fitness": {"task": "math_b", "split": "fitness"}, "search": search}
-    if change.get("kind") == "dfs":
-        data.update(kind="dfs")
-    else:
-        data["base_model"] = "base"
-    with pytest.raises(ConfigError) as err:
-        parse_evolve_config(data, where="cfg.yaml")
-    assert words in str(err.value) and str(err.value).startswith("cfg.yaml")
+    assert_search_config_error(search, change, words)
 
 
 # -- a whole run on the micro world: kill -9 inside a restart, then --resume -------------------

@@ -14,6 +14,7 @@ from shoal.evolve.config import parse_evolve_config
 from shoal.evolve.search import default_storage, open_study
 from shoal.evolve.stages import STAGE_SUFFIX, WARM_START_FILE, coarse_key, expand, run_staged
 from shoal.evolve.workers import InProcess
+from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -165,15 +166,7 @@ def test_a_bad_warm_start_is_a_config_error_naming_the_key(change: dict, words: 
         search["warm_start"]["drop_below"] = change["drop"]
     if "extra" in change:
         search["warm_start"]["steps"] = 3
-    data = {"models": ["a", "b"], "space": {"layer_group_size": change.get("layer_group_size", 1)},
-            "fitness": {"task": "math_b", "split": "fitness"}, "search": search}
-    if change.get("kind") == "dfs":
-        data.update(kind="dfs", space={"layer_group_size": 1})
-    else:
-        data["base_model"] = "base"
-    with pytest.raises(ConfigError) as err:
-        parse_evolve_config(data, where="cfg.yaml")
-    assert words in str(err.value) and str(err.value).startswith("cfg.yaml")
+    assert_search_config_error(search, change, words)
 
 
 # -- a whole run on the micro world: kill -9 in either stage, then --resume ------------------
