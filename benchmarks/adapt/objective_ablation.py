@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 
-def cell(spec: str, task_name: str, steps: int, out: Path, world: object) -> dict:
+def cell(spec: str, task_name: str, steps: int, out: Path, world: object, *, eval_every: int = 10,
+         resume: bool = False) -> dict:
     from shoal.adapt import _lm
     from shoal.eval import load_model
 
@@ -35,7 +36,8 @@ def cell(spec: str, task_name: str, steps: int, out: Path, world: object) -> dic
     model, tokenizer = load_model(world.model("base"))  # type: ignore[attr-defined]
     task = world.task(task_name)  # type: ignore[attr-defined]
     test = list(task.examples("test"))[:500]
-    common = dict(objective=objective, steps=steps, batch_size=256, eval_every=10, validation_limit=200, seed=0)
+    common = dict(objective=objective, steps=steps, batch_size=256, eval_every=eval_every, validation_limit=200,
+                  seed=0)
     started = time.perf_counter()
     if method == "svf":
         from shoal.adapt.expert import load_expert
@@ -44,7 +46,7 @@ def cell(spec: str, task_name: str, steps: int, out: Path, world: object) -> dic
         from shoal.adapt.train import train_svf
 
         factors = load_or_compute_svd(model, cache_dir=out / "svd")
-        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=False,
+        result = train_svf(model, tokenizer, task, out=out / "expert.safetensors", lr=lr, resume=resume,
                            micro_batch_size=128, factors=factors, **common)
         trained = time.perf_counter() - started
         with SVFAdapter(model, factors).applied(load_expert(result.path, factors).z):
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--task", default="lang_b")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--cells", default="svf:sft:2e-3,lora:reinforce:3e-3:4")
+    parser.add_argument("--eval-every", type=int, default=10, help="validation every N steps (the best is kept)")
+    parser.add_argument("--resume", action="store_true",
+                        help="SVF cells continue from their last validation (train_svf's state file)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from shoal.zoo import load_zoo
@@ -89,7 +94,7 @@ def main() -> None:
     for spec in args.cells.split(","):
         folder = args.out / f"{args.task}-{spec.replace(':', '_')}-{args.steps}"
         folder.mkdir(parents=True, exist_ok=True)
-        row = cell(spec, args.task, args.steps, folder, world)
+        row = cell(spec, args.task, args.steps, folder, world, eval_every=args.eval_every, resume=args.resume)
         (folder / "cell.json").write_text(json.dumps(row, indent=1))
         print(f"| {spec} | {row['parameters']:,} | {row['best_step']} | {100 * row['validation']:.1f} "
               f"({100 * row['base_validation']:.1f}) | {100 * row['test']:.1f} ± {100 * row['se']:.1f} "
