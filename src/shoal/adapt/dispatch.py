@@ -26,7 +26,6 @@ from torch import nn
 from shoal.adapt import _lm
 from shoal.adapt.expert import Expert
 from shoal.adapt.few_shot import FewShotMixture, few_shot_mixture  # noqa: F401 (re-exported)
-from shoal.adapt.reinforce import sequence_logprobs
 from shoal.adapt.svf import SVFAdapter
 from shoal.errors import ConfigError, TaskError
 from shoal.eval.generation import generate_greedy

@@ -140,7 +140,7 @@ def score_table(scores: Sequence[Any]) -> tuple[list[str], list[tuple[str, list[
 def markdown_table(scores: Sequence[Any]) -> str:
     tasks, rows = score_table(scores)
     split = scores[0].split if scores else "test"
-    lines = [f"| model | " + " | ".join(f"{t} ({split})" for t in tasks) + " |",
+    lines = ["| model | " + " | ".join(f"{t} ({split})" for t in tasks) + " |",
              "|---|" + "---|" * len(tasks)]
     lines += [f"| {m} | " + " | ".join(cells) + " |" for m, cells in rows]
     return "\n".join(lines)

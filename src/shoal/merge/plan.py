@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers, with_layer
+from shoal.checkpoint import CheckpointReader, describe_tensor, layer_count_key, num_layers
 from shoal.checkpoint.chat_templates import resolve_chat_template
 from shoal.checkpoint.diffusion import is_diffusion
 from shoal.checkpoint.dtypes import HALF, itemsize, name_of
