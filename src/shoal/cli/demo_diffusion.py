@@ -26,8 +26,8 @@ from shoal.cli._options import threads_option, verbosity
 @verbosity
 def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int, as_json: bool,
             threads: int, quiet: bool) -> None:
-    """EvoSDXL-JP in miniature: merge the language-B and the 2-step specialists of the drawing
-    world, block by block, for language-B prompts at one step.
+    """EvoSDXL-JP in miniature: merge the drawing world's language-B specialist and its one-step
+    specialist, block by block, for language-B prompts at one step.
 
     Builds the drawing world first when it is not cached (micro: about a minute; small: about
     20 minutes on 2 cores). Writes report.md, grid.png, evolved_recipe.yaml and trace.json."""
