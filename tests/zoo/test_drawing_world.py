@@ -111,6 +111,22 @@ def test_the_pipelines_load_offline_with_their_tokenizer_and_generate(micro_worl
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_loading_a_pipeline_prints_nothing_in_a_fresh_process(micro_world):
+    """The library does not print: no transformers note about image processors (diffusers'
+    pipeline imports trigger it once per process where torchvision is absent), no FutureWarning
+    about diffusers' ``torch_dtype`` name, no progress bar."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from shoal.zoo.diffusion_build import load_pipeline; "
+            "pipe = load_pipeline(Path(sys.argv[1])); print(pipe.unet.dtype)")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code, str(micro_world.model("lang"))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch.float32"
+    assert done.stderr == ""
+
+
 def test_the_specialists_differ_from_the_base_where_they_were_trained(micro_world):
     from safetensors.torch import load_file
 

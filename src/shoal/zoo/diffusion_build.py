@@ -84,18 +84,30 @@ def load_drawing_world(size: str = "small", seed: int = 0, *,
 
 def load_pipeline(folder: Path) -> Any:
     """A drawing-world pipeline folder loaded with ``DiffusionPipeline.from_pretrained``
-    (offline), float32, progress bars off."""
+    (offline), float32, progress bars off.
+
+    The library does not print: progress bars are off during the load, and so are transformers'
+    once-per-process notes that diffusers' pipeline imports trigger (the PIL fallback of
+    ``CLIPImageProcessor`` where torchvision is absent), and diffusers' FutureWarning about the
+    ``torch_dtype`` name (newer versions call it ``dtype``; older ones know only ``torch_dtype``)."""
+    import warnings
+
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
     bars = diffusers_logging.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()  # the library does not print
+    verbosity = hf_logging.get_verbosity()
+    diffusers_logging.disable_progress_bar()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
-                                                 local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                     local_files_only=True)
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars[0]:
             diffusers_logging.enable_progress_bar()
         if bars[1]:
