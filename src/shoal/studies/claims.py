@@ -42,7 +42,7 @@ from shoal.studies.claims_tables import (Claim, claim_markdown, claim_table, hol
                                          searches_markdown)
 from shoal.studies.claims_dfs import DFS_SEARCHES, dfs_rows, psdfs_row
 from shoal.studies.claims_uniform import uniform_search
-from shoal.studies.evolve_demo import (CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config,
+from shoal.studies.evolve_demo import (CROSS_TASK, MATH_SPECIALIST, best_source, demo_config,
                                        warm_start_trials)
 
 CLAIM_SETS = ("ps", "dfs", "psdfs", "multitask")
