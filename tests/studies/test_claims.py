@@ -77,6 +77,15 @@ def test_tables_over_seeds_give_the_mean_and_where_a_claim_holds(tmp_path: Path)
     assert "**PS evolved > best source**" in md and "| mean |" in md and "| seed 1 |" in md
 
 
+def test_two_identical_rows_are_no_gain_but_are_at_least_as_good() -> None:
+    from shoal.studies.claims_tables import Claim, Difference, holds
+
+    same = Difference(seed=1, better=15.6, baseline=15.6, diff=0.0, se=0.0, n=500)
+    assert not holds(Claim("c", "t", "a", "b"), same)
+    assert holds(Claim("c", "t", "a", "b", at_least=True), same)
+    assert holds(Claim("c", "t", "a", "b"), Difference(1, 16.0, 15.6, 0.4, 0.2, 500))
+
+
 @pytest.mark.slow
 def test_claims_run_end_to_end_on_the_micro_world(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "claims"
