@@ -229,3 +229,72 @@ def test_a_run_on_the_micro_world_repeats_its_controls_first_trials(tmp_path: Pa
     assert study.best_value >= best.value and control.trials == 6
     record = json.loads((run_dir / RECORD_FILE).read_text())
     assert record["final"]["fitness"] == result.best_fitness and record["stage2"]["fitness"] == best.value
+
+
+def _stage_states(db: Path) -> dict[str, list[str]]:
+    """Trial states per stage, read without Optuna (opening a storage races the run creating it)."""
+    import sqlite3
+
+    if not db.exists():
+        return {"own": [], "all": []}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            rows = connection.execute("SELECT s.study_name, t.state FROM trials t JOIN studies s "
+                                      "ON t.study_id = s.study_id ORDER BY t.number").fetchall()
+    except sqlite3.Error:
+        return {"own": [], "all": []}
+    return {"own": [state for name, state in rows if name.endswith(STAGE_SUFFIX)],
+            "all": [state for name, state in rows if not name.endswith(STAGE_SUFFIX)]}
+
+
+def test_kill_9_inside_stage_2_then_resume_meets_the_budget(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    trials, first = 6, 2
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "kind": "dfs", "models": [str(micro_world.model("math")), str(micro_world.model("lang"))],
+        "dfs": {"repeats": 2, "max_hops": 5},
+        "fitness": {"task": "math_b", "split": "fitness", "limit": 12},
+        "validation": {"task": "math_b", "split": "validation", "limit": 8, "top_k": 2},
+        "report": {"tasks": ["math_b"], "split": "test", "limit": 8},
+        "search": {"sampler": "cmaes", "trials": trials, "seed": 0, "own_layers_first": {"trials": first}},
+        "batch_size": 16}))
+    run_dir = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "shoal.cli.main", "evolve", str(config_path), "--run-dir", str(run_dir),
+            "-q", "--no-model"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 300
+        while True:  # stage 2 under way, one of its trials running
+            states = _stage_states(run_dir / "study.db")
+            if states["all"].count("COMPLETE") >= 1 and states["all"][-1:] == ["RUNNING"]:
+                break
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.time() < deadline, f"stage 2 did not start in 300 s: {states}"
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    started = json.loads((run_dir / RECORD_FILE).read_text())
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    states = _stage_states(run_dir / "study.db")
+    assert states["own"].count("COMPLETE") == first and states["all"].count("COMPLETE") == trials - first
+    assert states["own"].count("FAIL") + states["all"].count("FAIL") == 1  # the killed trial, re-run
+    record = json.loads((run_dir / RECORD_FILE).read_text())
+    assert record["stage2"]["started"] == started["stage2"]["started"] and record["stage2"]["x0"] == started["stage2"]["x0"]
+    from shoal.evolve.run import load_run_study
+
+    study = load_run_study(run_dir)
+    assert len([t for t in study.trials if START_ATTR in t.user_attrs]) == 1
+    assert json.loads((run_dir / "scores.json").read_text())["trials"] == trials and "final" in record
