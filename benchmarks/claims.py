@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Optuna sampler of the equal-budget uniform search")
     parser.add_argument("--dfs-scaling", default=None, choices=["matrix", "per_slot"],
                         help="DFS scaling (default: the evolve config's default); recorded per row")
+    parser.add_argument("--dfs-search", default="single", choices=["single", "own_layers_first"],
+                        help="the two-model DFS search: one CMA-ES stage, or search.own_layers_first (half the "
+                             "trials over math's own layers, the control's search, then CMA-ES over every gene "
+                             "from the best of them); the own-layers control is one stage either way")
     parser.add_argument("--search", default="single", choices=["single", "staged", "portfolio"],
                         help="the PS searches (evolved and controls): one CMA-ES stage (the demo's), "
                              "coarse-to-fine (search.warm_start, a third of the trials) or the portfolio "
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_seed(world, args.out / f"seed{seed}", claims=claims, trials=args.trials,
                          limit=args.limit, uniform_sampler=args.uniform_sampler,
                          dfs_scaling=args.dfs_scaling, search=args.search, method=args.method,
+                         dfs_search=args.dfs_search,
                          progress=progress)
                 write_tables(args.out, claims)
         out = args.report_only or args.out

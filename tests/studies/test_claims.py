@@ -77,6 +77,15 @@ def test_tables_over_seeds_give_the_mean_and_where_a_claim_holds(tmp_path: Path)
     assert "**PS evolved > best source**" in md and "| mean |" in md and "| seed 1 |" in md
 
 
+def test_two_identical_rows_are_no_gain_but_are_at_least_as_good() -> None:
+    from shoal.studies.claims_tables import Claim, Difference, holds
+
+    same = Difference(seed=1, better=15.6, baseline=15.6, diff=0.0, se=0.0, n=500)
+    assert not holds(Claim("c", "t", "a", "b"), same)
+    assert holds(Claim("c", "t", "a", "b", at_least=True), same)
+    assert holds(Claim("c", "t", "a", "b"), Difference(1, 16.0, 15.6, 0.4, 0.2, 500))
+
+
 @pytest.mark.slow
 def test_claims_run_end_to_end_on_the_micro_world(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "claims"
@@ -219,3 +228,46 @@ def test_ps_claims_run_with_ties_and_refuse_a_folder_of_another_method(tmp_path:
     assert json.loads((out / "uniform-search" / "uniform_search.json").read_text())["method"] == "ties"
     with pytest.raises(ConfigError, match="another method than dare_ties"):
         run_seed(micro_world, out, claims=["ps"], trials=2, limit=4)
+
+
+def test_dfs_claims_with_own_layers_first_and_the_lang_ablations(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
+    """``dfs_search="own_layers_first"`` runs the two-model DFS in two stages (half the budget over
+    math's own layers) into its own folder, the control in one; the pick is scored with its lang
+    slots off and with its lang hops dropped, and those rows are what they say."""
+    from shoal.evolve.dfs_stages import RECORD_FILE
+
+    out = tmp_path / "claims" / "seed0"
+    data = run_seed(micro_world, out, claims=["dfs"], trials=4, limit=4, dfs_scaling="matrix",
+                    dfs_search="own_layers_first")
+    record = json.loads((out / "dfs-evolved-matrix-own-layers-first" / RECORD_FILE).read_text())
+    assert (record["stage1_trials"], record["stage2_trials"]) == (2, 2)
+    assert not (out / "dfs-control-math-matrix" / RECORD_FILE).exists()  # the control: one stage
+    searched = data["searches"]["dfs evolved"]
+    assert searched["trials"] == 4 and searched["search"] == "own_layers_first"
+    rows = data["rows"]
+    assert rows["dfs evolved"]["note"] == "matrix scaling, own layers first"
+    lang_hops = searched["other_model_hops"]
+    assert rows["dfs evolved, lang slots off"]["note"].startswith(f"{lang_hops} of {searched['hops']} hops lang")
+    if lang_hops == 0:  # nothing to switch off: the same path, the same scores
+        assert rows["dfs evolved, lang slots off"]["scores"] == rows["dfs evolved"]["scores"]
+        assert rows["dfs evolved, lang hops dropped"]["scores"] == rows["dfs evolved"]["scores"]
+    assert rows["dfs evolved, lang slots off"]["n"] == rows["dfs evolved, lang hops dropped"]["n"] == 500
+    with pytest.raises(ConfigError, match="unknown DFS search 'twice'"):
+        run_seed(micro_world, out, claims=["dfs"], trials=4, limit=4, dfs_search="twice")
+
+
+def test_the_lang_ablations_remove_exactly_the_lang_layers() -> None:
+    from shoal.flow.genome import DfsLayout, DfsSpace
+    from shoal.studies.claims_dfs import lang_slots_off, without_other_models
+
+    space = DfsSpace(DfsLayout(layer_counts=(3, 2), repeats=3, max_hops=None))
+    rng = random.Random(1)
+    for _ in range(100):
+        genome = {k: rng.random() for k in space.keys}
+        path = space.decode(genome)
+        off = space.decode(lang_slots_off(space, genome))
+        assert all(h.model == 0 for h in off)
+        # with no path-length limit the same math slots stay on; a hop after a dropped lang hop takes W[prev, it]
+        assert [h.key for h in off] == [h.key for h in path if h.model == 0]
+        assert [h.key for h in without_other_models(path)] == [h.key for h in off]
+        assert [h.scale for h in without_other_models(path)] == [h.scale for h in path if h.model == 0]

@@ -21,6 +21,9 @@ Example::
     # portfolio: shared genes (the uniform merges), per-source genes, then CMA-ES restarts
     #   search: {sampler: cmaes, trials: 120, portfolio: {shared_trials: 25, per_source_trials: 15,
     #            restarts: [{start: middle, trials: 45}, {start: best, sigma0: 0.2}]}}
+    # a dfs run, model A's own layers first: 60 trials over them (the own-layers control's search),
+    # then CMA-ES over every gene from the best of them
+    #   search: {sampler: cmaes, trials: 120, own_layers_first: {trials: 60}}
     threads: 1                      # torch threads of each evaluator process
     task_seed: null                 # default: the seed of the models' zoo world (zoo:small@1/...)
 
@@ -140,6 +143,19 @@ class PortfolioSpec(_Strict):
         return [r.trials if r.trials is not None else total - given for r in self.restarts]
 
 
+class OwnLayersFirstSpec(_Strict):
+    """A data-flow search in two stages (:mod:`shoal.evolve.dfs_stages`): ``trials`` of the budget
+    over the first model's own layers (every other model's slots off: the own-layers control's
+    space and search), then CMA-ES over every gene from the best of them, step ``sigma0``."""
+
+    trials: int | None = Field(default=None, ge=1)  # part of search.trials; None: half of it
+    sigma0: float | None = Field(default=None, gt=0)  # stage 2's step, gene units; None: search.sigma0 or 1/6
+
+    def stage_trials(self, total: int) -> int:
+        """Stage 1's share of ``total`` trials."""
+        return self.trials if self.trials is not None else total // 2
+
+
 class SearchSpec(_Strict):
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
     trials: int = Field(default=100, ge=1)  # completed candidates: failed and killed ones are re-run
@@ -151,11 +167,15 @@ class SearchSpec(_Strict):
     warm_start: WarmStartSpec | None = None
     # None: no portfolio; else shared / per-source stages and CMA-ES restarts (search.portfolio)
     portfolio: PortfolioSpec | None = None
+    # None: one stage; else a dfs run searches model A's own layers first (search.own_layers_first)
+    own_layers_first: OwnLayersFirstSpec | None = None
 
     @model_validator(mode="after")
     def _stages(self) -> "SearchSpec":
         if self.portfolio is not None:
             self._check_portfolio(self.portfolio)
+        if self.own_layers_first is not None:
+            self._check_own_layers_first(self.own_layers_first)
         if self.warm_start is None:
             return self
         if self.warm_start.trials >= self.trials:
@@ -168,6 +188,18 @@ class SearchSpec(_Strict):
             raise ValueError("search.sigma0 and warm_start are both given; the per-layer stage's step "
                              "is warm_start.sigma0")
         return self
+
+    def _check_own_layers_first(self, olf: OwnLayersFirstSpec) -> None:
+        first = olf.stage_trials(self.trials)
+        if not 1 <= first < self.trials:
+            raise ValueError(f"search.own_layers_first.trials ({first}) is part of search.trials ({self.trials}) "
+                             "and must be at least 1 and smaller, leaving trials to the search over every gene")
+        if self.sampler != "cmaes":
+            raise ValueError(f"search.own_layers_first restarts CMA-ES at stage 1's best point; search.sampler "
+                             f"is {self.sampler!r} (use 'cmaes' or drop own_layers_first)")
+        if self.warm_start is not None or self.portfolio is not None:
+            raise ValueError("search.own_layers_first is a data-flow (kind: dfs) search; search.warm_start "
+                             "and search.portfolio are parameter-space ones: give one of them")
 
     def _check_portfolio(self, pf: PortfolioSpec) -> None:
         if self.warm_start is not None:
@@ -315,6 +347,9 @@ class EvolveConfig(_Strict):
         if self.search.portfolio is not None and (self.kind != "ps" or self.space.layer_group_size is None):
             raise ValueError("search.portfolio: its stages search shared and per-model genes before the "
                              "per-layer ones, so it needs kind 'ps' and a space.layer_group_size")
+        if self.search.own_layers_first is not None and (self.kind != "dfs" or len(self.models) < 2):
+            raise ValueError("search.own_layers_first: stage 1 searches the first model's own layers with "
+                             "every other model's slots off, so it needs kind 'dfs' and at least two models")
         if self.prefix_maps and self.kind == "dfs":
             raise ValueError("prefix_map: a dfs run stacks whole decoder layers of like models; "
                              "prefix maps apply to parameter-space (ps) runs")

@@ -216,6 +216,12 @@ def _run_search(run: _Run, workers: int, executor: str, progress: ProgressFn) ->
             assert run.run_dir is not None
             run_portfolio(run.study, config, run.evaluator.gene_keys, evaluations, storage=run.storage,
                           study_name=run.study_name, run_dir=run.run_dir, progress=progress)
+        elif config.search.own_layers_first is not None:
+            from shoal.evolve.dfs_stages import run_own_layers_first
+
+            assert run.run_dir is not None
+            run_own_layers_first(run.study, config, run.evaluator.space, evaluations, storage=run.storage,
+                                 study_name=run.study_name, run_dir=run.run_dir, progress=progress)
         elif config.search.warm_start is not None:
             from shoal.evolve.stages import run_staged
 
@@ -317,6 +323,12 @@ def evolve(config: EvolveConfig, run_dir: str | Path, *, resume: bool = False, w
             from shoal.evolve import portfolio
 
             genome, fitness, validation = portfolio.select_final(
+                evaluator, study, storage=run.storage, study_name=run.study_name, run_dir=run_dir,
+                progress=progress)
+        elif config.search.own_layers_first is not None:  # the pick ranges over both stages' trials
+            from shoal.evolve import dfs_stages
+
+            genome, fitness, validation = dfs_stages.select_final(
                 evaluator, study, storage=run.storage, study_name=run.study_name, run_dir=run_dir,
                 progress=progress)
         else:

@@ -160,11 +160,16 @@ def run_staged(study: Any, config: EvolveConfig, fine_keys: list[str], evaluatio
 
 
 def completed_trials(study: Any, config: EvolveConfig, storage: str, study_name: str) -> int:
-    """Completed trials of the whole run: every stage when it has a warm start or a portfolio."""
+    """Completed trials of the whole run: every stage when it has a warm start, a portfolio or
+    ``own_layers_first``."""
     if config.search.portfolio is not None:
         from shoal.evolve.portfolio import completed_trials as portfolio_trials
 
         return portfolio_trials(study, config, storage, study_name)
+    if config.search.own_layers_first is not None:
+        from shoal.evolve.dfs_stages import completed_trials as two_stage_trials
+
+        return two_stage_trials(study, storage, study_name)
     done = finished_trials(study)
     if config.search.warm_start is None:
         return done

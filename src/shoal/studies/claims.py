@@ -12,8 +12,9 @@ Claim sets (``claims``):
   an equal-budget uniform search (Optuna over the two uniform genes, density and weight, as many
   trials, top-k re-ranked on validation as the evolved one) and the single-source control (the same
   search with one source held at weight 0) keeping math on every seed, and keeping the best source.
-- ``dfs``: data-flow space over math (model A) + lang against the best source and against DFS
-  over the math specialist's own layers alone (the config's default scaling; recorded).
+- ``dfs``: data-flow space over math (model A) + lang against the best source, against DFS
+  over the math specialist's own layers alone (the config's default scaling; recorded), and against
+  its own pick with the lang slots off (:mod:`shoal.studies.claims_dfs`).
 - ``psdfs``: DFS over the PS result (model A) + math against PS.
 - ``multitask``: per-layer TIES of math + lang + count on the three tasks' mean against an
   equal-budget uniform search; rows hold "kept" per problem (score / the specialist's test score).
@@ -39,8 +40,9 @@ from shoal.merge.recipe import load_recipe
 from shoal.progress import ProgressFn, no_progress
 from shoal.studies.claims_tables import (Claim, claim_markdown, claim_table, holds, mean_over_seeds, raw_markdown,
                                          searches_markdown)
+from shoal.studies.claims_dfs import DFS_SEARCHES, dfs_rows, psdfs_row
 from shoal.studies.claims_uniform import uniform_search
-from shoal.studies.evolve_demo import (CROSS_TASK, LANGUAGE_SPECIALIST, MATH_SPECIALIST, best_source, demo_config,
+from shoal.studies.evolve_demo import (CROSS_TASK, MATH_SPECIALIST, best_source, demo_config,
                                        warm_start_trials)
 
 CLAIM_SETS = ("ps", "dfs", "psdfs", "multitask")
@@ -61,6 +63,8 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
         Claim("dfs_vs_best_source", "DFS > best source", "dfs evolved", "best source"),
         Claim("dfs_vs_own_layers", "DFS > its own-layers control (math's layers alone)", "dfs evolved",
               "dfs control: math's own layers"),
+        Claim("dfs_lang_layers_add", "DFS's lang layers add to its path (its pick with the lang slots off)",
+              "dfs evolved", "dfs evolved, lang slots off"),
     ),
     "psdfs": (
         Claim("psdfs_vs_ps", "PS+DFS ≥ PS", "ps+dfs", "ps evolved", at_least=True),
@@ -154,17 +158,20 @@ def _test_scores(evaluator: Any, row: Any, task: str = CROSS_TASK) -> list[float
 def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), trials: int = 120,
              limit: int | None = None, uniform_sampler: str = "tpe", dfs_scaling: str | None = None,
              staged: bool = False, search: str | None = None, method: str | None = None,
-             progress: ProgressFn = no_progress) -> dict[str, Any]:
+             dfs_search: str = "single", progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) every search and row that ``claims`` need on one world; returns the
     content of ``out/scores.json``. ``dfs_scaling``: "matrix" or "per_slot" (None: the evolve
     config's default). ``search``: the PS searches' kind, one of PS_SEARCHES (None: "staged"
-    when ``staged``, else "single")."""
+    when ``staged``, else "single"). ``dfs_search``: the two-model DFS search, one of DFS_SEARCHES
+    ("own_layers_first": ``search.own_layers_first``; the control is one stage either way)."""
     from shoal.evolve.evaluators import Evaluator
     from shoal.evolve.run import evolve, resolve_config
 
     unknown = [c for c in claims if c not in CLAIM_SETS]
     if unknown:
         raise ConfigError(f"unknown claims {unknown}; choose from {', '.join(CLAIM_SETS)}")
+    if dfs_search not in DFS_SEARCHES:
+        raise ConfigError(f"unknown DFS search {dfs_search!r}; choose from {', '.join(DFS_SEARCHES)}")
     out = Path(out)
     data = _load_scores(out / SCORES_FILE) or {"seed": world.seed, "world": str(world.root), "rows": {}}
     if data.get("seed") != world.seed:
@@ -201,9 +208,9 @@ def run_seed(world: Any, out: str | Path, *, claims: Sequence[str] = ("ps",), tr
     finally:
         evaluator.close()
     if "dfs" in claims:
-        _dfs_rows(run, config, math_path)
+        dfs_rows(run, math_path, dfs_search)
     if "psdfs" in claims:
-        _psdfs_row(run, config, math_path)
+        psdfs_row(run, math_path)
     if "multitask" in claims:
         _multitask_rows(run)
     return data
@@ -227,55 +234,6 @@ def _ps_baselines(run: SeedRun, config: EvolveConfig, evaluator: Any, keep: str,
         run.searched(name, result.best_fitness, result.best_validation, result.trials)
         recipe = load_recipe(folder / BEST_RECIPE)
         run.row(name, recipe.to_yaml(), lambda r=recipe: (_test_scores(evaluator, r), Path(kept).name))
-
-
-def dfs_config(models: Sequence[str], world_seed: int, *, trials: int, limit: int | None,
-               scaling: str | None = None) -> EvolveConfig:
-    """``examples/evolve_dfs.yaml``'s search (r = 3, at most 12 hops, scales in [0, 2]) over
-    ``models``, on the world's own splits; ``scaling`` None: the config's default."""
-    dfs: dict[str, Any] = {"repeats": 3, "max_hops": 12, "scale_range": [0.0, 2.0]}
-    if scaling is not None:
-        dfs["scaling"] = scaling
-    return parse_evolve_config({
-        "kind": "dfs", "models": list(models), "dfs": dfs,
-        "fitness": {"task": CROSS_TASK, "split": "fitness", "limit": limit},
-        "validation": {"task": CROSS_TASK, "split": "validation", "limit": limit, "top_k": 5},
-        "report": {"tasks": [CROSS_TASK], "split": "test"},
-        "search": {"sampler": "cmaes", "trials": trials, "seed": world_seed},
-        "seed": world_seed, "task_seed": world_seed,
-    }, where="claims dfs config")
-
-
-def _dfs_search_row(run: SeedRun, name: str, folder: str, models: Sequence[str]) -> None:
-    from shoal.evolve.evaluators import DfsEvaluator
-    from shoal.evolve.run import evolve, resolve_config
-
-    config = dfs_config(models, run.world.seed, trials=run.trials, limit=run.limit, scaling=run.dfs_scaling)
-    folder = f"{folder}-{config.dfs.scaling}"  # both scalings may be run into one DIR, one at a time
-    result = evolve(config, run.out / folder, resume=True, write_model=False, report=False,
-                    progress=run.stage(name))
-    run.searched(name, result.best_fitness, result.best_validation, result.trials,
-                 scaling=config.dfs.scaling, path=result.description)
-
-    def compute() -> tuple[list[float], str]:
-        evaluator = DfsEvaluator(resolve_config(config, run.out / folder))
-        try:
-            return _test_scores(evaluator, dict(result.genome)), f"{config.dfs.scaling} scaling"
-        finally:
-            evaluator.close()
-
-    run.row(name, json.dumps([sorted(result.genome.items()), config.dfs.scaling, list(models)]), compute)
-
-
-def _dfs_rows(run: SeedRun, config: EvolveConfig, math_path: str) -> None:
-    lang_path = str(run.world.model(LANGUAGE_SPECIALIST))
-    _dfs_search_row(run, "dfs evolved", "dfs-evolved", [math_path, lang_path])
-    _dfs_search_row(run, "dfs control: math's own layers", "dfs-control-math", [math_path])
-
-
-def _psdfs_row(run: SeedRun, config: EvolveConfig, math_path: str) -> None:
-    recipe = run.out / "ps-evolved" / BEST_RECIPE
-    _dfs_search_row(run, "ps+dfs", "psdfs", [str(recipe), math_path])
 
 
 def multitask_config(world: Any, *, trials: int, limit: int | None) -> EvolveConfig:

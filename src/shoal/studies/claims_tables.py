@@ -68,8 +68,11 @@ def claim_table(claim: Claim, seeds: Mapping[int, Mapping[str, Sequence[float]]]
 
 
 def holds(claim: Claim, row: Difference) -> bool:
-    """The claim holds on a seed: a gain of at least 2 SE (for "≥": no loss of 2 SE or more)."""
-    return row.diff > -2 * row.se if claim.at_least else row.diff >= 2 * row.se
+    """The claim holds on a seed: a gain of at least 2 SE, and a gain (two identical rows, SE 0, are
+    no gain); for "≥": no loss of 2 SE or more."""
+    if claim.at_least:
+        return row.diff >= 0 or row.diff > -2 * row.se
+    return row.diff > 0 and row.diff >= 2 * row.se
 
 
 def mean_over_seeds(rows: Sequence[Difference]) -> tuple[float, float]:
