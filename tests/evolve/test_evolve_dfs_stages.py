@@ -19,6 +19,7 @@ from shoal.evolve.dfs_stages import (RECORD_FILE, STAGE_SUFFIX, START_ATTR, comp
 from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.workers import InProcess
 from shoal.flow.genome import DfsLayout, DfsSpace
+from run_kill import kill_when, two_stage_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -232,26 +233,13 @@ def test_a_run_on_the_micro_world_repeats_its_controls_first_trials(tmp_path: Pa
 
 
 def _stage_states(db: Path) -> dict[str, list[str]]:
-    """Trial states per stage, read without Optuna (opening a storage races the run creating it)."""
-    import sqlite3
-
-    if not db.exists():
-        return {"own": [], "all": []}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
-            rows = connection.execute("SELECT s.study_name, t.state FROM trials t JOIN studies s "
-                                      "ON t.study_id = s.study_id ORDER BY t.number").fetchall()
-    except sqlite3.Error:
-        return {"own": [], "all": []}
-    return {"own": [state for name, state in rows if name.endswith(STAGE_SUFFIX)],
-            "all": [state for name, state in rows if not name.endswith(STAGE_SUFFIX)]}
+    return two_stage_states(db, STAGE_SUFFIX, "own", "all")
 
 
 def test_kill_9_inside_stage_2_then_resume_meets_the_budget(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
     import os
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -270,21 +258,11 @@ def test_kill_9_inside_stage_2_then_resume_meets_the_budget(tmp_path: Path, micr
     args = [sys.executable, "-m", "shoal.cli.main", "evolve", str(config_path), "--run-dir", str(run_dir),
             "-q", "--no-model"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.time() + 300
-        while True:  # stage 2 under way, one of its trials running
-            states = _stage_states(run_dir / "study.db")
-            if states["all"].count("COMPLETE") >= 1 and states["all"][-1:] == ["RUNNING"]:
-                break
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.time() < deadline, f"stage 2 did not start in 300 s: {states}"
-            time.sleep(0.02)
-        process.kill()
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    def ready() -> bool:  # stage 2 under way, one of its trials running
+        states = _stage_states(run_dir / "study.db")["all"]
+        return states.count("COMPLETE") >= 1 and states[-1:] == ["RUNNING"]
+
+    kill_when(process, ready, "stage 2", poll=0.02)
     started = json.loads((run_dir / RECORD_FILE).read_text())
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

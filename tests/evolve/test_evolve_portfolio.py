@@ -16,6 +16,7 @@ from shoal.evolve.portfolio import (HISTORY_ATTR, PORTFOLIO_FILE, START_ATTR, co
                                     run_portfolio, select_final, shared_key)
 from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.workers import InProcess
+from run_kill import kill_when, study_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -228,29 +229,10 @@ def test_a_bad_portfolio_is_a_config_error_naming_the_key(change: dict, words: s
 
 # -- a whole run on the micro world: kill -9 inside a restart, then --resume -------------------
 
-def _states(db: Path) -> dict[str, list[str]]:
-    """Trial states per study, read without Optuna (opening a storage races the run creating it)."""
-    import sqlite3
-
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
-            rows = connection.execute("SELECT s.study_name, t.state FROM trials t JOIN studies s "
-                                      "ON t.study_id = s.study_id ORDER BY t.number").fetchall()
-    except sqlite3.Error:
-        return {}
-    out: dict[str, list[str]] = {}
-    for name, state in rows:
-        out.setdefault(name, []).append(state)
-    return out
-
-
 def test_kill_9_inside_a_restart_then_resume_meets_the_budget(tmp_path: Path, micro_world) -> None:  # type: ignore[no-untyped-def]
     import os
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -272,27 +254,17 @@ def test_kill_9_inside_a_restart_then_resume_meets_the_budget(tmp_path: Path, mi
     args = [sys.executable, "-m", "shoal.cli.main", "evolve", str(config_path), "--run-dir", str(run_dir),
             "-q", "--no-model"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.time() + 300
-        while True:  # two trials into restart 0, one of them running
-            states = _states(run_dir / "study.db")
-            mine = next((v for k, v in states.items() if k.endswith(".restart-0")), [])
-            if mine.count("COMPLETE") >= 2 and mine[-1:] == ["RUNNING"]:
-                break
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.time() < deadline, f"restart 0 did not run in 300 s: {states}"
-            time.sleep(0.05)
-        process.kill()
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    def ready() -> bool:  # two trials into restart 0, one of them running
+        states = study_states(run_dir / "study.db")
+        mine = next((v for k, v in states.items() if k.endswith(".restart-0")), [])
+        return mine.count("COMPLETE") >= 2 and mine[-1:] == ["RUNNING"]
+
+    kill_when(process, ready, "restart 0")
     x0 = json.loads((run_dir / PORTFOLIO_FILE).read_text())["stages"][2]["x0"]
     assert x0 == {k: 0.5 for k in x0}
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    states = _states(run_dir / "study.db")
+    states = study_states(run_dir / "study.db")
     by_stage = {name.rsplit(".", 1)[-1] if "." in name else "last": v for name, v in states.items()}
     counts = {k: v.count("COMPLETE") for k, v in by_stage.items()}
     # per-source holds its 2 trials and the shared stage's 2 as history

@@ -14,6 +14,7 @@ from shoal.evolve.config import parse_evolve_config
 from shoal.evolve.search import default_storage, open_study
 from shoal.evolve.stages import STAGE_SUFFIX, WARM_START_FILE, coarse_key, expand, run_staged
 from shoal.evolve.workers import InProcess
+from run_kill import kill_when, two_stage_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -172,19 +173,7 @@ def test_a_bad_warm_start_is_a_config_error_naming_the_key(change: dict, words: 
 # -- a whole run on the micro world: kill -9 in either stage, then --resume ------------------
 
 def _stage_states(db: Path) -> dict[str, list[str]]:
-    """Trial states per stage, read without Optuna (opening a storage races the run creating it)."""
-    import sqlite3
-
-    if not db.exists():
-        return {"warm": [], "fine": []}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
-            rows = connection.execute("SELECT s.study_name, t.state FROM trials t JOIN studies s "
-                                      "ON t.study_id = s.study_id ORDER BY t.number").fetchall()
-    except sqlite3.Error:
-        return {"warm": [], "fine": []}
-    return {"warm": [state for name, state in rows if name.endswith(STAGE_SUFFIX)],
-            "fine": [state for name, state in rows if not name.endswith(STAGE_SUFFIX)]}
+    return two_stage_states(db, STAGE_SUFFIX, "warm", "fine")
 
 
 @pytest.mark.parametrize("stage", ["warm", "fine"])
@@ -192,7 +181,6 @@ def test_kill_9_in_either_stage_then_resume_meets_the_budget(tmp_path: Path, mic
     import os
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -216,21 +204,11 @@ def test_kill_9_in_either_stage_then_resume_meets_the_budget(tmp_path: Path, mic
     args = [sys.executable, "-m", "shoal.cli.main", "evolve", str(config_path), "--run-dir", str(run_dir),
             "-q", "--no-model"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.time() + 300
-        while True:  # a few trials into the stage, one of them running
-            states = _stage_states(run_dir / "study.db")
-            if states[stage].count("COMPLETE") >= (2 if stage == "warm" else 1) and states[stage][-1:] == ["RUNNING"]:
-                break
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.time() < deadline, f"stage {stage} did not start in 300 s: {states}"
-            time.sleep(0.05)
-        process.kill()
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    def ready() -> bool:  # a few trials into the stage, one of them running
+        states = _stage_states(run_dir / "study.db")[stage]
+        return states.count("COMPLETE") >= (2 if stage == "warm" else 1) and states[-1:] == ["RUNNING"]
+
+    kill_when(process, ready, f"stage {stage} under way")
     killed = _stage_states(run_dir / "study.db")
     assert killed[stage].count("COMPLETE") < (warm if stage == "warm" else trials - warm)
     assert (run_dir / WARM_START_FILE).exists() == (stage == "fine")
