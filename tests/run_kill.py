@@ -50,3 +50,23 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, *
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class RecordingFitness:
+    """A fitness over genomes that records what it was asked, in order, and raises
+    KeyboardInterrupt (a kill) once it has answered ``stop_after`` genomes. Subclasses give
+    ``score(genome) -> float``."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.seen: list[dict[str, float]] = []
+        self.stop_after = stop_after
+
+    def score(self, genome: dict[str, float]) -> float:
+        raise NotImplementedError
+
+    def __call__(self, genome: dict[str, float]) -> tuple[float, dict]:
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise KeyboardInterrupt
+        value = self.score(genome)
+        self.seen.append(dict(genome))
+        return value, {}

@@ -19,7 +19,7 @@ from shoal.evolve.dfs_stages import (RECORD_FILE, STAGE_SUFFIX, START_ATTR, comp
 from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.workers import InProcess
 from shoal.flow.genome import DfsLayout, DfsSpace
-from run_kill import kill_when, two_stage_states
+from run_kill import RecordingFitness, kill_when, two_stage_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -47,17 +47,10 @@ def score(genome: dict[str, float]) -> float:
     return -(genome["I3"] - 0.9) ** 2 - sum((v - 0.6) ** 2 for k, v in genome.items() if k.startswith("W")) / 25
 
 
-class Recorder:
-    def __init__(self, stop_after: int | None = None):
-        self.seen: list[dict[str, float]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, genome: dict[str, float]) -> tuple[float, dict]:
-        if self.stop_after is not None and len(self.seen) >= self.stop_after:
-            raise KeyboardInterrupt
+class Recorder(RecordingFitness):
+    def score(self, genome: dict[str, float]) -> float:
         assert sorted(genome) == sorted(SPACE.keys)  # always a full genome
-        self.seen.append(dict(genome))
-        return score(genome), {}
+        return score(genome)
 
 
 def open_run(tmp_path: Path, cfg):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from shoal.evolve.portfolio import (HISTORY_ATTR, PORTFOLIO_FILE, START_ATTR, co
                                     run_portfolio, select_final, shared_key)
 from shoal.evolve.search import default_storage, open_study, run_trials
 from shoal.evolve.workers import InProcess
-from run_kill import kill_when, study_states
+from run_kill import RecordingFitness, kill_when, study_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -44,18 +44,11 @@ def bump(genome: dict[str, float]) -> float:
     return -sum((v - (0.2 if k.startswith("m0") else 0.7)) ** 2 for k, v in genome.items())
 
 
-class Recorder:
+class Recorder(RecordingFitness):
     """The bump as a fitness, recording what it was asked in order; raises after ``stop_after``."""
 
-    def __init__(self, stop_after: int | None = None):
-        self.seen: list[dict[str, float]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, genome: dict[str, float]) -> tuple[float, dict]:
-        if self.stop_after is not None and len(self.seen) >= self.stop_after:
-            raise KeyboardInterrupt
-        self.seen.append(dict(genome))
-        return bump(genome), {}
+    def score(self, genome: dict[str, float]) -> float:
+        return bump(genome)
 
 
 def open_run(tmp_path: Path, cfg):  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from shoal.evolve.config import parse_evolve_config
 from shoal.evolve.search import default_storage, open_study
 from shoal.evolve.stages import STAGE_SUFFIX, WARM_START_FILE, coarse_key, expand, run_staged
 from shoal.evolve.workers import InProcess
-from run_kill import kill_when, two_stage_states
+from run_kill import RecordingFitness, kill_when, two_stage_states
 from search_config_cases import assert_search_config_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -31,19 +31,11 @@ def config(trials: int = 20, warm: int = 8, sigma0: float = 0.1, **search: objec
                    "warm_start": {"trials": warm, "sampler": "tpe", "sigma0": sigma0}, **search}})
 
 
-class Recorder:
-    """A fitness over genomes (a smooth bump) that records what it was asked, in order."""
+class Recorder(RecordingFitness):
+    """A smooth bump over genomes that records what it was asked, in order."""
 
-    def __init__(self, stop_after: int | None = None):
-        self.seen: list[dict[str, float]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, genome: dict[str, float]) -> tuple[float, dict]:
-        if self.stop_after is not None and len(self.seen) >= self.stop_after:
-            raise KeyboardInterrupt
-        self.seen.append(dict(genome))
-        value = -sum((v - (0.2 if k.startswith("m0") else 0.7)) ** 2 for k, v in genome.items())
-        return value, {}
+    def score(self, genome: dict[str, float]) -> float:
+        return -sum((v - (0.2 if k.startswith("m0") else 0.7)) ** 2 for k, v in genome.items())
 
 
 def studies(tmp_path: Path, cfg):  # type: ignore[no-untyped-def]
