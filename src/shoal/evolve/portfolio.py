@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 from shoal.errors import ConfigError
 from shoal.evolve.config import EvolveConfig, RestartSpec, SearchSpec
-from shoal.evolve.search import finished_trials, make_sampler, open_study, run_trials
+from shoal.evolve.search import make_sampler, open_study, run_trials
 from shoal.evolve.stages import coarse_key, coarse_keys, expand
 from shoal.evolve.workers import Evaluations, Outcome
 from shoal.progress import ProgressFn, no_progress
