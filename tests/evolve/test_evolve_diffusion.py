@@ -166,7 +166,8 @@ def test_weights_decode_to_a_block_filtered_recipe(pipes):
     assert lang[-1] == {"value": 0.25} and all(v["value"] == 0.25 for v in lang)
 
 
-def test_the_decoded_recipe_merges_to_the_in_memory_candidate(pipes, tmp_path):
+@pytest.mark.parametrize("genes", ["blocks", "parts"])
+def test_the_decoded_recipe_merges_to_the_in_memory_candidate(pipes, tmp_path, genes):
     """What the search scored is what ``shoal merge`` builds from the recipe it writes."""
     from safetensors.torch import load_file
 
@@ -178,7 +179,8 @@ def test_the_decoded_recipe_merges_to_the_in_memory_candidate(pipes, tmp_path):
         pipe.save_pretrained(str(tmp_path / name), safe_serialization=True)
         folders[name] = str(tmp_path / name)
     candidates = PipelineCandidates(base, specialists)
-    space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"))
+    space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"),
+                        genes=genes)
     rng = np.random.default_rng(3)
     weights = space.weights(rng.uniform(0, 1, space.size).tolist())
     resident = candidates.apply(weights)
@@ -192,3 +194,84 @@ def test_the_decoded_recipe_merges_to_the_in_memory_candidate(pipes, tmp_path):
         assert set(written) == set(live)
         for name, tensor in written.items():
             torch.testing.assert_close(tensor, live[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Interrupting:
+    """A fitness over the resident pipeline that records each call and raises KeyboardInterrupt
+    (the process stopped) after ``stop_after`` answers."""
+
+    def __init__(self, candidates, stop_after=None):
+        self.key = ("text_encoder", "final_layer_norm.weight")
+        self.candidates, self.stop_after, self.seen = candidates, stop_after, []
+
+    def __call__(self, pipe) -> float:
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise KeyboardInterrupt
+        got = pipe.text_encoder.state_dict()[self.key[1]] - self.candidates._base[self.key]
+        value = -float(got.abs().sum())
+        self.seen.append(value)
+        return value
+
+
+def test_a_stopped_per_block_search_resumes_from_its_study(pipes, tmp_path):
+    base, specialists = pipes
+    candidates = PipelineCandidates(base, specialists)
+    space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"),
+                        genes="parts")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = _Interrupting(candidates, stop_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        evolve_blocks(candidates, space, first, first, evaluations=20, population=6, seed=0,
+                      storage=storage)
+    again = _Interrupting(candidates)
+    trace = evolve_blocks(candidates, space, again, again, evaluations=20, population=6, seed=0,
+                          storage=storage)
+    assert len(trace.fitness) == 20 and trace.fitness[:7] == first.seen  # the 7 done are kept
+    assert len(again.seen) == 13 + 3  # only the rest of the budget, then the top 3 on validation
+    import optuna
+
+    study = optuna.load_study(study_name="diffusion-per-block", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 20 and states.count("FAIL") == 1  # the interrupted one
+    # a finished study is not searched again, and a smaller budget than it holds is refused
+    done = _Interrupting(candidates)
+    assert evolve_blocks(candidates, space, done, done, evaluations=20, population=6, seed=0,
+                         storage=storage).fitness == trace.fitness
+    assert len(done.seen) == 3
+    with pytest.raises(ConfigError, match="already holds 20 evaluations"):
+        evolve_blocks(candidates, space, done, done, evaluations=10, storage=storage)
+
+
+def test_a_stopped_uniform_search_scans_each_point_once(pipes, tmp_path):
+    base, specialists = pipes
+    candidates = PipelineCandidates(base, specialists)
+    space = block_space(base.unet.state_dict(), base.text_encoder.state_dict(), ("lang", "fast"))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = _Interrupting(candidates, stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        uniform_search(candidates, space, first, first, evaluations=9, storage=storage)
+    again = _Interrupting(candidates)
+    trace = uniform_search(candidates, space, again, again, evaluations=9, storage=storage)
+    assert [g[0] for g in trace.genomes] == pytest.approx(np.linspace(0, 1, 9).tolist())
+    assert len(again.seen) == 5 + 3
+
+
+def test_part_genes_set_every_block_of_their_part(pipes):
+    base, _ = pipes
+    unet, text = base.unet.state_dict(), base.text_encoder.state_dict()
+    blocks = block_space(unet, text, ("lang", "fast"))
+    parts = block_space(unet, text, ("lang", "fast"), genes="parts")
+    assert parts.groups == blocks.groups  # the merge is written in the same groups
+    assert parts.gene_groups == ("unet_down", "unet_mid", "unet_up", UNET_REST, "text_encoder")
+    assert parts.size == 10 and [g.key for g in parts.genes][:2] == ["lang:unet_down", "lang:unet_mid"]
+    genome = [i / 10 for i in range(10)]
+    weights = parts.weights(genome)
+    assert set(weights) == {(m, g) for m in ("lang", "fast") for g in blocks.groups}
+    from shoal.flow.genes import to_range
+    for (model, group), weight in weights.items():
+        index = ("lang", "fast").index(model) * 5
+        part = (0 if group.startswith("IN") else 1 if group == "M00" else 2 if group.startswith("OUT")
+                else 3 if group == UNET_REST else 4)
+        assert weight == pytest.approx(to_range(genome[index + part], 0, 2)), (model, group)
+    with pytest.raises(ConfigError, match="unknown gene level 'layers'"):
+        block_space(unet, text, ("lang",), genes="layers")

@@ -52,6 +52,22 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
         assert abs(d["difference"] - (rows[6]["accuracy"] - other["accuracy"])) < 1e-9
         assert d["n"] == test_n and d["drawings"] == test_n and d["stderr"] >= 0
     assert "| evolved minus |" in report
+    # the same command again resumes the finished searches (nothing re-searched) and prints the table
     table = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
-                                     "--evaluations", "2", "--test-copies", "1", "--quiet"])
+                                     "--evaluations", "4", "--test-copies", "1", "--quiet"])
     assert table.exit_code == 0 and "| base | 20 |" in table.stdout
+    assert json.loads((out / "trace.json").read_text())["evolved"] == trace["evolved"]
+    # other settings in the same folder are refused, in one line, and the folder is left as it was
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
+                                     "--evaluations", "2", "--test-copies", "1", "--quiet"])
+    assert other.exit_code == 2
+    assert "other settings (evaluations: 4 there, 2 now); use a new --out" in other.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # the coarse genes: one per UNet part and one for the text encoder, per specialist
+    parts = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(tmp_path / "parts"),
+                                     "--evaluations", "2", "--test-copies", "1", "--genes", "parts",
+                                     "--json", "--quiet"])
+    assert parts.exit_code == 0, parts.output
+    assert json.loads(parts.stdout)["rows"][6]["label"] == "evolved (per part, 10 genes)"
+    assert len(json.loads((tmp_path / "parts" / "trace.json").read_text())["genes"]) == 10

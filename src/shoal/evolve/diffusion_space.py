@@ -9,6 +9,11 @@ norm. One gene per (specialist, group), in [0, 1], onto ``[low, high]`` through 
 transform every search space shares (:func:`shoal.flow.genes.to_range`), so the start point
 0.5 is the plain task-arithmetic merge with weight ``(low + high) / 2``.
 
+The genes can be coarser than the groups (``genes="parts"``): one gene per specialist for the
+UNet's down blocks (``IN..``), its middle block, its up blocks (``OUT..``), the UNet tensors in
+no block, and the whole text encoder. The groups stay what the merge and its recipe are
+written in; a coarse gene sets the weight of every group it covers.
+
 Decoding a genome gives a mergekit-style recipe (``task_arithmetic``, per-model ``weight``
 as a filter list over block names and text-encoder prefixes) that ``shoal merge`` builds.
 """
@@ -63,6 +68,25 @@ def _group_order(group: str) -> tuple[int, int]:
     return kind, int(group[-2:])
 
 
+GENE_LEVELS = ("blocks", "parts")
+UNET_PARTS = {"IN": "unet_down", "M": "unet_mid", "OUT": "unet_up"}
+
+
+def gene_group(group: str, genes: str = "blocks") -> str:
+    """The gene that sets ``group``'s weight: the group itself (``blocks``), or its part
+    (``parts``: ``unet_down`` / ``unet_mid`` / ``unet_up`` / ``unet_rest`` / ``text_encoder``)."""
+    if genes == "blocks" or group == UNET_REST:
+        return group
+    if genes != "parts":
+        raise ConfigError(f"unknown gene level {genes!r}; expected one of {list(GENE_LEVELS)}")
+    if group.startswith("te_"):
+        return TEXT
+    for prefix, part in UNET_PARTS.items():
+        if group.startswith(prefix) and group[len(prefix):].isdigit():
+            return part
+    raise ConfigError(f"group {group!r} is in no UNet part")
+
+
 @dataclass(frozen=True)
 class BlockGene:
     key: str  # the genome's name for it: "<model>:<group>"
@@ -79,41 +103,51 @@ class DiffusionSpace:
     low: float = 0.0
     high: float = 2.0
     text_root: str = ""  # how the text encoder's tensor names begin ("" or "text_model.")
+    level: str = "blocks"  # one gene per group ("blocks") or per UNet part / text encoder ("parts")
 
     def __post_init__(self) -> None:
         if not self.models or not self.groups:
             raise ConfigError("a diffusion search space needs at least one model and one group")
         if not self.low < self.high:
             raise ConfigError(f"weight range [{self.low}, {self.high}] is empty")
+        if self.level not in GENE_LEVELS:
+            raise ConfigError(f"unknown gene level {self.level!r}; expected one of {list(GENE_LEVELS)}")
+
+    @property
+    def gene_groups(self) -> tuple[str, ...]:
+        """The groups that have a gene of their own, in the groups' order."""
+        return tuple(dict.fromkeys(gene_group(g, self.level) for g in self.groups))
 
     @property
     def genes(self) -> tuple[BlockGene, ...]:
-        return tuple(BlockGene(f"{m}:{g}", m, g) for m in self.models for g in self.groups)
+        return tuple(BlockGene(f"{m}:{g}", m, g) for m in self.models for g in self.gene_groups)
 
     @property
     def size(self) -> int:
-        return len(self.models) * len(self.groups)
+        return len(self.models) * len(self.gene_groups)
 
     def weights(self, genome: Sequence[float]) -> dict[tuple[str, str], float]:
-        """``(model, group) -> weight`` for a genome listed in :attr:`genes` order."""
+        """``(model, group) -> weight`` for every group, from a genome in :attr:`genes` order."""
         if len(genome) != self.size:
             raise ConfigError(f"a genome of {len(genome)} genes for a space of {self.size}")
-        return {(g.model, g.group): to_range(float(x), self.low, self.high)
-                for g, x in zip(self.genes, genome)}
+        per_gene = {(g.model, g.group): to_range(float(x), self.low, self.high)
+                    for g, x in zip(self.genes, genome)}
+        return {(m, g): per_gene[(m, gene_group(g, self.level))] for m in self.models for g in self.groups}
 
     def uniform_weights(self, weight: float) -> dict[tuple[str, str], float]:
         """Every model and group at ``weight`` (the uniform merge, and the uniform search's point)."""
-        return {(g.model, g.group): weight for g in self.genes}
+        return {(m, g): weight for m in self.models for g in self.groups}
 
 
 def block_space(unet_names: Iterable[str], text_names: Iterable[str], models: Sequence[str], *,
-                low: float = 0.0, high: float = 2.0) -> DiffusionSpace:
-    """The per-block space over a pipeline whose UNet and text encoder have these tensors."""
+                low: float = 0.0, high: float = 2.0, genes: str = "blocks") -> DiffusionSpace:
+    """The per-block space over a pipeline whose UNet and text encoder have these tensors,
+    with one gene per group (``genes="blocks"``) or per UNet part and text encoder (``"parts"``)."""
     text_names = list(text_names)
     groups = sorted(set(tensor_groups(unet_names, text_names).values()), key=_group_order)
     root = _TEXT_ROOT if any(n.startswith(_TEXT_ROOT) for n in text_names) else ""
     return DiffusionSpace(models=tuple(models), groups=tuple(groups), low=low, high=high,
-                          text_root=root)
+                          text_root=root, level=genes)
 
 
 def _filters(group: str, text_layers: Mapping[str, str]) -> str:

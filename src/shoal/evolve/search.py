@@ -31,10 +31,13 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def make_storage(url: str) -> Any:
+def make_storage(url: str | None) -> Any:
     """An Optuna storage for ``url``: ``sqlite:///...``, ``postgresql://...``, or
-    ``journal:PATH`` for a journal file (good for many processes on one machine or a shared disk)."""
+    ``journal:PATH`` for a journal file (good for many processes on one machine or a shared disk);
+    ``None`` keeps the study in memory (nothing to resume)."""
     optuna = _optuna()
+    if url is None:
+        return optuna.storages.InMemoryStorage()
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -68,14 +71,16 @@ def make_sampler(spec: SearchSpec, x0: dict[str, float] | None = None) -> Any:
                                             warn_independent_sampling=False, **kwargs)
 
 
-def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
-               x0: dict[str, float] | None = None, study_name: str = STUDY_NAME) -> Any:
+def open_study(storage_url: str | None, gene_keys: list[str], spec: SearchSpec, *, resume: bool,
+               x0: dict[str, float] | None = None, study_name: str = STUDY_NAME,
+               sampler: Any | None = None) -> Any:
     """Create the study, or load it to resume.
 
     Trials left running by a killed process are marked failed ("interrupted"), so they are
     neither lost silently nor counted as done: the search re-runs their budget slots. Only
     the holder of the run folder's lock (:mod:`shoal.evolve.lock`) may call this, since a
-    live run's running trials would look the same."""
+    live run's running trials would look the same. ``sampler`` replaces the one ``spec`` names
+    (a grid, for a scan of one gene)."""
     optuna = _optuna()
     try:
         storage = make_storage(storage_url)
@@ -89,7 +94,8 @@ def open_study(storage_url: str, gene_keys: list[str], spec: SearchSpec, *, resu
         raise ConfigError(f"a study already exists in {storage_url}; pass resume=True to continue it or "
                           "use a new run folder")
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                sampler=make_sampler(spec, x0), load_if_exists=True)
+                                sampler=sampler if sampler is not None else make_sampler(spec, x0),
+                                load_if_exists=True)
     study.set_user_attr("genes", list(gene_keys))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)

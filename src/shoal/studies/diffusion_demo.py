@@ -27,13 +27,14 @@ from typing import Any, Sequence
 
 import torch
 
+from shoal.errors import ConfigError
 from shoal.eval.drawing import DrawingScore, draw, judge_images, score_drawing
 from shoal.eval.scoring import mean_stderr
 from shoal.evolve.diffusion_search import PipelineCandidates, evolve_blocks, uniform_search
-from shoal.evolve.diffusion_space import block_space, weights_recipe
+from shoal.evolve.diffusion_space import GENE_LEVELS, block_space, weights_recipe
 from shoal.flow.genes import to_range
 from shoal.progress import ProgressFn, no_progress
-from shoal.zoo.diffusion_build import build_drawing_world, load_pipeline
+from shoal.zoo.diffusion_build import DRAWING_WORLD_VERSION, build_drawing_world, load_pipeline
 from shoal.zoo.diffusion_models import FEW_STEPS, MANY_STEPS
 from shoal.zoo.judge import read_images
 
@@ -137,13 +138,60 @@ def _grid_png(rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], 
     sheet.save(path)
 
 
+SETTINGS_FILE = "demo_settings.json"
+STUDY_FILE = "study.db"
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """The searches of ``out`` resume only under the settings they were started with."""
+    path = out / SETTINGS_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read {path}: {err}") from None
+        changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        if changed:
+            raise ConfigError(f"{out} holds a diffusion demo run with other settings "
+                              f"({', '.join(f'{k}: {saved.get(k)!r} there, {settings[k]!r} now' for k in changed)}); "
+                              "use a new --out")
+    elif (out / STUDY_FILE).exists():
+        raise ConfigError(f"{out / STUDY_FILE} exists but {SETTINGS_FILE} does not; use a new --out")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def evolved_label(space: Any) -> str:
+    """The evolved row's label: ``evolved (per block)``, or per part for the coarse genes."""
+    return "evolved (per block)" if space.level == "blocks" else f"evolved (per part, {space.size} genes)"
+
+
 def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
                        evaluations: int = 120, test_copies: int = 8, search_copies: int = 16,
-                       progress: ProgressFn | None = None) -> DiffusionDemoResult:
-    """Build (or find) the drawing world, run both searches, score every row, write the files."""
+                       genes: str = "blocks", progress: ProgressFn | None = None) -> DiffusionDemoResult:
+    """Build (or find) the drawing world, run both searches, score every row, write the files.
+
+    Both searches keep their Optuna studies in ``out/study.db``: a run that was killed resumes
+    where it stopped when started again with the same ``out`` and settings (a finished one is
+    scored again without searching); other settings in the same ``out`` are refused."""
+    from shoal.evolve.lock import run_lock
+    from shoal.evolve.search import default_storage
+
     report = progress or no_progress
     out = Path(out)
+    if genes not in GENE_LEVELS:
+        raise ConfigError(f"unknown gene level {genes!r}; expected one of {list(GENE_LEVELS)}")
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        _check_settings(out, {"size": size, "seed": seed, "evaluations": evaluations,
+                              "search_copies": search_copies, "genes": genes,
+                              "world_version": DRAWING_WORLD_VERSION})
+        return _run(size=size, seed=seed, out=out, evaluations=evaluations, test_copies=test_copies,
+                    search_copies=search_copies, genes=genes, storage=default_storage(out),
+                    report=report)
+
+
+def _run(*, size: str, seed: int, out: Path, evaluations: int, test_copies: int, search_copies: int,
+         genes: str, storage: str, report: ProgressFn) -> DiffusionDemoResult:
     world = build_drawing_world(size, seed=seed, progress=report)
     judge = world.judge()
 
@@ -160,11 +208,11 @@ def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
 
     candidates = PipelineCandidates(pipes["base"], {m: pipes[m] for m in SPECIALISTS})
     space = block_space(pipes["base"].unet.state_dict(), pipes["base"].text_encoder.state_dict(),
-                        SPECIALISTS)
+                        SPECIALISTS, genes=genes)
     evolved = evolve_blocks(candidates, space, on(fitness_task), on(validation_task),
-                            evaluations=evaluations, seed=seed, progress=report)
+                            evaluations=evaluations, seed=seed, storage=storage, progress=report)
     uniform = uniform_search(candidates, space, on(fitness_task), on(validation_task),
-                             evaluations=evaluations, progress=report)
+                             evaluations=evaluations, storage=storage, progress=report)
     uniform_weight = to_range(uniform.picked[0], space.low, space.high)
     evolved_weights = space.weights(evolved.picked)
 
@@ -185,7 +233,7 @@ def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
     row("uniform merge (weight 1)", candidates.apply(space.uniform_weights(1.0)), FEW_STEPS)
     row(f"uniform search (weight {uniform_weight:.2f})",
         candidates.apply(space.uniform_weights(uniform_weight)), FEW_STEPS)
-    row("evolved (per block)", candidates.apply(evolved_weights), FEW_STEPS)
+    row(evolved_label(space), candidates.apply(evolved_weights), FEW_STEPS)
     row("lang (B specialist)", pipes["lang"], MANY_STEPS)
 
     evolved_row = rows[6]
