@@ -199,3 +199,39 @@ def test_unknown_size_and_foreign_folder_are_refused(tmp_path):
     with pytest.raises(ZooError, match="is not a zoo world"):
         build_drawing_world("micro", out=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_lang_trains_more_rounds_until_its_check_passes(micro_world, tmp_path, monkeypatch):
+    """A lang whose B drawings at MANY_STEPS fall short of the check trains another round (its
+    own seed); the check leaves every other model of the world as a build without it makes."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from shoal.zoo import diffusion_models
+    from shoal.zoo.diffusion_build import build_drawing_world
+
+    micro = diffusion_models.DRAWING_SIZES["micro"]
+    assert micro.lang_rounds == 1 and micro_world.manifest["lang_check"] == {"rounds": 1, "steps": 10}
+    monkeypatch.setitem(diffusion_models.DRAWING_SIZES, "micro",
+                        dataclasses.replace(micro, lang_rounds=2, lang_check=2.0))  # cannot pass
+    world = build_drawing_world("micro", out=tmp_path / "world")
+    check = world.manifest["lang_check"]
+    assert check["rounds"] == 2 and check["steps"] == 20 and check["passed"] is False
+    assert [h["steps"] for h in check["history"]] == [10, 20]
+    assert check["needed"] == pytest.approx(2.0 * check["base_a"], abs=2e-4)
+    assert all(0 <= h["lang_b"] <= 1 for h in check["history"]) and check["copies"] == 8
+
+    def weights(w, model, component="unet"):
+        name = "diffusion_pytorch_model.safetensors" if component == "unet" else "model.safetensors"
+        return load_file(str(w.model(model) / component / name))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(weights(world, "base"), weights(micro_world, "base"))
+    assert same(weights(world, "fast"), weights(micro_world, "fast"))
+    assert same(load_file(str(world.root / "judge" / "model.safetensors")),
+                load_file(str(micro_world.root / "judge" / "model.safetensors")))
+    assert same(weights(world, "lang", "text_encoder"), weights(micro_world, "lang", "text_encoder"))
+    assert not same(weights(world, "lang"), weights(micro_world, "lang"))  # the second round

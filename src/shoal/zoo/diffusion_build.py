@@ -35,7 +35,7 @@ from shoal.zoo.errors import ZooError
 from shoal.zoo.judge import Judge, judge_accuracy, load_judge, save_judge, train_judge
 from shoal.zoo.references import MANIFEST
 
-DRAWING_WORLD_VERSION = 4
+DRAWING_WORLD_VERSION = 5
 DRAWING_MODELS = ("base", "lang", "fast")
 _REPLAY = 0.25  # share of language-A prompts in the language-B specialist's data
 
@@ -165,13 +165,16 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
     replay = a_rows[:round(_REPLAY / (1 - _REPLAY) * len(b_rows))]
     rows = b_rows + replay
     lang_prompts = [pool[i].prompt("b") for i in b_rows] + [pool[i].prompt("a") for i in replay]
+    lang_ids = prompt_ids(tokenizer, lang_prompts)
     lang_unet, lang_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    losses["lang"] = _mean_tail(train_denoiser(
-        lang_unet, lang_text, prompt_ids(tokenizer, lang_prompts), latents[rows], scheduler,
-        spec.lang, seed=seed + 2, name="specialist lang (B prompts)", freeze_text=True,
-        progress=report))
-    _save_pipeline(staging / "lang", unet=lang_unet, text_encoder=lang_text, **common)
-    del lang_unet, lang_text
+
+    def lang_round(index: int) -> None:  # round 0, then more while the check fails
+        label = "specialist lang (B prompts)" + (f", round {index + 1}" if index else "")
+        losses["lang"] = _mean_tail(train_denoiser(
+            lang_unet, lang_text, lang_ids, latents[rows], scheduler, spec.lang,
+            seed=seed + 2 + index, name=label, freeze_text=True, progress=report))
+
+    lang_round(0)
 
     distill = [drawings[i % len(drawings)] for i in range(spec.distill_pool)]
     with torch.no_grad():
@@ -191,8 +194,50 @@ def _train_models(spec, seed: int, staging: Path, report: ProgressFn) -> dict:
                         seed=seed + 4, progress=report)
     save_judge(judge, staging / "judge")
     accuracy = judge_accuracy(judge, [d for d in drawings if d.cell >= 0] * 4, seed=seed + 5)
-    return {"final_train_loss": losses,
+
+    # lang's check needs the judge, so it runs last; lang's rounds draw from their own seeds,
+    # so a lang that passes after its first round is the one a build without the check makes.
+    check = _lang_check(spec, seed, judge, lang_round,
+                        base=assemble_pipeline(unet=unet, text_encoder=text_encoder, **common),
+                        lang=assemble_pipeline(unet=lang_unet, text_encoder=lang_text, **common),
+                        report=report)
+    _save_pipeline(staging / "lang", unet=lang_unet, text_encoder=lang_text, **common)
+    return {"final_train_loss": losses, "lang_check": check,
             "judge_accuracy_fresh_renders": {k: round(v, 4) for k, v in accuracy.items()}}
+
+
+def _lang_check(spec, seed: int, judge: Judge, lang_round, *, base: Any, lang: Any,
+                report: ProgressFn) -> dict:
+    """Train lang more rounds until it draws the validation drawings' B prompts at MANY_STEPS at
+    least ``spec.lang_check`` times as well as the base draws their A prompts (at most
+    ``spec.lang_rounds`` rounds in all); what each check read, for the manifest."""
+    if spec.lang_rounds <= 1:
+        return {"rounds": 1, "steps": spec.lang.steps}
+    from shoal.eval.drawing import score_drawing
+    from shoal.zoo.judge import read_images
+
+    def read(images: torch.Tensor):
+        return read_images(judge, images)
+
+    copies = 8
+    with torch.random.fork_rng():
+        report("lang check", 0, spec.lang_rounds)
+        base_a = score_drawing(base, drawing_task(seed, "validation", "a", copies=copies), read,
+                               steps=MANY_STEPS).accuracy
+        task_b = drawing_task(seed, "validation", "b", copies=copies)
+        history, passed = [], False
+        for index in range(spec.lang_rounds):
+            if index:
+                lang_round(index)
+            lang_b = score_drawing(lang, task_b, read, steps=MANY_STEPS).accuracy
+            history.append({"steps": spec.lang.steps * (index + 1), "lang_b": round(lang_b, 4)})
+            report("lang check", index + 1, spec.lang_rounds)
+            passed = lang_b >= spec.lang_check * base_a
+            if passed:
+                break
+    return {"rounds": len(history), "steps": history[-1]["steps"], "passed": passed,
+            "base_a": round(base_a, 4), "needed": round(spec.lang_check * base_a, 4),
+            "copies": copies, "history": history}
 
 
 def build_drawing_world(size: str = "small", *, out: Path | None = None, seed: int = 0,

@@ -56,6 +56,11 @@ class DrawingSize:
     judge: Stage
     latent_pool: int  # how many (image, prompt) pairs are encoded once for training
     distill_pool: int  # how many teacher trajectories the fast specialist learns from
+    # lang trains in rounds of `lang` until it draws B prompts of the validation drawings at
+    # MANY_STEPS at least lang_check x as well as the base draws their A prompts, at most
+    # lang_rounds rounds (1: one round, no check)
+    lang_rounds: int = 1
+    lang_check: float = 0.9
 
 
 DRAWING_SIZES: dict[str, DrawingSize] = {
@@ -68,7 +73,7 @@ DRAWING_SIZES: dict[str, DrawingSize] = {
         "small", vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), text_hidden=64, text_layers=2,
         vae=Stage(400, 32, 2e-3), base=Stage(1800, 32, 1e-3, 50), lang=Stage(900, 32, 1e-3),
         fast=Stage(300, 32, 2e-4), judge=Stage(500, 64, 3e-3),
-        latent_pool=3840, distill_pool=768),
+        latent_pool=3840, distill_pool=768, lang_rounds=3, lang_check=0.9),
 }
 
 
