@@ -51,7 +51,7 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
         other = next(r for r in rows if (r["label"], r["steps"]) == (label, steps))
         assert abs(d["difference"] - (rows[6]["accuracy"] - other["accuracy"])) < 1e-9
         assert d["n"] == test_n and d["drawings"] == test_n and d["stderr"] >= 0
-    assert "| evolved minus |" in report
+    assert "| evolved minus |" in report and "Picks (fitness / validation): evolved " in report
     # the same command again resumes the finished searches (nothing re-searched) and prints the table
     table = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
                                      "--evaluations", "4", "--test-copies", "1", "--quiet"])

@@ -248,6 +248,10 @@ def _run(*, size: str, seed: int, out: Path, evaluations: int, test_copies: int,
     return result
 
 
+def _picked_fitness(trace: Any) -> float:
+    return trace.fitness[trace.genomes.index(trace.picked)]
+
+
 def _write_outputs(result, world, space, evolved_weights, evolved, uniform, drawn, prompts) -> None:
     import yaml
 
@@ -267,4 +271,7 @@ def _write_outputs(result, world, space, evolved_weights, evolved, uniform, draw
         f"# Drawing world {world.size}, seed {world.seed}: B prompts at {FEW_STEPS} steps\n\n"
         f"Searches: {result.evaluations} fitness evaluations each (fitness and validation: B "
         f"prompts of held-out drawings). Test: {result.rows[0].score.n} images.\n\n"
+        f"Picks (fitness / validation): evolved {_picked_fitness(evolved):.3f} / "
+        f"{evolved.picked_validation:.3f}, uniform search {_picked_fitness(uniform):.3f} / "
+        f"{uniform.picked_validation:.3f}.\n\n"
         + result.markdown() + "\n![the same test prompts drawn by each row](grid.png)\n")
