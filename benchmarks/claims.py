@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only rebuild DIR/claims.md and claims.json from DIR/seed*/scores.json")
     args = parser.parse_args(argv)
 
+    from shoal.cli._progress import quiet_optuna
     from shoal.errors import ShoalError
     from shoal.studies.claims import CLAIM_SETS, run_seed, write_tables
+
+    quiet_optuna()  # one INFO line per trial otherwise; the progress lines say how a search goes
 
     claims = [c for c in args.claims.split(",") if c]
     unknown = [c for c in claims if c not in CLAIM_SETS]
