@@ -62,7 +62,7 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
     other = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(out),
                                      "--evaluations", "2", "--test-copies", "1", "--quiet"])
     assert other.exit_code == 2
-    assert "other settings (evaluations: 4 there, 2 now); use a new --out" in other.output
+    assert "other settings (evaluations: 4 there, 2 now); use a new output folder" in other.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # the coarse genes: one per UNet part and one for the text encoder, per specialist
     parts = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(tmp_path / "parts"),

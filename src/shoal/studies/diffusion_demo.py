@@ -154,9 +154,9 @@ def _check_settings(out: Path, settings: dict) -> None:
         if changed:
             raise ConfigError(f"{out} holds a diffusion demo run with other settings "
                               f"({', '.join(f'{k}: {saved.get(k)!r} there, {settings[k]!r} now' for k in changed)}); "
-                              "use a new --out")
+                              "use a new output folder")
     elif (out / STUDY_FILE).exists():
-        raise ConfigError(f"{out / STUDY_FILE} exists but {SETTINGS_FILE} does not; use a new --out")
+        raise ConfigError(f"{out / STUDY_FILE} exists but {SETTINGS_FILE} does not; use a new output folder")
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
