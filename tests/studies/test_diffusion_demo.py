@@ -67,7 +67,9 @@ def test_demo_diffusion_writes_every_row_the_grid_and_a_recipe(tmp_path, monkeyp
     # the coarse genes: one per UNet part and one for the text encoder, per specialist
     parts = CliRunner().invoke(cli, ["demo", "diffusion", "--size", "micro", "--out", str(tmp_path / "parts"),
                                      "--evaluations", "2", "--test-copies", "1", "--genes", "parts",
-                                     "--json", "--quiet"])
+                                     "--search-seed", "3", "--json", "--quiet"])
     assert parts.exit_code == 0, parts.output
     assert json.loads(parts.stdout)["rows"][6]["label"] == "evolved (per part, 10 genes)"
     assert len(json.loads((tmp_path / "parts" / "trace.json").read_text())["genes"]) == 10
+    settings = json.loads((tmp_path / "parts" / "demo_settings.json").read_text())
+    assert settings["search_seed"] == 3 and settings["genes"] == "parts"

@@ -20,6 +20,8 @@ from shoal.cli._options import threads_option, verbosity
 @click.option("--test-copies", type=click.IntRange(min=1), default=8, show_default=True,
               help="noise seeds per test prompt")
 @click.option("--seed", type=int, default=0, show_default=True, help="the drawing world's seed")
+@click.option("--search-seed", type=int, default=None,
+              help="the CMA-ES sampler's seed (default: the world's seed)")
 @click.option("--genes", type=click.Choice(["blocks", "parts"]), default="blocks", show_default=True,
               help="the evolved search's genes, per specialist: one per UNet block and text-encoder "
                    "layer (blocks), or one per UNet part (down / middle / up / the rest) and one for "
@@ -28,8 +30,8 @@ from shoal.cli._options import threads_option, verbosity
               help="print the rows as one JSON object instead of the table")
 @threads_option
 @verbosity
-def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int, genes: str,
-            as_json: bool, threads: int, quiet: bool) -> None:
+def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int,
+            search_seed: int | None, genes: str, as_json: bool, threads: int, quiet: bool) -> None:
     """EvoSDXL-JP in miniature: merge the drawing world's language-B specialist and its one-step
     specialist, block by block, for language-B prompts at one step.
 
@@ -45,7 +47,8 @@ def command(size: str, out: Path, evaluations: int, test_copies: int, seed: int,
     use_threads(threads)
     with progress_bars(enabled=not quiet) as progress:
         result = run_diffusion_demo(size=size, seed=seed, out=out, evaluations=evaluations,
-                                    test_copies=test_copies, genes=genes, progress=progress)
+                                    test_copies=test_copies, genes=genes, search_seed=search_seed,
+                                    progress=progress)
     paths = {"report": str(out / "report.md"), "grid": str(out / "grid.png"),
              "evolved_recipe": str(out / "evolved_recipe.yaml"), "trace": str(out / "trace.json")}
     if as_json:

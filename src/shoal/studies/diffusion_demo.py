@@ -167,12 +167,14 @@ def evolved_label(space: Any) -> str:
 
 def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
                        evaluations: int = 120, test_copies: int = 8, search_copies: int = 16,
-                       genes: str = "blocks", progress: ProgressFn | None = None) -> DiffusionDemoResult:
+                       genes: str = "blocks", search_seed: int | None = None,
+                       progress: ProgressFn | None = None) -> DiffusionDemoResult:
     """Build (or find) the drawing world, run both searches, score every row, write the files.
 
     Both searches keep their Optuna studies in ``out/study.db``: a run that was killed resumes
     where it stopped when started again with the same ``out`` and settings (a finished one is
-    scored again without searching); other settings in the same ``out`` are refused."""
+    scored again without searching); other settings in the same ``out`` are refused.
+    ``search_seed`` seeds the CMA-ES sampler (default: the world's ``seed``)."""
     from shoal.evolve.lock import run_lock
     from shoal.evolve.search import default_storage
 
@@ -180,18 +182,19 @@ def run_diffusion_demo(*, size: str = "small", seed: int = 0, out: Path,
     out = Path(out)
     if genes not in GENE_LEVELS:
         raise ConfigError(f"unknown gene level {genes!r}; expected one of {list(GENE_LEVELS)}")
+    search_seed = seed if search_seed is None else search_seed
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):
         _check_settings(out, {"size": size, "seed": seed, "evaluations": evaluations,
-                              "search_copies": search_copies, "genes": genes,
+                              "search_copies": search_copies, "genes": genes, "search_seed": search_seed,
                               "world_version": DRAWING_WORLD_VERSION})
         return _run(size=size, seed=seed, out=out, evaluations=evaluations, test_copies=test_copies,
-                    search_copies=search_copies, genes=genes, storage=default_storage(out),
-                    report=report)
+                    search_copies=search_copies, genes=genes, search_seed=search_seed,
+                    storage=default_storage(out), report=report)
 
 
 def _run(*, size: str, seed: int, out: Path, evaluations: int, test_copies: int, search_copies: int,
-         genes: str, storage: str, report: ProgressFn) -> DiffusionDemoResult:
+         genes: str, search_seed: int, storage: str, report: ProgressFn) -> DiffusionDemoResult:
     world = build_drawing_world(size, seed=seed, progress=report)
     judge = world.judge()
 
@@ -210,7 +213,8 @@ def _run(*, size: str, seed: int, out: Path, evaluations: int, test_copies: int,
     space = block_space(pipes["base"].unet.state_dict(), pipes["base"].text_encoder.state_dict(),
                         SPECIALISTS, genes=genes)
     evolved = evolve_blocks(candidates, space, on(fitness_task), on(validation_task),
-                            evaluations=evaluations, seed=seed, storage=storage, progress=report)
+                            evaluations=evaluations, seed=search_seed, storage=storage,
+                            progress=report)
     uniform = uniform_search(candidates, space, on(fitness_task), on(validation_task),
                              evaluations=evaluations, storage=storage, progress=report)
     uniform_weight = to_range(uniform.picked[0], space.low, space.high)
