@@ -191,7 +191,7 @@ def uniform_search(candidates: PipelineCandidates, space: DiffusionSpace, fitnes
 
     points = [float(x) for x in np.linspace(0.0, 1.0, evaluations)] if evaluations > 1 else [0.5]
     sampler = _scan_sampler(points)
-    spec = SearchSpec(sampler="cmaes", trials=evaluations)
+    spec = SearchSpec(trials=evaluations)  # the budget; the scan sampler replaces the one it names
     return _search(UNIFORM_STUDY, "uniform search", [UNIFORM_GENE], to_weights, candidates, fitness,
                    validation, spec=spec, storage=storage, sampler=sampler, top_k=top_k,
                    progress=progress or no_progress)
